@@ -11,9 +11,14 @@ refused chunk leaves the stream as it was. Idle streams expire after a TTL
 number of open streams is capped.
 
 Every error is `{"error": "one sentence"}` with its status: 400 bad input,
-404 unknown stream or route, 405 wrong method, 413 over a size limit, 429 too
-many streams. The body limit is enforced before any JSON is parsed: first on
-Content-Length, then by counting bytes as the body arrives.
+404 unknown stream or route (no slash redirects), 405 wrong method, 413 over a
+size limit, 415 a body not sent as `application/json`, 429 too many streams.
+The body limit is enforced before any JSON is parsed: first on Content-Length,
+then by counting bytes as the body arrives. Bodies must be UTF-8 JSON sent as
+`application/json`: a web page cannot send that cross-origin without a CORS
+preflight (which this server never grants), so other sites cannot drive it.
+Each request's steps x batch is capped (`max_elements`), so that one request's
+work and answer stay bounded however its shape splits between the two.
 
 Importing this module never imports torch, and works without the extra:
 `ServerLimits` and `load_test` (a stdlib-only load generator) need nothing
@@ -82,6 +87,9 @@ class ServerLimits:
     max_body_bytes: int = 8 * MiB  # request body, checked before parsing
     max_seq_len: int = 4096  # time steps in one predict request or one stream chunk
     max_batch: int = 64  # sequences per request or stream
+    # steps x batch per predict or chunk: bounds one request's compute and its answer
+    # (8192 x hidden 256 floats is ~24 MB of JSON), which seq and batch alone do not.
+    max_elements: int = 8192
     max_streams: int = 256  # open streams at once
     stream_ttl: float = 300.0  # seconds a stream may stay idle before it expires
 
@@ -124,21 +132,46 @@ def _json_type(value: object) -> str:
     return names.get(type(value), "a number")
 
 
+def _parse(text: str) -> Any:
+    """JSON text as Python values: orjson first, the stdlib for what orjson refuses.
+
+    Parsing holds the GIL, so while a large body parses, the event loop (and /healthz) waits:
+    orjson takes a third to a half of the time. It refuses NaN, Infinity and deep nesting without
+    saying why, so anything it refuses goes to json.loads, whose errors name the problem.
+    """
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text, parse_constant=_reject_constant)
+
+
 def decode_object(body: bytes, allowed: Sequence[str], required: Sequence[str] = ()) -> dict:
-    """The body as a JSON object with only `allowed` keys; 400 with the reason otherwise."""
-    if not body.strip():
+    """The body as a JSON object with only `allowed` keys; 400 with the reason otherwise.
+
+    Only UTF-8 is read (RFC 8259; a BOM is skipped): json.loads would also read UTF-16 and
+    UTF-32 bytes, in which the boolean check below could not see a `true`.
+    """
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise HTTPError(
+            400,
+            f"the request body is not valid JSON: it must be UTF-8, but byte {exc.start} "
+            f"is not ({exc.reason})",
+        ) from None
+    if not text.strip():
         if required:
             raise HTTPError(
                 400, f"the request body is empty; send a JSON object with {required[0]!r}"
             )
         return {}
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        data = _parse(text)
     except HTTPError:
         raise
     except RecursionError:
         raise HTTPError(400, "the request body is not valid JSON: nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int of 4300+ digits
+    except ValueError as exc:  # JSONDecodeError, an int of 4300+ digits
         raise HTTPError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise HTTPError(400, f"the request body must be a JSON object, got {_json_type(data)}")
@@ -149,9 +182,10 @@ def decode_object(body: bytes, allowed: Sequence[str], required: Sequence[str] =
     if missing:
         raise HTTPError(400, f"missing key {missing[0]!r} in the request body")
     # Every value this API takes is a number or a list of numbers, and every key is checked
-    # above, so a true/false literal anywhere in the body is a boolean where a number belongs
-    # (numpy would otherwise read [1.5, true] as [1.5, 1.0]).
-    if b"true" in body or b"false" in body:
+    # above, so a true/false literal anywhere in the text is a boolean where a number belongs
+    # (numpy would otherwise read [1.5, true] as [1.5, 1.0]). json.loads of a str reads a
+    # boolean only from these exact letters, so scanning the text parsed misses none.
+    if "true" in text or "false" in text:
         raise HTTPError(400, "the body holds true or false where a number belongs; send numbers")
     return data
 
@@ -183,6 +217,19 @@ def encode(data: dict[str, Any]) -> bytes:
         k: np.ascontiguousarray(v) if isinstance(v, np.ndarray) else v for k, v in data.items()
     }
     return orjson.dumps(plain, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def is_json_type(content_type: str) -> bool:
+    """Whether a Content-Type is application/json, with no charset or a UTF-8 one."""
+    media, _, params = content_type.partition(";")
+    if media.strip().lower() != JSON:
+        return False
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        charset = value.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            return False
+    return True
 
 
 def describe_model(runtime: OnnxLSTM, limits: ServerLimits) -> dict[str, Any]:
@@ -326,7 +373,19 @@ class Service:
                 log.info("closed %d idle stream(s)", closed)
 
     async def body(self, request: Request) -> bytes:
-        """The request body, refused with 413 as soon as it is known to exceed the limit."""
+        """The request body, refused with 413 as soon as it is known to exceed the limit.
+
+        A body must come as `application/json` (else 415; a wrong type before the body is
+        read): pages on other sites can POST text/plain or forms to 127.0.0.1 without asking,
+        but not JSON. No body needs no Content-Type (POST /v1/streams).
+        """
+        content_type = request.headers.get("content-type")
+        if content_type is not None and not is_json_type(content_type):
+            raise HTTPError(
+                415,
+                f"send the body as Content-Type: application/json (UTF-8), not {content_type!r}",
+                {"Connection": "close"},
+            )
         limit = self.limits.max_body_bytes
         too_large = HTTPError(
             413,
@@ -345,20 +404,41 @@ class Service:
                 chunks.append(chunk)
         except ClientDisconnect:
             raise HTTPError(400, "the client disconnected before sending the whole body") from None
+        if content_type is None and size:
+            raise HTTPError(
+                415,
+                "the request has a body but no Content-Type; "
+                "send it with Content-Type: application/json",
+            )
         return b"".join(chunks)
 
     def checked_x(self, value: object) -> np.ndarray:
+        """x as an array, its size checked first on the lists' lengths: an x over the limits
+        is refused before numpy converts it (the costly part of reading a request)."""
+        rows = value[0] if isinstance(value, list) and value else None
+        if isinstance(rows, list) and rows and isinstance(rows[0], list):  # [seq][batch][...]
+            self.check_size(len(value), len(rows))
         x = to_array("x", value)
         if x.ndim == 3:
-            seq, batch = x.shape[:2]
-            if seq > self.limits.max_seq_len:
-                raise HTTPError(
-                    413,
-                    f"x has {seq} time steps; this server takes at most "
-                    f"{self.limits.max_seq_len} per request",
-                )
-            self.check_batch("x", batch)
+            self.check_size(*x.shape[:2])
         return x
+
+    def check_size(self, seq: int, batch: int) -> None:
+        """413 for too many steps, too large a batch or too many steps x batch in one x."""
+        if seq > self.limits.max_seq_len:
+            raise HTTPError(
+                413,
+                f"x has {seq} time steps; this server takes at most "
+                f"{self.limits.max_seq_len} per request",
+            )
+        self.check_batch("x", batch)
+        if seq * batch > self.limits.max_elements:
+            raise HTTPError(
+                413,
+                f"x has {seq} steps x batch {batch} = {seq * batch} elements; this server "
+                f"takes at most {self.limits.max_elements} per request: send fewer steps or "
+                "a smaller batch",
+            )
 
     def check_batch(self, name: str, batch: int) -> None:
         if batch > self.limits.max_batch:
@@ -567,6 +647,9 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_exception, Exception: _internal_error},
     )
+    # A slash redirect is a 307 with an empty body; every answer here is JSON, so /healthz/
+    # is a JSON 404 like any unknown route.
+    app.router.redirect_slashes = False
     app.state.service = service
     return app
 
@@ -700,7 +783,9 @@ def load_test(
     each with `timeout` seconds, and no new request after `max_seconds`.
 
     Returns requests/s (successful requests over wall time), p50/p99/mean ms for predicts
-    and stream steps, and the number of errors (non-2xx answers and failed requests).
+    and stream steps, the number of errors (non-2xx answers and failed requests) and the
+    first error's `status` (0: no answer) and `error` message, so that a run in which the
+    server refused everything says why.
     """
     for name, value in (("clients", clients), ("requests", requests), ("seq", seq)):
         if not isinstance(value, int) or value < 1:
@@ -740,27 +825,32 @@ def load_test(
     predict_times: list[float] = []
     step_times: list[float] = []
     errors = 0
+    first_error: tuple[float, int, str] | None = None  # (when, status, message)
     start_gate = threading.Barrier(clients)
     deadline = [0.0]
 
     def client(index: int) -> None:
-        nonlocal errors
+        nonlocal errors, first_error
         rng = random.Random(seed * 1_000_003 + index)
         x = [[[rng.uniform(-1, 1) for _ in range(input_size)] for _ in range(batch)]]
         body = json.dumps({"x": x * seq}).encode()
         conn = connect()
         mine_p, mine_s, mine_errors = [], [], 0
+        mine_first: tuple[float, int, str] | None = None
 
         def send(method: str, path: str, payload: bytes | None) -> tuple[int, bytes]:
-            nonlocal conn
+            nonlocal conn, mine_first
             try:
                 conn.request(method, path, body=payload, headers=headers)
                 response = conn.getresponse()
-                return response.status, response.read()
-            except (OSError, http.client.HTTPException):
+                status, data = response.status, response.read()
+            except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 conn = connect()
-                return 0, b""
+                status, data = 0, f"no answer to {method} {path}: {exc!r}".encode()
+            if status >= 300 and mine_first is None:
+                mine_first = (time.perf_counter(), status, _error_message(data))
+            return status, data
 
         try:
             stream_path = None
@@ -773,7 +863,7 @@ def load_test(
             for is_step in schedule:
                 if time.perf_counter() > deadline[0]:
                     break
-                if is_step and stream_path is None:
+                if is_step and stream_path is None:  # its creation failed: recorded above
                     mine_errors += 1
                     continue
                 began = time.perf_counter()
@@ -793,6 +883,8 @@ def load_test(
                 predict_times.extend(mine_p)
                 step_times.extend(mine_s)
                 errors += mine_errors
+                if mine_first is not None and (first_error is None or mine_first < first_error):
+                    first_error = mine_first
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     began = time.perf_counter()
@@ -803,6 +895,7 @@ def load_test(
         thread.join(max_seconds + timeout * 3)
     wall = time.perf_counter() - began
     done = len(predict_times) + len(step_times)
+    first = None if first_error is None else {"status": first_error[1], "error": first_error[2]}
     return {
         "clients": clients,
         "requests_per_client": requests,
@@ -811,11 +904,20 @@ def load_test(
         "stream_fraction": stream_fraction,
         "requests": done + errors,
         "errors": errors,
+        "first_error": first,
         "seconds": round(wall, 3),
         "requests_per_s": round(done / wall, 1) if wall > 0 else None,
         "predict": _summary(predict_times),
         "stream_step": _summary(step_times),
     }
+
+
+def _error_message(data: bytes) -> str:
+    """The server's one sentence from an error answer, or the start of whatever came back."""
+    try:
+        return str(json.loads(data)["error"])
+    except (ValueError, KeyError, TypeError):
+        return data[:200].decode("utf-8", "replace")
 
 
 def serve_and_load_test(export_dir: Path | str, **load: Any) -> dict[str, Any]:

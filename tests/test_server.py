@@ -37,6 +37,7 @@ LIMITS = {
     "max_body_bytes": 64 * 1024,
     "max_seq_len": 64,
     "max_batch": 4,
+    "max_elements": 200,  # under max_seq_len x max_batch, so that it is the limit that bites
     "max_streams": 64,
     "stream_ttl": 120.0,
 }
@@ -139,7 +140,9 @@ class Client:
         headers: dict[str, str] | None = None,
     ) -> Reply:
         payload = raw if raw is not None else None if body is None else json.dumps(body).encode()
-        self.conn.request(method, path, body=payload, headers=headers or {})
+        if headers is None:
+            headers = {} if payload is None else {"Content-Type": "application/json"}
+        self.conn.request(method, path, body=payload, headers=headers)
         response = self.conn.getresponse()
         text = response.read()
         assert response.getheader("content-type") == "application/json", text[:200]
@@ -205,7 +208,7 @@ def test_health_and_model_describe_the_export(client, exported):
     assert info.data["limits"] == LIMITS
 
 
-@pytest.mark.parametrize("seq,batch", [(1, 1), (7, 3), (64, 4), (20, 1)])
+@pytest.mark.parametrize("seq,batch", [(1, 1), (7, 3), (64, 3), (50, 4), (20, 1)])
 def test_predict_matches_runtime_and_eager(client, exported, seq, batch):
     rng = np.random.default_rng(seq * 10 + batch)
     x = rng.standard_normal((seq, batch, 5), dtype=np.float32)
@@ -222,7 +225,7 @@ def test_a_keep_alive_connection_survives_a_pause_longer_than_uvicorns_default(c
     # default keep-alive is 5 s): its next request must not die mid-send.
     assert client.call("GET", "/healthz").status == 200
     time.sleep(6)
-    x = np.zeros((64, 4, 5), dtype=np.float32)  # a body of several TCP segments
+    x = np.zeros((50, 4, 5), dtype=np.float32)  # a body of several TCP segments
     assert client.predict(x).status == 200
 
 
@@ -274,6 +277,17 @@ def js(data: object) -> bytes:
     return json.dumps(data).encode()
 
 
+def js_as(data: object, encoding: str) -> bytes:
+    """JSON in another encoding than UTF-8: json.loads(bytes) would read it."""
+    return json.dumps(data).encode(encoding)
+
+
+# A boolean in x, in encodings where the bytes b"true" never occur (json.loads reads both).
+UTF16_TRUE = js_as({"x": [[[0, 0, 0, 0, True]]]}, "utf-16")
+UTF16LE_TRUE = js_as({"x": [[[0, 0, 0, 0, True]]]}, "utf-16-le")
+assert json.loads(UTF16_TRUE) == json.loads(UTF16LE_TRUE) and b"true" not in UTF16_TRUE
+
+
 # (id, method, path, raw body, status, message); {stream} is a live stream of batch 2.
 BAD = [
     ("malformed", "POST", "/v1/predict", b'{"x": [[[1,', 400, "not valid JSON"),
@@ -292,6 +306,9 @@ BAD = [
     ("strings", "POST", "/v1/predict", js({"x": [[["a"] * 5]]}), 400, "found strings"),
     ("null", "POST", "/v1/predict", js({"x": [[[0, 0, 0, 0, None]]]}), 400, "found null"),
     ("boolean", "POST", "/v1/predict", js({"x": [[[0, 0, 0, 0, True]]]}), 400, "true or false"),
+    ("utf-16", "POST", "/v1/predict", UTF16_TRUE, 400, "must be UTF-8"),
+    ("utf-16-le", "POST", "/v1/predict", UTF16LE_TRUE, 400, "not valid JSON"),
+    ("utf-32", "POST", "/v1/predict", js_as({"x": X}, "utf-32"), 400, "must be UTF-8"),
     ("NaN", "POST", "/v1/predict", b'{"x": [[[0, 0, 0, 0, NaN]]]}', 400, "holds NaN"),
     ("-Infinity", "POST", "/v1/predict", b'{"x": [[[0, 0, 0, 0, -Infinity]]]}', 400, "-Inf"),
     ("1e999", "POST", "/v1/predict", b'{"x": [[[0, 0, 0, 0, 1e999]]]}', 400, "only finite"),
@@ -315,6 +332,14 @@ BAD = [
     ),
     ("seq over limit", "POST", "/v1/predict", js({"x": [[[0] * 5]] * 65}), 413, "at most 64"),
     ("batch over limit", "POST", "/v1/predict", js({"x": [[[0] * 5] * 5]}), 413, "at most 4"),
+    (
+        "elements over limit",
+        "POST",
+        "/v1/predict",
+        js({"x": [[[0] * 5] * 4] * 51}),
+        413,
+        "x has 51 steps x batch 4 = 204 elements; this server takes at most 200",
+    ),
     (
         "body over limit",
         "POST",
@@ -342,6 +367,8 @@ BAD = [
     ("unknown stream get", "GET", "/v1/streams/nope", None, 404, "no open stream 'nope'"),
     ("unknown stream delete", "DELETE", "/v1/streams/nope", None, 404, "no open stream"),
     ("unknown route", "GET", "/v2/predict", None, 404, "no route /v2/predict"),
+    ("trailing slash", "GET", "/healthz/", None, 404, "no route /healthz/"),
+    ("trailing slash step", "POST", "{stream}/step/", js({"x": X}), 404, "no route /v1/streams/"),
     ("wrong method", "GET", "/v1/predict", None, 405, "GET is not allowed on /v1/predict"),
     ("wrong method streams", "PUT", "/v1/streams", js({}), 405, "allowed: POST"),
 ]
@@ -380,6 +407,7 @@ def test_bad_input_gets_its_status_and_reason(
 def test_bad_table_covers_at_least_ten_kinds():
     assert len(BAD_IDS) == len(set(BAD_IDS)) >= 10
     assert {b[4] for b in BAD} == {400, 404, 405, 413}
+    assert len(CONTENT_TYPES_REFUSED) >= 5
 
 
 def test_bad_chunks_leave_their_stream_and_others_intact(server, exported):
@@ -408,6 +436,89 @@ def test_bad_chunks_leave_their_stream_and_others_intact(server, exported):
             assert client.call("DELETE", url).status == 200
     finally:
         client.close()
+
+
+CONTENT_TYPES_REFUSED = [
+    "text/plain",
+    "text/plain; charset=utf-8",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "application/jsonp",
+    "application/json; charset=utf-16",
+    None,  # no Content-Type at all, but a body
+]
+
+
+@pytest.mark.parametrize("content_type", CONTENT_TYPES_REFUSED, ids=str)
+def test_a_body_must_be_sent_as_application_json(server, exported, live_stream, content_type):
+    # A web page can POST text/plain or a form to 127.0.0.1 without a CORS preflight, but not
+    # application/json: refusing the rest keeps other sites' pages from driving the server.
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    body = js({"x": np.zeros((1, 2, 5)).tolist()})
+    client = server.client()
+    try:
+        steps = client.call("GET", live_stream).data["steps"]
+        for path in ("/v1/predict", "/v1/streams", f"{live_stream}/step"):
+            payload = js({"batch": 1}) if path == "/v1/streams" else body
+            reply = client.call("POST", path, raw=payload, headers=headers)
+            assert reply.status == 415, (path, reply.data)
+            assert list(reply.data) == ["error"], reply.data
+            assert "Content-Type: application/json" in reply.data["error"], reply.data
+        assert client.call("GET", live_stream).data["steps"] == steps  # the chunk was not run
+        if content_type is not None:  # an empty form POST creates no stream either
+            reply = client.call("POST", "/v1/streams", raw=b"", headers=headers)
+            assert reply.status == 415, reply.data
+    finally:
+        client.close()
+    after = server.client()
+    try:
+        assert_predict_works(after, exported)
+    finally:
+        after.close()
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "application/json; charset=UTF-8", "Application/JSON;"]
+)
+def test_application_json_with_or_without_charset_is_accepted(client, exported, content_type):
+    x = np.ones((2, 1, 5), dtype=np.float32)
+    reply = client.call(
+        "POST", "/v1/predict", raw=js({"x": x.tolist()}), headers={"Content-Type": content_type}
+    )
+    assert_close(arrays(reply, "y"), [exported.runtime.run(x)[0]], atol=1e-6)
+    created = client.call("POST", "/v1/streams", headers={})  # no body: no type needed
+    assert created.status == 201, created.data
+    assert client.call("DELETE", created.data["url"]).status == 200
+
+
+def test_max_elements_bounds_each_predict_and_each_chunk(server, exported):
+    # seq x batch bounds the work and the answer of one request, not just each dimension.
+    client = server.client()
+    try:
+        limits = client.call("GET", "/v1/model").data["limits"]
+        assert limits["max_elements"] == 200
+        assert_predict_works(client, exported)
+        url = client.call("POST", "/v1/streams", {"batch": 4}).data["url"]
+        fits = np.zeros((50, 4, 5), dtype=np.float32)
+        assert client.call("POST", f"{url}/step", {"x": fits.tolist()}).status == 200
+        over = np.zeros((51, 4, 5), dtype=np.float32)
+        for path in ("/v1/predict", f"{url}/step"):
+            reply = client.call("POST", path, {"x": over.tolist()})
+            assert reply.status == 413, reply.data
+            assert "204 elements; this server takes at most 200" in reply.data["error"]
+        assert client.call("GET", url).data["steps"] == 50  # the refused chunk changed nothing
+        assert client.call("DELETE", url).status == 200
+    finally:
+        client.close()
+
+
+def test_bad_input_leaves_no_traceback_or_error_in_the_log(server):
+    # Runs after the bad-input tests above: every refusal was an answer, never a crash.
+    log = server.log()
+    assert "http://127.0.0.1" in log  # the log is the server's
+    assert "Traceback" not in log, log[-4000:]
+    errors = [line for line in log.splitlines() if re.match(r"\s*(ERROR|CRITICAL)\b", line)]
+    assert not errors, errors
 
 
 def raw_exchange(port: int, head: bytes, body_parts: list[bytes]) -> tuple[int, dict]:
@@ -552,7 +663,7 @@ def test_load_test_reports_rates_and_latencies(server):
     report = load_test(
         server.url, clients=2, requests=6, seq=3, batch=2, stream_fraction=0.5, timeout=TIMEOUT
     )
-    assert report["errors"] == 0
+    assert report["errors"] == 0 and report["first_error"] is None
     assert report["requests"] == 12
     assert report["predict"]["count"] == report["stream_step"]["count"] == 6
     for kind in ("predict", "stream_step"):
@@ -561,6 +672,40 @@ def test_load_test_reports_rates_and_latencies(server):
     assert server.client().call("GET", "/healthz").data["streams"] == before  # cleaned up
     with pytest.raises(UsageError, match="stream_fraction"):
         load_test(server.url, clients=1, requests=1, seq=1, batch=1, stream_fraction=2.0)
+
+
+def test_load_test_says_why_requests_failed(server):
+    # Batch 5 is over this server's limit of 4: every stream and predict is refused.
+    report = load_test(
+        server.url, clients=2, requests=3, seq=1, batch=5, stream_fraction=0.5, timeout=TIMEOUT
+    )
+    assert report["errors"] == report["requests"] == 6
+    assert report["predict"]["count"] == report["stream_step"]["count"] == 0
+    first = report["first_error"]
+    assert first["status"] == 413 and "at most 4" in first["error"], first
+
+
+def test_serve_bench_cli_fails_when_every_request_fails(exported):
+    command = [sys.executable, "-m", "lstm_export.cli", "serve-bench", str(exported.folder)]
+    command += ["--clients", "1", "--requests", "2", "--seq", "1", "--batch", "65", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    report = json.loads(done.stdout)
+    assert report["errors"] == report["requests"] == 2
+    assert report["first_error"]["status"] == 413
+    assert "every request failed" in done.stderr and "413" in done.stderr, done.stderr
+    assert "at most 64" in done.stderr, done.stderr
+
+
+def test_serve_bench_stream_fraction_help_matches_what_it_does():
+    from typer.main import get_command
+
+    from lstm_export.cli import app
+
+    bench = get_command(app).commands["serve-bench"]
+    (option,) = [p for p in bench.params if p.name == "stream_fraction"]
+    # load_test applies it per request (see test_load_test_reports_rates_and_latencies).
+    assert "request" in option.help and "clients that stream" not in option.help, option.help
 
 
 def test_serve_bench_cli_starts_loads_and_stops_a_server(exported, tmp_path):
@@ -636,6 +781,42 @@ def test_shuts_down_cleanly_on_signal(exported, tmp_path, sig):
     with socket.socket() as sock:  # the port is free to bind again
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((LOOPBACK, server.port))
+
+
+def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(exported, tmp_path):
+    server = Server(exported.folder, tmp_path / "in-flight.log")
+    x = np.random.default_rng(9).standard_normal((3, 2, 5), dtype=np.float32)
+    body = js({"x": x.tolist()})
+    head = (
+        f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    try:
+        with socket.create_connection((LOOPBACK, server.port), timeout=TIMEOUT) as sock:
+            sock.sendall(head + body[:10])  # in flight: head received, body half sent
+            # One more answer from the event loop: it has read the head sent before it.
+            assert server.client().call("GET", "/healthz").status == 200
+            server.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while "Shutting down" not in server.log() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "Shutting down" in server.log(), server.log()
+            with pytest.raises(ConnectionRefusedError):  # no new connections meanwhile
+                socket.create_connection((LOOPBACK, server.port), timeout=5).close()
+            assert server.proc.poll() is None, "exited with a request in flight"
+            sock.sendall(body[10:])
+            received = b""
+            while chunk := sock.recv(65536):  # the server closes the connection after it
+                received += chunk
+        head_out, _, data = received.partition(b"\r\n\r\n")
+        assert head_out.startswith(b"HTTP/1.1 200 "), received[:300]
+        y, h, c = (np.asarray(json.loads(data)[k], dtype=np.float32) for k in ("y", "hn", "cn"))
+        assert_close((y, h, c), eager(exported.model, x))
+        assert server.proc.wait(timeout=20) == 0, server.log()
+    finally:
+        server.stop()
+    assert "Finished server process" in server.log()
+    assert "Traceback" not in server.log(), server.log()
 
 
 # --------------------------------------------------------------------------- setup errors
