@@ -32,23 +32,59 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist or is not a file")
     try:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+    except OSError as exc:
+        raise UsageError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    # torch.save writes a zip archive ("PK") or, in its legacy format, a pickle (PROTO, 0x80).
+    if head != b"PK" and not head.startswith(b"\x80"):
+        what = "it is empty" if not head else "neither a zip archive nor a pickle"
+        raise UsageError(
+            f"checkpoint {path} is not a torch.save file ({what}); "
+            f"save one with torch.save(model.state_dict(), path)"
+        )
+    try:
         with warnings.catch_warnings():  # torch warns about old pickle protocols; we refuse anyway
             warnings.simplefilter("ignore")
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same here
-        raise UsageError(
-            f"checkpoint {path} is not a weights-only torch.save file of a state dict: "
-            f"{_load_failure_reason(exc)}"
-        ) from None
+        raise UsageError(_refusal(path, exc)) from None
     return _unwrap(data, str(path))
 
 
-def _load_failure_reason(exc: Exception) -> str:
-    """The one line of torch's load error that says why (not its advice to unpickle anyway)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    reason = found.group(1) if found else (text.splitlines()[0] if text else "")
-    return reason or type(exc).__name__
+# torch's load errors advise unpickling anyway (weights_only=False, add_safe_globals): never
+# repeat that, a checkpoint from an untrusted source must stay data.
+_ADVICE = re.compile(r"weights.only|safe_globals|trust|documentation|file an issue", re.IGNORECASE)
+# Classes whose pickle means `torch.save(model)` rather than `torch.save(model.state_dict())`.
+_MODULE_PREFIXES = ("torch.nn.", "lstm_export.")
+
+
+def _refusal(path: Path, exc: Exception) -> str:
+    """One line on why torch's safe loader refused `path`, and what to save instead."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"GLOBAL\s+([A-Za-z_][\w.]*)", text)
+    if found and found.group(1).startswith(_MODULE_PREFIXES):
+        return (
+            f"checkpoint {path} holds a whole pickled model ({found.group(1)}), "
+            f"not a plain state dict; save model.state_dict() instead"
+        )
+    if found:
+        return (
+            f"checkpoint {path} is not a plain state dict: it contains a pickled object "
+            f"({found.group(1)}), which is never loaded here; save model.state_dict() instead"
+        )
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found:
+        return (
+            f"checkpoint {path} is not a plain state dict written by torch.save: its pickle "
+            f"uses an instruction (opcode {found.group(1)}) that the safe loader does not read; "
+            f"save model.state_dict() with torch.save instead"
+        )
+    text = re.sub(r"\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)  # libtorch's C++ location
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reasons = [line.split(". ")[0].rstrip(".") for line in lines if not _ADVICE.search(line)]
+    reason = reasons[0] if reasons else type(exc).__name__
+    return f"checkpoint {path} is not a readable torch.save file of a state dict: {reason}"
 
 
 def _unwrap(data: object, source: str) -> dict[str, Tensor]:

@@ -7,6 +7,7 @@ nn.LSTM checkpoint, and the eager `lstm_export.LSTM` that was saved for a scratc
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -313,8 +314,93 @@ def test_cli_refuses_malicious_pickle_with_one_line_and_exit_2(tmp_path, fmt):
     assert not (tmp_path / "models").exists()
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert "evil.pt" in lines[0]
+    assert "evil.pt" in lines[0] and "model.state_dict()" in lines[0]
+    _assert_no_advice_to_unpickle(lines[0])
     assert "\x1b" not in proc.stderr  # no raw terminal escapes in a piped error line
+
+
+def _assert_no_advice_to_unpickle(message: str) -> None:
+    """torch's own error advises loading the file as code anyway; ours must never repeat that."""
+    for advice in ("weights_only", "safe_globals", "trust"):
+        assert advice not in message, message
+
+
+class _Shell:
+    """Unpickling this would run a shell command (it is never unpickled in these tests)."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_malicious_checkpoint_message_names_file_and_global_and_advises_state_dict(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"cells.0.input_lin.weight": torch.zeros(32, 4), "evil": _Shell()}, path)
+
+    with pytest.raises(UsageError) as error:
+        read_state_dict(path)
+
+    message = str(error.value)
+    assert str(path) in message
+    assert "not a plain state dict" in message
+    assert f"pickled object ({os.system.__module__}.system)" in message  # posix.system
+    assert "save model.state_dict() instead" in message
+    _assert_no_advice_to_unpickle(message)
+
+
+@pytest.mark.parametrize(
+    ("make", "global_name"),
+    [
+        pytest.param(lambda: LSTM(4, 8, 1), "lstm_export.model.LSTM", id="scratch-lstm"),
+        pytest.param(lambda: nn.LSTM(4, 8), "torch.nn.modules.rnn.LSTM", id="nn-lstm"),
+    ],
+)
+def test_a_whole_saved_module_is_refused_with_save_the_state_dict_instead(
+    tmp_path, make, global_name
+):
+    path = tmp_path / "whole.pt"
+    torch.save(make(), path)
+
+    with pytest.raises(UsageError) as error:
+        read_state_dict(path)
+
+    message = str(error.value)
+    assert str(path) in message
+    assert f"whole pickled model ({global_name})" in message
+    assert "save model.state_dict() instead" in message
+    _assert_no_advice_to_unpickle(message)
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        pytest.param(b"epoch,loss\n1,0.5\n", "neither a zip archive nor a pickle", id="text"),
+        pytest.param(b"", "it is empty", id="empty"),
+    ],
+)
+def test_a_file_that_is_not_a_torch_save_file_gets_a_clear_line(tmp_path, content, what):
+    path = tmp_path / "notes.pt"
+    path.write_bytes(content)
+
+    with pytest.raises(UsageError) as error:
+        read_state_dict(path)
+
+    assert str(error.value) == (
+        f"checkpoint {path} is not a torch.save file ({what}); "
+        "save one with torch.save(model.state_dict(), path)"
+    )
+
+
+def test_a_bare_pickle_is_refused_without_torch_advice(tmp_path):
+    marker = tmp_path / "marker"
+    _write_malicious(tmp_path / "evil.pt", marker, "raw")
+
+    with pytest.raises(UsageError) as error:
+        read_state_dict(tmp_path / "evil.pt")
+
+    message = str(error.value)
+    assert "not a plain state dict" in message and "model.state_dict()" in message
+    _assert_no_advice_to_unpickle(message)
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- nn.LSTM interop
