@@ -9,6 +9,7 @@ fed in chunks with (h, c) carried between them must equal the whole run.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -176,10 +177,23 @@ def eager_from_scripted(scripted: torch.jit.ScriptModule, config: LSTMConfig) ->
     return model.eval()
 
 
+def check_tolerance(tolerance: object) -> float:
+    """Refuse a tolerance no comparison can honour: negative, NaN (every check fails) or inf."""
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, int | float)
+        or not math.isfinite(tolerance)
+        or tolerance < 0
+    ):
+        raise UsageError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    return float(tolerance)
+
+
 def verify_artifacts(
     torchscript_path: Path, onnx_path: Path, tolerance: float = TOLERANCE
 ) -> ParityReport:
     """Parity of saved `model.pt` and `model.onnx` with the eager model on the .pt's weights."""
+    tolerance = check_tolerance(tolerance)
     from lstm_export.torchscript import load_torchscript
     from lstm_export.triton import batch_first_backend, batch_first_onnx
 
@@ -204,33 +218,55 @@ def verify_artifacts(
 
 def verify(out_dir: Path, tolerance: float = TOLERANCE) -> ParityReport:
     """Check an export folder: artifacts match the manifest's sha256, and all backends agree."""
+    tolerance = check_tolerance(tolerance)
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise UsageError(f"expected an export folder, but {out_dir} is not a directory")
     missing = [n for n in (TORCHSCRIPT_FILE, ONNX_FILE) if not (out_dir / n).is_file()]
     if missing:
         raise UsageError(f"export folder {out_dir} lacks {', '.join(missing)}")
-    problems = []
     manifest_path = out_dir / MANIFEST_FILE
-    if manifest_path.is_file():
-        try:
-            recorded = json.loads(manifest_path.read_text(encoding="utf-8"))["artifacts"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{manifest_path} is not a valid manifest: {exc}") from None
-        if not isinstance(recorded, dict) or not all(
-            isinstance(e, dict) for e in recorded.values()
-        ):
-            raise UsageError(f"{manifest_path} is not a valid manifest: artifacts must be a table")
-        for name, entry in recorded.items():
-            path = out_dir / name
-            if not path.is_file():
-                problems.append(f"{name} is listed in the manifest but missing")
-            elif sha256(path) != entry.get("sha256"):
-                problems.append(
-                    f"{name} does not match the manifest's sha256 (changed since export)"
-                )
-    else:
+    problems = check_manifest(out_dir) if manifest_path.is_file() else []
+    if not manifest_path.is_file():
         problems.append(f"{MANIFEST_FILE} is missing")
     report = verify_artifacts(out_dir / TORCHSCRIPT_FILE, out_dir / ONNX_FILE, tolerance)
     report.problems[:0] = problems
     return report
+
+
+def check_manifest(out_dir: Path) -> list[str]:
+    """Hash every artifact the manifest lists; model.pt and model.onnx must be among them.
+
+    A manifest that cannot be read as one we wrote (not JSON, artifacts not a table of
+    tables, an artifact name that is not a plain file name in the folder) is refused as
+    bad input: verify never reads a path a manifest points it to outside the folder.
+    What it reads and finds wrong (an artifact unlisted, missing or changed) is returned
+    as a problem, a breach like a missing manifest.
+    """
+    manifest_path = out_dir / MANIFEST_FILE
+    try:
+        recorded = json.loads(manifest_path.read_text(encoding="utf-8"))["artifacts"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{manifest_path} is not a valid manifest: {exc}") from None
+    if not isinstance(recorded, dict) or not all(isinstance(e, dict) for e in recorded.values()):
+        raise UsageError(f"{manifest_path} is not a valid manifest: artifacts must be a table")
+    for name in recorded:
+        if name in ("", ".", "..", MANIFEST_FILE) or Path(name).name != name or "\\" in name:
+            raise UsageError(
+                f"{manifest_path} is not a valid manifest: expected artifact names that are "
+                f"plain file names in {out_dir}, got {name!r}"
+            )
+    problems = [
+        f"{name} is not listed in the manifest, so nothing vouches for it"
+        for name in (TORCHSCRIPT_FILE, ONNX_FILE)
+        if name not in recorded
+    ]
+    for name, entry in recorded.items():
+        path = out_dir / name
+        if path.is_symlink():  # an export writes files; a link could point anywhere
+            problems.append(f"{name} is a symbolic link, not a file the export wrote")
+        elif not path.is_file():
+            problems.append(f"{name} is listed in the manifest but missing")
+        elif sha256(path) != entry.get("sha256"):
+            problems.append(f"{name} does not match the manifest's sha256 (changed since export)")
+    return problems

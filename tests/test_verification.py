@@ -15,9 +15,11 @@ from lstm_export.files import sha256
 from lstm_export.pipeline import export
 from lstm_export.verification import (
     check_parity,
+    check_tolerance,
     default_cases,
     torch_backend,
     verify,
+    verify_artifacts,
 )
 
 
@@ -102,3 +104,49 @@ def test_verify_refuses_what_is_not_an_export(tmp_path):
         verify(tmp_path / "missing")
     with pytest.raises(UsageError, match=r"lacks model\.pt, model\.onnx"):
         verify(tmp_path)
+
+
+@pytest.mark.parametrize("tolerance", [-1, -1e-9, float("nan"), float("inf"), "1e-5", True, None])
+def test_a_tolerance_that_is_not_a_finite_number_at_least_0_is_refused(tmp_path, tolerance):
+    # Refused before anything is looked at: the folder is not even an export.
+    with pytest.raises(UsageError, match="tolerance must be a finite number >= 0"):
+        verify(tmp_path, tolerance=tolerance)
+    with pytest.raises(UsageError, match="tolerance must be a finite number >= 0"):
+        verify_artifacts(tmp_path / "model.pt", tmp_path / "model.onnx", tolerance)
+    with pytest.raises(UsageError, match="tolerance must be a finite number >= 0"):
+        export(small_model(False, 1), tmp_path / "m", tolerance=tolerance)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_zero_and_positive_tolerances_are_accepted():
+    assert check_tolerance(0) == 0.0
+    assert check_tolerance(1e-5) == 1e-5
+
+
+def test_verify_requires_the_manifest_to_list_both_artifacts(good_export):
+    manifest_path = good_export / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["artifacts"]["model.onnx"]
+    manifest_path.write_text(json.dumps(manifest))
+
+    report = verify(good_export)
+
+    assert not report.passed
+    assert report.problems == [
+        "model.onnx is not listed in the manifest, so nothing vouches for it"
+    ]
+    assert all(r.passed for r in report.results)  # the backends agree; the manifest does not
+
+
+def test_verify_reports_an_artifact_that_is_a_symlink(good_export, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not part of the export")
+    (good_export / "notes.txt").symlink_to(outside)
+    manifest_path = good_export / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["artifacts"]["notes.txt"] = {"sha256": sha256(outside)}
+    manifest_path.write_text(json.dumps(manifest))
+
+    report = verify(good_export)
+
+    assert report.problems == ["notes.txt is a symbolic link, not a file the export wrote"]
