@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
-from contextlib import AbstractContextManager, nullcontext
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperArgument, TyperCommand
 
 from lstm_export import __version__
 from lstm_export.config import ExportConfig, LSTMConfig, read_export_config
 from lstm_export.errors import LSTMExportError, ParityError, UsageError
+
+PROG = "lstm-export"
 
 app = typer.Typer(
     help="Export a scratch PyTorch LSTM to TorchScript and ONNX, with proven parity.",
@@ -35,6 +41,27 @@ out = Console(soft_wrap=True)  # long paths stay whole when piped
 err = Console(stderr=True)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit(143) so an export cleans up its staging folder as on Ctrl-C.
+
+    Only around `export`: `serve` handles SIGTERM itself (a graceful shutdown).
+    """
+    if threading.current_thread() is not threading.main_thread():  # signals are main-only
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut cleanup
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _status(message: str) -> AbstractContextManager:
@@ -93,7 +120,10 @@ def export(
     layer_norm: Annotated[
         bool | None, typer.Option("--layer-norm/--no-layer-norm", help="LayerNorm on gates and c.")
     ] = None,
-    name: Annotated[str | None, typer.Option(help="Model name; default 'default'.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Model name; default the --out folder's name, else 'default'."),
+    ] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Export folder; default models/<name>.")
     ] = None,
@@ -105,8 +135,8 @@ def export(
     With no options: the built-in default model (random weights, fixed seed) to models/default/.
     """
     file_config = read_export_config(config) if config else ExportConfig()
-    name = name or file_config.name or "default"
-    if not _NAME.match(name):
+    name = file_config.name if name is None else name
+    if name is not None and not _NAME.match(name):
         raise UsageError(f"--name must be letters, digits, '.', '_' or '-', got {name!r}")
     overrides = {
         key: value
@@ -119,15 +149,18 @@ def export(
         if value is not None
     }
     file_config = replace(file_config, checkpoint=checkpoint or file_config.checkpoint)
-    destination = out_dir or file_config.out or Path("models") / name
+    destination = out_dir or file_config.out or Path("models") / (name or "default")
     if destination.exists() and not force:  # fail before any slow work
         raise UsageError(f"{destination} already exists; pass --force to replace it")
+    # Without a name the export is called after its folder, as the library's export() does.
+    if name is None:
+        name = destination.resolve().name or "default"
 
     with _status("Loading torch"):
         from lstm_export.pipeline import export as run_export
 
         model, origin = _resolve_model(file_config, file_config.checkpoint, overrides)
-    with _status("Exporting") as status:
+    with _sigterm_exits(), _status("Exporting") as status:
 
         def progress(message: str) -> None:
             if status is not None:
@@ -293,6 +326,9 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body.")] = 8 << 20,
     max_seq_len: Annotated[int, typer.Option(min=1, help="Most steps per request.")] = 4096,
     max_batch: Annotated[int, typer.Option(min=1, help="Most sequences per request.")] = 64,
+    max_elements: Annotated[
+        int, typer.Option(min=1, help="Most steps x sequences per predict or chunk.")
+    ] = 8192,
     max_streams: Annotated[int, typer.Option(min=1, help="Most open streams.")] = 256,
     stream_ttl: Annotated[float, typer.Option(help="Seconds an idle stream lives.")] = 300.0,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per request.")] = 1,
@@ -315,6 +351,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         max_seq_len=max_seq_len,
         max_batch=max_batch,
+        max_elements=max_elements,
         max_streams=max_streams,
         stream_ttl=stream_ttl,
     )
@@ -339,11 +376,17 @@ def serve_bench(
     seq: Annotated[int, typer.Option(min=1, help="Steps per request.")] = 20,
     batch: Annotated[int, typer.Option(min=1, help="Sequences per request.")] = 4,
     stream_fraction: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share of clients that stream.")
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Share of each client's requests that are stream steps."
+        ),
     ] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Start `serve` on a free loopback port, load it, report requests/s and p50/p99 latency."""
+    """Start `serve` on a free loopback port, load it, report requests/s and p50/p99 latency.
+
+    Exit code 1 when every request failed: a run that measured nothing must not pass in CI.
+    """
     from lstm_export.server import serve_and_load_test
 
     with _status("Serving and loading"):
@@ -355,22 +398,37 @@ def serve_bench(
             batch=batch,
             stream_fraction=stream_fraction,
         )
+    first = report["first_error"]
+    reason = "" if first is None else f"the first answered {first['status']}: {first['error']}"
+    all_failed = report["requests"] > 0 and report["errors"] == report["requests"]
     if as_json:
         _print_json(report)
-        return
-    table = Table(
-        title=f"HTTP on loopback: {clients} clients x {requests} requests, "
-        f"seq {seq}, batch {batch}, {report['requests_per_s']:.0f} requests/s, "
-        f"{report['errors']} errors"
-    )
-    for column in ("kind", "count", "p50 ms", "p99 ms", "mean ms"):
-        table.add_column(column, justify="left" if column == "kind" else "right")
-    for kind in ("predict", "stream_step"):
-        row = report[kind]
-        cells = [row.get(k) for k in ("p50_ms", "p99_ms", "mean_ms")]
-        shown = ["-" if v is None else f"{v:.2f}" for v in cells]
-        table.add_row(kind, str(row["count"]), *shown)
-    out.print(table)
+    else:
+        table = Table(
+            title=f"HTTP on loopback: {clients} clients x {requests} requests, "
+            f"seq {seq}, batch {batch}, {report['requests_per_s']:.0f} requests/s, "
+            f"{report['errors']} errors"
+        )
+        for column in ("kind", "count", "p50 ms", "p99 ms", "mean ms"):
+            table.add_column(column, justify="left" if column == "kind" else "right")
+        for kind in ("predict", "stream_step"):
+            row = report[kind]
+            cells = [row.get(k) for k in ("p50_ms", "p99_ms", "mean_ms")]
+            shown = ["-" if v is None else f"{v:.2f}" for v in cells]
+            table.add_row(kind, str(row["count"]), *shown)
+        out.print(table)
+        if first is not None and not all_failed:
+            err.print(
+                f"{report['errors']} errors; {escape(reason)}", highlight=False, soft_wrap=True
+            )
+    if all_failed:
+        err.print(
+            f"[bold red]error[/]: every request failed ({report['errors']} of "
+            f"{report['requests']}); {escape(reason)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
 
 
 def _bench_table(report: Any) -> Table:
@@ -465,13 +523,48 @@ def bench(
     out.print(met)
 
 
+class _Command(TyperCommand):
+    """Usage lines spell arguments the usual way, `verify [OPTIONS] FOLDER`, not `{folder}`."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if not isinstance(param, TyperArgument):
+                pieces.extend(param.get_usage_pieces(ctx))
+                continue
+            piece = (param.metavar or param.name or "").upper()
+            piece = piece if param.required else f"[{piece}]"
+            pieces.append(piece + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+
+for _info in app.registered_commands:  # every command, without touching each decorator
+    if _info.cls in (None, TyperCommand):
+        _info.cls = _Command
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """One line on stderr and the exit code: the whole error report, no traceback, no box."""
+    line = " ".join(message.split())
+    err.print(f"[bold red]error[/]: {escape(line)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
-    """Console-script entry point: run the app, turning our errors into one line."""
+    """Console-script entry point: our errors and click's usage errors become one line."""
     try:
-        app(standalone_mode=True)
+        code = app(prog_name=PROG, standalone_mode=False)
     except LSTMExportError as exc:
-        err.print(f"[bold red]error[/]: {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
+    except typer.TyperException as exc:  # click's usage errors (typer vendors click)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already shown (typer's test)
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see {ctx.command_path if ctx is not None else PROG} --help)"
+        _fail(exc.format_message() + hint, exc.exit_code)
+    except typer.Abort:
+        _fail("aborted", 1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -39,14 +39,45 @@ class LSTMConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> LSTMConfig:
-        """Build from a mapping, naming unknown and missing keys instead of ignoring them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: Any, source: str = "config", *, partial: bool = False) -> LSTMConfig:
+        """Build from a mapping, naming unknown and missing keys instead of ignoring them.
+
+        A config read off an artifact must be complete: a missing key filled with a
+        default would describe some other model. `partial=True` lets absent keys take
+        their defaults (a TOML [model] table may name only some).
+        """
+        known = [f.name for f in fields(cls)]
+        if not isinstance(data, dict):
+            raise UsageError(
+                f"{source}: expected an object with keys {', '.join(known)}, "
+                f"got {type(data).__name__} {_shorten(data)}"
+            )
+        unknown = sorted(map(str, set(data) - set(known)))
         if unknown:
             expected = sorted(known)
             raise UsageError(f"{source}: unknown key(s) {unknown}; expected some of {expected}")
-        return cls(**data)
+        missing = [name for name in known if name not in data]
+        if missing and not partial:
+            raise UsageError(f"{source}: missing key(s) {missing}; expected all of {known}")
+        try:
+            return cls(**data)
+        except UsageError as exc:
+            raise UsageError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "config") -> LSTMConfig:
+        """Parse and check a config stored as JSON text (ONNX metadata, TorchScript extra file)."""
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"{source} is not valid JSON ({exc}): {_shorten(text)}") from None
+        return cls.from_dict(data, source)
+
+
+def _shorten(value: Any, limit: int = 60) -> str:
+    """A value's repr cut to one short line, for error messages about untrusted input."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -85,7 +116,11 @@ def read_export_config(path: Path) -> ExportConfig:
             raise UsageError(f"{path}: {key} must be a string, got {type(data[key]).__name__}")
     base = path.parent
     return ExportConfig(
-        model=LSTMConfig.from_dict(model, source=f"{path} [model]") if model is not None else None,
+        model=(
+            LSTMConfig.from_dict(model, source=f"{path} [model]", partial=True)
+            if model is not None
+            else None
+        ),
         name=data.get("name"),
         checkpoint=base / data["checkpoint"] if "checkpoint" in data else None,
         out=base / data["out"] if "out" in data else None,

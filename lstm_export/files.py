@@ -43,12 +43,15 @@ def staged_folder(final: Path) -> Iterator[Path]:
 
     An existing `final` is replaced (callers decide whether that is allowed) and
     survives until the new folder is complete; on any failure the staging folder
-    is removed and `final` is left as it was.
+    is removed, and so are the parent folders this call created, so `final` and
+    everything around it are left as they were.
     """
+    created = _missing_parents(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     except OSError as exc:
+        _remove_empty(created)
         raise UsageError(f"cannot create {final}: {exc.strerror or exc}") from None
     try:
         staging.chmod(0o755)  # mkdtemp's 0o700 would hide the folder from other users
@@ -57,7 +60,27 @@ def staged_folder(final: Path) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(OSError):
             shutil.rmtree(staging)
+        _remove_empty(created)
         raise
+
+
+def _missing_parents(final: Path) -> list[Path]:
+    """The ancestors of `final` that do not exist yet, deepest first."""
+    missing = []
+    for parent in final.absolute().parents:
+        if parent.exists() or parent.is_symlink():
+            break
+        missing.append(parent)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove folders deepest first, stopping at the first that is not empty (someone's files)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _move_into_place(staging: Path, final: Path) -> None:

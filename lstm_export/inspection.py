@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.runtime import ONNX_FILE
 from lstm_export.verification import MANIFEST_FILE, TORCHSCRIPT_FILE
@@ -38,11 +39,12 @@ def inspect_onnx(path: Path) -> dict:
     meta = {p.key: p.value for p in model.metadata_props}
     if CONFIG_KEY not in meta:
         raise UsageError(f"{path} is ONNX but not an lstm-export model (no {CONFIG_KEY} metadata)")
+    config = LSTMConfig.from_json(meta[CONFIG_KEY], source=f"{path} {CONFIG_KEY} metadata")
     return {
         "kind": "onnx",
         "path": str(path),
         "bytes": path.stat().st_size,
-        "config": json.loads(meta[CONFIG_KEY]),
+        "config": config.to_dict(),
         "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "ir_version": model.ir_version,
         "route": meta.get("lstm_export.route", ""),
@@ -63,6 +65,11 @@ def inspect_folder(path: Path) -> dict:
             raise UsageError(f"{manifest_path} is not a valid manifest: expected a JSON object")
         info["manifest"] = {k: manifest.get(k) for k in ("name", "config", "versions")}
         parity = manifest.get("parity") or {}
+        if not isinstance(parity, dict):  # only shown, but a list has no .get
+            raise UsageError(
+                f"{manifest_path} is not a valid manifest: expected parity to be an object, "
+                f"got {type(parity).__name__}"
+            )
         info["manifest"]["parity"] = {
             k: parity.get(k) for k in ("passed", "tolerance", "worst_max_abs_error")
         }

@@ -29,6 +29,7 @@ from lstm_export.verification import (
     TOLERANCE,
     TORCHSCRIPT_FILE,
     ParityReport,
+    check_tolerance,
     verify_artifacts,
 )
 
@@ -116,6 +117,17 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def _check_float32(model: LSTM) -> None:
+    """Refuse other dtypes up front: the artifacts and the parity matrix are float32 only.
+
+    Converting silently would export numbers other than the caller's model computes.
+    """
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.state_dict().values()})
+    if dtypes != ["float32"]:
+        got = ", ".join(d for d in dtypes if d != "float32")
+        raise UsageError(f"export needs a float32 model, got {got}; call model.float()")
+
+
 def export(
     model: LSTM,
     out_dir: Path | str,
@@ -128,12 +140,15 @@ def export(
 ) -> ExportResult:
     """Write model.pt, model.onnx and manifest.json into `out_dir`, verified.
 
-    Raises `UsageError` if `out_dir` exists and `force` is False, and
-    `ParityError` (with the report) if the backends disagree; in both cases
-    nothing is written.
+    Raises `UsageError` if `out_dir` exists and `force` is False, if `model` is
+    not float32 (it is refused, not converted) or `tolerance` is not a finite
+    number >= 0, and `ParityError` (with the report) if the backends disagree;
+    in every case nothing is written.
     """
     out_dir = Path(out_dir)
     step = progress or (lambda _message: None)
+    check_tolerance(tolerance)
+    _check_float32(model)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} exists and is not a folder; choose another --out")
     if out_dir.exists() and not force:

@@ -8,7 +8,6 @@ console clean of that warning and keep the scripted module self-contained.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import warnings
 from collections.abc import Iterator
@@ -80,11 +79,18 @@ def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, LSTMConfig]:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
         raise UsageError(f"{path} is not a TorchScript file: {first}") from None
-    if not all(hasattr(module, name) for name in ("input_size", "hidden_size", "num_layers")):
-        raise UsageError(f"{path} is TorchScript but not an lstm-export LSTM (no config)")
+    wanted = ("input_size", "hidden_size", "num_layers", "layer_norm")
+    lacking = [name for name in wanted if not hasattr(module, name)]
+    if lacking:
+        raise UsageError(
+            f"{path} is TorchScript but not an lstm-export LSTM: expected the attributes "
+            f"{', '.join(wanted)}, it lacks {', '.join(lacking)}"
+        )
     if extra[CONFIG_FILE]:
-        source = f"{path} {CONFIG_FILE}"
-        config = LSTMConfig.from_dict(json.loads(extra[CONFIG_FILE]), source=source)
+        config = LSTMConfig.from_json(extra[CONFIG_FILE], source=f"{path} {CONFIG_FILE}")
     else:
-        config = config_of(module)
+        try:
+            config = config_of(module)
+        except (TypeError, ValueError, RuntimeError) as exc:  # attributes that are not numbers
+            raise UsageError(f"{path}: its config attributes are not usable: {exc}") from None
     return module.eval(), config

@@ -12,8 +12,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +224,15 @@ def test_export_json_manifest_and_parity_with_the_saved_weights(tmp_path, monkey
     assert max_error(run_eager(scripted, x, h0, c0), expected) <= 1e-5
 
 
+def test_export_without_name_is_named_after_its_out_folder(tmp_path, call_main):
+    code, stdout, err = call_main("export", *SMALL, "--out", tmp_path / "speech", "--json")
+
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "speech" / "manifest.json").read_text())
+    assert manifest["name"] == "speech"  # not "default"
+    assert json.loads(stdout)["name"] == "speech"
+
+
 def _nan_checkpoint(path: Path) -> None:
     state = LSTM(4, 8, 1).state_dict()
     state["cells.0.hidden_lin.bias"] = torch.full_like(state["cells.0.hidden_lin.bias"], np.nan)
@@ -291,6 +302,48 @@ def test_export_interrupted_mid_write_leaves_nothing_behind(tmp_path, call_main,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failed_export_into_a_nested_path_leaves_no_empty_parents(tmp_path, call_main):
+    _nan_checkpoint(tmp_path / "nan.pt")
+    nested = tmp_path / "exports" / "2026" / "run" / "x"
+
+    code, _, err = call_main("export", "--checkpoint", tmp_path / "nan.pt", "--out", nested)
+
+    assert code in (1, 2), err
+    assert [p.name for p in tmp_path.iterdir()] == ["nan.pt"]  # no exports/2026/run/
+
+
+def test_sigterm_during_export_leaves_no_staging_folder(tmp_path):
+    parent = tmp_path / "exports"
+    parent.mkdir()
+    env = {**os.environ, "COLUMNS": "200"}
+    # The default model: its export runs for seconds, long enough to be caught mid-way.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lstm_export.cli", "export", "--out", str(parent / "m")],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list(parent.glob(".m.partial-*")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the export never started staging"
+            time.sleep(0.01)
+        time.sleep(0.2)  # inside the export: scripting, ONNX or the parity matrix
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    assert proc.returncode in (130, 143), (proc.returncode, err)  # not -15: it cleaned up
+    assert "Traceback" not in err
+    assert list(parent.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -330,20 +383,66 @@ def test_export_out_below_a_file_is_one_line_exit_2(tmp_path, call_main):
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "expected"),
     [
-        pytest.param(["export", "--name", "bad name!"], id="bad-name"),
-        pytest.param(["export", "--config", "nope.toml"], id="missing-config"),
-        pytest.param(["export", "--input-size", "abc"], id="not-an-int"),
-        pytest.param(["export", "--no-such-flag"], id="unknown-flag"),
+        pytest.param(["export", "--name", "bad name!"], "--name", id="bad-name"),
+        pytest.param(["export", "--config", "nope.toml"], "nope.toml", id="missing-config"),
+        pytest.param(["export", "--input-size", "abc"], "'--input-size'", id="not-an-int"),
+        pytest.param(
+            ["export", "--no-such-flag"],
+            "No such option: --no-such-flag",
+            id="unknown-flag",
+        ),
+        pytest.param(["verify"], "Missing argument", id="missing-argument"),
+        pytest.param(["exprot"], "No such command 'exprot'", id="unknown-command"),
     ],
 )
-def test_bad_usage_in_a_real_process_exits_2_without_traceback(tmp_path, args):
+def test_bad_usage_in_a_real_process_is_one_line_exit_2(tmp_path, args, expected):
     proc = run_cli(*args, cwd=tmp_path)
+
     assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip()
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr  # not typer's five-line box
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert not proc.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "expected", "command"),
+    [
+        pytest.param(
+            ["export", "--bogus"], "No such option: --bogus", "export", id="unknown-option"
+        ),
+        pytest.param(
+            ["export", "--hidden-size", "abc"],
+            "Invalid value for '--hidden-size'",
+            "export",
+            id="not-an-int",
+        ),
+        pytest.param(["inspect"], "Missing argument", "inspect", id="missing-argument"),
+        pytest.param(["bogus"], "No such command 'bogus'", None, id="unknown-command"),
+    ],
+)
+def test_usage_errors_are_one_line_naming_the_help(call_main, args, expected, command):
+    code, out, err = call_main(*args)
+
+    line = assert_one_line_error(code, err)
+    assert line.startswith(f"error: {expected}"), line
+    where = f"lstm-export {command}" if command else "lstm-export"
+    assert line.endswith(f"(see {where} --help)"), line
+    assert not out
+
+
+def test_usage_line_names_arguments_plainly():
+    for command, usage in (
+        ("verify", "verify [OPTIONS] FOLDER"),
+        ("bench", "bench [OPTIONS] [FOLDER]"),
+    ):
+        result = invoke(command, "--help")
+        assert result.exit_code == 0, result.output
+        assert usage in result.stdout, result.stdout
+        assert "{folder}" not in result.stdout
 
 
 # --------------------------------------------------------------------------- --config
@@ -645,3 +744,143 @@ def test_export_summary_shows_bracketed_text_verbatim(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "one layer_norm over [batch, 4, hidden] per step" in done.stdout
     assert f"{out / 'model.onnx'}" in done.stdout
+
+
+# --------------------------------------------------------------------------- untrusted artifacts
+
+
+def _onnx_with_config(source: Path, dest: Path, text: str) -> Path:
+    """A copy of `source` whose lstm_export.config metadata is `text`."""
+    model = onnx.load(str(source))
+    entry = next(p for p in model.metadata_props if p.key == "lstm_export.config")
+    entry.value = text
+    onnx.save(model, str(dest))
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("{not json", "is not valid JSON", id="invalid-json"),
+        pytest.param("[1, 2]", "expected an object with keys input_size", id="a-list"),
+        pytest.param(
+            '{"input_size": 0, "hidden_size": 8, "num_layers": 1, "layer_norm": false}',
+            "input_size must be an integer >= 1, got 0",
+            id="zero-input",
+        ),
+        pytest.param('{"input_size": 4}', "missing key(s)", id="missing-keys"),
+    ],
+)
+def test_inspect_onnx_with_a_bad_config_is_one_line_exit_2(
+    small_export, tmp_path, call_main, text, expected
+):
+    path = _onnx_with_config(small_export / "model.onnx", tmp_path / "model.onnx", text)
+
+    code, _, err = call_main("inspect", path)
+
+    line = assert_one_line_error(code, err)
+    assert "lstm_export.config" in line and expected in line, line
+
+
+class _SizesWithoutLayerNorm(torch.nn.Module):
+    """Three of the four config attributes: TorchScript, but not an lstm-export LSTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_size = 4
+        self.hidden_size = 8
+        self.num_layers = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_torchscript_without_layer_norm_attribute_is_one_line_exit_2(
+    small_export, tmp_path, call_main, command
+):
+    folder = tmp_path / "copy"
+    shutil.copytree(small_export, folder)
+    torch.jit.save(torch.jit.script(_SizesWithoutLayerNorm()), str(folder / "model.pt"))
+
+    code, _, err = call_main(command, folder / "model.pt" if command == "inspect" else folder)
+
+    line = assert_one_line_error(code, err)
+    assert "model.pt" in line and "lacks layer_norm" in line, line
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_torchscript_with_invalid_config_json_is_one_line_exit_2(
+    small_export, tmp_path, call_main, command
+):
+    folder = tmp_path / "copy"
+    shutil.copytree(small_export, folder)
+    module = torch.jit.load(str(small_export / "model.pt"), map_location="cpu")
+    torch.jit.save(module, str(folder / "model.pt"), _extra_files={"config.json": "{oops"})
+
+    code, _, err = call_main(command, folder / "model.pt" if command == "inspect" else folder)
+
+    line = assert_one_line_error(code, err)
+    assert "config.json is not valid JSON" in line, line
+
+
+def test_inspect_folder_whose_manifest_parity_is_a_list_is_one_line_exit_2(
+    small_export, tmp_path, call_main
+):
+    folder = tmp_path / "copy"
+    shutil.copytree(small_export, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["parity"] = [1, 2]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    code, _, err = call_main("inspect", folder)
+
+    line = assert_one_line_error(code, err)
+    assert "expected parity to be an object, got list" in line, line
+
+
+def test_verify_with_an_empty_artifacts_table_fails(small_export, tmp_path, call_main):
+    folder = tmp_path / "copy"
+    shutil.copytree(small_export, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["artifacts"] = {}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    code, out, err = call_main("verify", folder, "--json")
+
+    assert_one_line_error(code, err, expected_code=1)
+    problems = json.loads(out)["problems"]
+    assert any(p.startswith("model.pt is not listed") for p in problems), problems
+    assert any(p.startswith("model.onnx is not listed") for p in problems), problems
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "sub/model.pt", ".."])
+def test_verify_refuses_artifact_names_outside_the_folder(
+    small_export, tmp_path, call_main, monkeypatch, name
+):
+    import lstm_export.verification as verification
+
+    folder = tmp_path / "copy"
+    shutil.copytree(small_export, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["artifacts"][name] = {"sha256": "0" * 64}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    hashed = []
+    real_sha256 = verification.sha256
+    monkeypatch.setattr(verification, "sha256", lambda p: hashed.append(p) or real_sha256(p))
+
+    code, _, err = call_main("verify", folder)
+
+    line = assert_one_line_error(code, err)
+    assert "plain file names" in line and repr(name) in line, line
+    assert hashed == []  # refused before reading anything
+
+
+@pytest.mark.parametrize("tolerance", ["-1", "nan", "inf", "-0.5"])
+def test_verify_refuses_a_tolerance_that_is_not_a_finite_number_at_least_0(
+    small_export, call_main, tolerance
+):
+    code, _, err = call_main("verify", small_export, "--tolerance", tolerance)
+
+    line = assert_one_line_error(code, err)
+    assert "tolerance must be a finite number >= 0" in line, line

@@ -25,3 +25,27 @@ def test_import_does_not_load_torch():
     code = "import sys, lstm_export; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
+def _requirements() -> list:
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    extras = [r for group in project["optional-dependencies"].values() for r in group]
+    return [Requirement(r) for r in [*project["dependencies"], *extras]]
+
+
+def test_every_dependency_has_both_bounds_and_the_tested_version_lies_within():
+    from importlib.metadata import version
+
+    for requirement in _requirements():
+        operators = {spec.operator for spec in requirement.specifier}
+        assert ">=" in operators and "<" in operators, f"{requirement} needs a range"
+        installed = version(requirement.name)
+        assert requirement.specifier.contains(installed, prereleases=True), (
+            f"{requirement.name} {installed} is outside {requirement.specifier}: "
+            "the range no longer says what CI tests"
+        )

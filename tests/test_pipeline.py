@@ -153,3 +153,26 @@ def test_a_file_in_the_way_is_refused(tmp_path):
     with pytest.raises(UsageError, match="not a folder"):
         export(small_model(False, 1), tmp_path / "m", force=True)
     assert (tmp_path / "m").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_model_that_is_not_float32_is_refused_up_front(tmp_path, monkeypatch, dtype):
+    def never(*args, **kwargs):
+        raise AssertionError("the export went past the dtype check")
+
+    monkeypatch.setattr(pipeline, "save_torchscript", never)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(UsageError) as error:
+        export(small_model(False, 1).to(dtype), tmp_path / "m")
+    assert str(error.value) == f"export needs a float32 model, got {name}; call model.float()"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_export_into_a_nested_path_removes_the_parents_it_created(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pipeline, "save_onnx", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export(small_model(False, 1), tmp_path / "a" / "b" / "m")
+    assert list(tmp_path.iterdir()) == []
