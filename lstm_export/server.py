@@ -12,7 +12,8 @@ number of open streams is capped.
 
 Every error is `{"error": "one sentence"}` with its status: 400 bad input,
 404 unknown stream or route (no slash redirects), 405 wrong method, 413 over a
-size limit, 415 a body not sent as `application/json`, 429 too many streams.
+size limit, 415 a body not sent as `application/json`, 429 too many streams,
+403 a POST or DELETE carrying an `Origin` header (sent by a web page).
 The body limit is enforced before any JSON is parsed: first on Content-Length,
 then by counting bytes as the body arrives. Bodies must be UTF-8 JSON sent as
 `application/json`: a web page cannot send that cross-origin without a CORS
@@ -560,6 +561,7 @@ def _endpoint(handler: Callable[[Request], Awaitable[Response]]) -> Callable:
     @functools.wraps(handler)
     async def wrapped(request: Request) -> Response:
         try:
+            _refuse_web_pages(request)
             return await handler(request)
         except HTTPError as exc:
             return _error(exc.status, exc.message, exc.headers)
@@ -567,6 +569,21 @@ def _endpoint(handler: Callable[[Request], Awaitable[Response]]) -> Callable:
             return _error(400, str(exc))
 
     return wrapped
+
+
+def _refuse_web_pages(request: Request) -> None:
+    """403 for a POST or DELETE that a web page sent (browsers add `Origin` to those).
+
+    The API is for programs; a page on another site can still send an empty POST without a
+    preflight (it would open streams up to the cap), and JSON-only bodies do not stop that.
+    """
+    origin = request.headers.get("origin")
+    if origin is not None and request.method in ("POST", "DELETE"):
+        raise HTTPError(
+            403,
+            f"requests from web pages (Origin: {origin[:100]}) are refused: this API is for "
+            "programs; send the request without an Origin header",
+        )
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

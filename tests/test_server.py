@@ -477,6 +477,38 @@ def test_a_body_must_be_sent_as_application_json(server, exported, live_stream, 
         after.close()
 
 
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://127.0.0.1:8000"])
+def test_requests_from_web_pages_change_nothing(server, exported, live_stream, origin):
+    # Even an empty POST (no Content-Type needed) from a page must not open or step streams.
+    client = server.client()
+    try:
+        opened = client.call("GET", "/healthz").data["streams"]
+        steps = client.call("GET", live_stream).data["steps"]
+        body = js({"x": np.zeros((1, 2, 5)).tolist()})
+        for method, path, payload in (
+            ("POST", "/v1/streams", b""),
+            ("POST", "/v1/predict", body),
+            ("POST", f"{live_stream}/step", body),
+            ("DELETE", live_stream, None),
+        ):
+            headers = {"Origin": origin}
+            if payload:  # a well-formed request but for its Origin
+                headers["Content-Type"] = "application/json"
+            reply = client.call(method, path, raw=payload, headers=headers)
+            assert reply.status == 403, (method, path, reply.data)
+            assert "Origin" in reply.data["error"], reply.data
+        assert client.call("GET", "/healthz").data["streams"] == opened
+        assert client.call("GET", live_stream).data["steps"] == steps
+        assert client.call("GET", "/healthz", headers={"Origin": origin}).status == 200
+    finally:
+        client.close()
+    after = server.client()
+    try:
+        assert_predict_works(after, exported)
+    finally:
+        after.close()
+
+
 @pytest.mark.parametrize(
     "content_type", ["application/json", "application/json; charset=UTF-8", "Application/JSON;"]
 )
