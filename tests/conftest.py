@@ -14,6 +14,19 @@ from lstm_export.config import LSTMConfig
 from lstm_export.model import LSTM
 
 
+class SizesWithoutLayerNorm(nn.Module):
+    """Three of the four config attributes: TorchScript, but not an lstm-export LSTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_size = 4
+        self.hidden_size = 8
+        self.num_layers = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def small_model(layer_norm: bool, num_layers: int = 2, seed: int = 0) -> LSTM:
     return build_model(LSTMConfig(5, 8, num_layers, layer_norm), seed=seed)
 

@@ -26,6 +26,7 @@ import torch
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
+from conftest import SizesWithoutLayerNorm
 from lstm_export import LSTM, cli
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
@@ -782,26 +783,13 @@ def test_inspect_onnx_with_a_bad_config_is_one_line_exit_2(
     assert "lstm_export.config" in line and expected in line, line
 
 
-class _SizesWithoutLayerNorm(torch.nn.Module):
-    """Three of the four config attributes: TorchScript, but not an lstm-export LSTM."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.input_size = 4
-        self.hidden_size = 8
-        self.num_layers = 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 @pytest.mark.parametrize("command", ["inspect", "verify"])
 def test_torchscript_without_layer_norm_attribute_is_one_line_exit_2(
     small_export, tmp_path, call_main, command
 ):
     folder = tmp_path / "copy"
     shutil.copytree(small_export, folder)
-    torch.jit.save(torch.jit.script(_SizesWithoutLayerNorm()), str(folder / "model.pt"))
+    torch.jit.save(torch.jit.script(SizesWithoutLayerNorm()), str(folder / "model.pt"))
 
     code, _, err = call_main(command, folder / "model.pt" if command == "inspect" else folder)
 

@@ -190,6 +190,15 @@ def assert_predict_works(client: Client, exported: Exported, seed: int = 0) -> N
     assert_close((y, h, c), eager(exported.model, x))
 
 
+def assert_fresh_client_predicts(server, exported: Exported) -> None:
+    """A new connection gets correct answers: a refused request disturbed nothing."""
+    after = server.client()
+    try:
+        assert_predict_works(after, exported)
+    finally:
+        after.close()
+
+
 # --------------------------------------------------------------------------- parity
 
 
@@ -397,11 +406,7 @@ def test_bad_input_gets_its_status_and_reason(
         assert list(reply.data) == ["error"] and message in reply.data["error"], reply.data
     finally:
         client.close()
-    after = server.client()  # a new connection: a 413 may close the old one
-    try:
-        assert_predict_works(after, exported)
-    finally:
-        after.close()
+    assert_fresh_client_predicts(server, exported)  # a new connection: a 413 may close the old
 
 
 def test_bad_table_covers_at_least_ten_kinds():
@@ -470,11 +475,7 @@ def test_a_body_must_be_sent_as_application_json(server, exported, live_stream, 
             assert reply.status == 415, reply.data
     finally:
         client.close()
-    after = server.client()
-    try:
-        assert_predict_works(after, exported)
-    finally:
-        after.close()
+    assert_fresh_client_predicts(server, exported)
 
 
 @pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://127.0.0.1:8000"])
@@ -502,11 +503,7 @@ def test_requests_from_web_pages_change_nothing(server, exported, live_stream, o
         assert client.call("GET", "/healthz", headers={"Origin": origin}).status == 200
     finally:
         client.close()
-    after = server.client()
-    try:
-        assert_predict_works(after, exported)
-    finally:
-        after.close()
+    assert_fresh_client_predicts(server, exported)
 
 
 @pytest.mark.parametrize(

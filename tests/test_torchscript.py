@@ -5,29 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import small_model
+from conftest import SizesWithoutLayerNorm, small_model
 from lstm_export.errors import UsageError
 from lstm_export.torchscript import load_torchscript, save_torchscript
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning")
 
 
-class _Sizes(torch.nn.Module):
-    """Config attributes without layer_norm: TorchScript, but not an lstm-export LSTM."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.input_size = 4
-        self.hidden_size = 8
-        self.num_layers = 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 def test_a_module_without_layer_norm_is_refused_naming_what_it_lacks(tmp_path):
     path = tmp_path / "sizes.pt"
-    torch.jit.save(torch.jit.script(_Sizes()), str(path))
+    torch.jit.save(torch.jit.script(SizesWithoutLayerNorm()), str(path))
 
     with pytest.raises(UsageError) as error:
         load_torchscript(path)
