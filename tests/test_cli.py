@@ -872,3 +872,29 @@ def test_verify_refuses_a_tolerance_that_is_not_a_finite_number_at_least_0(
 
     line = assert_one_line_error(code, err)
     assert "tolerance must be a finite number >= 0" in line, line
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_export_shows_its_steps_on_a_terminal_and_nothing_when_piped(
+    monkeypatch, call_main, tmp_path
+):
+    import io
+
+    from rich.console import Console
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=screen, force_terminal=True, width=120))
+    code, _, _ = call_main("export", "--out", tmp_path / "shown", "--hidden-size", "8")
+    assert code == 0
+    shown = screen.getvalue()
+    # A spinner redraws ~12 times a second, so only steps that last are sure to be drawn.
+    for step in ("Loading torch", "Verifying parity: eager vs TorchScript vs onnxruntime"):
+        assert step in shown, shown[-500:]
+
+    piped = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=piped, force_terminal=False))
+    code, _, _ = call_main("export", "--out", tmp_path / "piped", "--hidden-size", "8")
+    assert code == 0
+    assert piped.getvalue() == ""  # CI logs stay free of spinner frames
