@@ -16,8 +16,9 @@ size limit, 415 a body not sent as `application/json`, 429 too many streams,
 403 a POST or DELETE carrying an `Origin` header (sent by a web page).
 The body limit is enforced before any JSON is parsed: first on Content-Length,
 then by counting bytes as the body arrives. Bodies must be UTF-8 JSON sent as
-`application/json`: a web page cannot send that cross-origin without a CORS
-preflight (which this server never grants), so other sites cannot drive it.
+`application/json`, which a web page cannot send cross-origin without a CORS
+preflight (never granted here); an empty POST needs no preflight, so a POST or
+DELETE carrying `Origin` is refused too: other sites cannot drive the server.
 Each request's steps x batch is capped (`max_elements`), so that one request's
 work and answer stay bounded however its shape splits between the two.
 
