@@ -38,7 +38,12 @@ from lstm_export.errors import UsageError
 from lstm_export.model import LSTM
 from lstm_export.runtime import ONNX_FILE, OnnxLSTM
 from lstm_export.torchscript import load_torchscript, script
-from lstm_export.verification import TORCHSCRIPT_FILE, eager_from_scripted
+from lstm_export.verification import (
+    FUSED_BACKEND,
+    FUSED_TORCHSCRIPT_FILE,
+    TORCHSCRIPT_FILE,
+    eager_from_scripted,
+)
 
 DEFAULT_SHAPES = ((100, 1), (100, 16), (500, 4))
 NN_LSTM = "nn.LSTM"
@@ -48,7 +53,11 @@ ANCHORS = (NN_LSTM, ORT_LSTM_OP)
 # backend -> (anchor it is held to, allowed ratio) for plain and LayerNorm models.
 TARGETS = {
     False: {"onnxruntime": (ORT_LSTM_OP, 1.05), "torchscript": (NN_LSTM, 1.2)},
-    True: {"onnxruntime": (ORT_LSTM_OP, 1.5), "torchscript": (NN_LSTM, 2.5)},
+    True: {
+        "onnxruntime": (ORT_LSTM_OP, 1.5),
+        "torchscript": (NN_LSTM, 2.5),
+        FUSED_BACKEND: (NN_LSTM, 2.5),
+    },
 }
 
 Runner = Callable[[], object]
@@ -176,6 +185,9 @@ def _backends(folder: Path, threads: int) -> tuple[LSTMConfig, dict[str, Callabl
         NN_LSTM: torch_runner(anchor),
         ORT_LSTM_OP: ort_runner(anchor_session),
     }
+    if (folder / FUSED_TORCHSCRIPT_FILE).is_file():  # export --fused-kernel
+        fused, _ = load_torchscript(folder / FUSED_TORCHSCRIPT_FILE)
+        backends[FUSED_BACKEND] = torch_runner(fused)
     return config, backends
 
 

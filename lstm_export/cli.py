@@ -128,6 +128,14 @@ def export(
         Path | None, typer.Option("--out", help="Export folder; default models/<name>.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing folder.")] = False,
+    fused_kernel: Annotated[
+        bool,
+        typer.Option(
+            "--fused-kernel",
+            help="LayerNorm models: also write model.fused.pt, which runs each layer in our "
+            "C++ kernel, and lstm_export_kernels.so it needs (compiled on first use).",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Export model.pt (TorchScript) and model.onnx, verify their parity, write a manifest.
@@ -166,7 +174,14 @@ def export(
             if status is not None:
                 status.update(message)
 
-        result = run_export(model, destination, name=name, force=force, progress=progress)
+        result = run_export(
+            model,
+            destination,
+            name=name,
+            force=force,
+            fused_kernel=fused_kernel,
+            progress=progress,
+        )
     if as_json:
         _print_json(result.manifest)
         return

@@ -10,6 +10,9 @@ compute the same equations faster:
 - layer_norm=True: per layer, the input projection of the whole sequence as one
   matmul, then a time loop doing one `addmm` and one `layer_norm` over a
   [batch, 4, hidden] view per step.
+- layer_norm=True, opt-in (`model.fused.pt`): the same hoisted projection, then the
+  whole time loop of a layer in one custom op of `lstm_export.kernels`; the saved
+  module needs that op's library loaded before it can be loaded.
 
 Parity with the reference is what the verify matrix proves.
 """
@@ -107,15 +110,60 @@ class HoistedLSTM(_Deployed):
         return layer_input, (torch.stack(h_n), torch.stack(c_n))
 
 
-def _route_class(layer_norm: bool) -> type[_Deployed]:
+class KernelLSTM(_Deployed):
+    """layer_norm=True with each layer's time loop in the fused kernel."""
+
+    route = (
+        "hoisted input projection + fused LayerNorm-LSTM kernel per layer "
+        "(lstm_export::layer_norm_lstm_layer; needs lstm_export_kernels.so)"
+    )
+
+    def forward(
+        self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Tuple[Tensor, State]:
+        h0, c0 = self._checked_state(x, state)
+        layer_input = x
+        h_n: List[Tensor] = []
+        c_n: List[Tensor] = []
+        for k, cell in enumerate(self.cells):
+            gamma_list: List[Tensor] = []
+            beta_list: List[Tensor] = []
+            for norm in cell.layer_norm:
+                gamma_list.append(norm.weight)
+                beta_list.append(norm.bias)
+            norm_c = cell.layer_norm_c
+            x_proj = F.linear(layer_input, cell.input_lin.weight, cell.hidden_lin.bias)
+            layer_input, h, c = torch.ops.lstm_export.layer_norm_lstm_layer(
+                x_proj,
+                h0[k],
+                c0[k],
+                cell.hidden_lin.weight,
+                torch.cat(gamma_list),
+                torch.cat(beta_list),
+                norm_c.weight,
+                norm_c.bias,
+                norm_c.eps,
+            )
+            h_n.append(h)
+            c_n.append(c)
+        return layer_input, (torch.stack(h_n), torch.stack(c_n))
+
+
+def _route_class(layer_norm: bool, fused_kernel: bool = False) -> type[_Deployed]:
+    if fused_kernel and layer_norm:
+        return KernelLSTM
     return HoistedLSTM if layer_norm else FusedLSTM
 
 
-def deployable(model: LSTM) -> _Deployed:
-    """The fastest module computing `model`'s equations on its own parameters."""
-    return _route_class(model.layer_norm)(model)
+def deployable(model: LSTM, fused_kernel: bool = False) -> _Deployed:
+    """The fastest module computing `model`'s equations on its own parameters.
+
+    `fused_kernel` picks the custom-op route for LayerNorm models (the op must be
+    loaded: `lstm_export.kernels.build_kernel`); plain models have aten's kernel already.
+    """
+    return _route_class(model.layer_norm, fused_kernel)(model)
 
 
-def route_of(config: LSTMConfig) -> str:
+def route_of(config: LSTMConfig, fused_kernel: bool = False) -> str:
     """Name the TorchScript route a config gets; recorded in the manifest."""
-    return _route_class(config.layer_norm).route
+    return _route_class(config.layer_norm, fused_kernel).route

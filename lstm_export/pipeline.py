@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import onnx
 
-from lstm_export import deploy, onnx_graph
+from lstm_export import deploy, kernels, onnx_graph
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.files import sha256, staged_folder
@@ -25,6 +26,7 @@ from lstm_export.onnx_graph import OPSET, build_onnx
 from lstm_export.runtime import ONNX_FILE
 from lstm_export.torchscript import config_of, forward_signature, save_torchscript
 from lstm_export.verification import (
+    FUSED_TORCHSCRIPT_FILE,
     MANIFEST_FILE,
     TOLERANCE,
     TORCHSCRIPT_FILE,
@@ -79,6 +81,27 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def _file_entry(path: Path) -> dict:
+    return {"sha256": sha256(path), "bytes": path.stat().st_size}
+
+
+def fused_kernel_entries(folder: Path, config: LSTMConfig, torchscript_schema: str) -> dict:
+    """Manifest entries of `model.fused.pt` and the kernel library it needs."""
+    return {
+        FUSED_TORCHSCRIPT_FILE: {
+            **_file_entry(folder / FUSED_TORCHSCRIPT_FILE),
+            "forward": torchscript_schema,
+            "route": deploy.route_of(config, fused_kernel=True),
+            "requires": kernels.KERNEL_LIBRARY,
+        },
+        kernels.KERNEL_LIBRARY: {
+            **_file_entry(folder / kernels.KERNEL_LIBRARY),
+            "route": f"{kernels.OP_NAME}, built here with {' '.join(kernels.compile_flags())}",
+            "platform": f"{platform.system()} {platform.machine()}",
+        },
+    }
+
+
 def build_manifest(
     folder: Path,
     config: LSTMConfig,
@@ -88,6 +111,9 @@ def build_manifest(
     name: str,
 ) -> dict:
     """Everything a deployer needs to trust the folder without re-running the export."""
+    fused = {}
+    if (folder / FUSED_TORCHSCRIPT_FILE).is_file():
+        fused = fused_kernel_entries(folder, config, torchscript_schema)
     return {
         "manifest_version": MANIFEST_VERSION,
         "name": name,
@@ -106,6 +132,7 @@ def build_manifest(
                 "ir_version": onnx_model.ir_version,
                 "route": onnx_graph.route_of(config),
             },
+            **fused,
         },
         "signature": onnx_signature(onnx_model),
         "versions": _versions(),
@@ -136,9 +163,13 @@ def export(
     force: bool = False,
     opset: int = OPSET,
     tolerance: float = TOLERANCE,
+    fused_kernel: bool = False,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Write model.pt, model.onnx and manifest.json into `out_dir`, verified.
+
+    `fused_kernel` (LayerNorm models) adds `model.fused.pt`, which runs each layer in
+    the fused kernel, and `lstm_export_kernels.so`, the library it needs, both verified.
 
     Raises `UsageError` if `out_dir` exists and `force` is False, if `model` is
     not float32 (it is refused, not converted) or `tolerance` is not a finite
@@ -155,13 +186,26 @@ def export(
         raise UsageError(f"{out_dir} already exists; pass --force to replace it")
     model = model.eval()
     config = config_of(model)
+    if fused_kernel and not config.layer_norm:
+        raise UsageError(
+            "the fused kernel is for layer_norm=True models; this one is plain, and its "
+            "model.pt already runs aten's fused LSTM kernel"
+        )
     with staged_folder(out_dir) as staging:
         step("Scripting model.pt")
         scripted = save_torchscript(model, staging / TORCHSCRIPT_FILE)
+        fused_path = None
+        if fused_kernel:
+            step("Building the fused LayerNorm-LSTM kernel")
+            shutil.copyfile(kernels.build_kernel(), staging / kernels.KERNEL_LIBRARY)
+            fused_path = staging / FUSED_TORCHSCRIPT_FILE
+            save_torchscript(model, fused_path, fused_kernel=True)
         step("Building model.onnx")
         onnx_model = save_onnx(model, staging / ONNX_FILE, opset)
         step("Verifying parity: eager vs TorchScript vs onnxruntime")
-        report = verify_artifacts(staging / TORCHSCRIPT_FILE, staging / ONNX_FILE, tolerance)
+        report = verify_artifacts(
+            staging / TORCHSCRIPT_FILE, staging / ONNX_FILE, tolerance, fused_path
+        )
         if not report.passed:
             raise ParityError(
                 f"parity failed (worst max abs error {report.worst:.3g} > {tolerance:g}); "

@@ -18,6 +18,7 @@ import torch
 from lstm_export.config import LSTMConfig
 from lstm_export.deploy import deployable
 from lstm_export.errors import UsageError
+from lstm_export.kernels import OP_NAME, build_kernel, kernel_loaded
 from lstm_export.model import LSTM
 
 CONFIG_FILE = "config.json"
@@ -53,29 +54,43 @@ def script(model: torch.nn.Module) -> torch.jit.ScriptModule:
         return torch.jit.script(model.eval())
 
 
-def save_torchscript(model: LSTM, path: Path) -> torch.jit.ScriptModule:
+def save_torchscript(model: LSTM, path: Path, fused_kernel: bool = False) -> torch.jit.ScriptModule:
     """Script `model`'s deployment route and save it with the `config.json` extra file.
 
     The saved module computes `model`'s equations on `model`'s own parameters
     (same state dict, attributes and forward signature) by the fastest route
-    in `lstm_export.deploy`.
+    in `lstm_export.deploy` (`fused_kernel`: the custom-op route, loaded beforehand).
     """
-    scripted = script(deployable(model))
+    scripted = script(deployable(model, fused_kernel))
     extra = {CONFIG_FILE: config_of(model).to_json()}
     with quiet_torchscript():
         torch.jit.save(scripted, str(path), _extra_files=extra)
     return scripted
 
 
+def _jit_load(path: Path, extra: dict[str, str]) -> torch.jit.ScriptModule:
+    with quiet_torchscript():
+        return torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+
+
 def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, LSTMConfig]:
-    """Load a saved `model.pt` and its config; needs no lstm_export class to run it."""
+    """Load a saved `model.pt` and its config; needs no lstm_export class to run it.
+
+    A `model.fused.pt` calls the fused kernel's op: if it is not loaded yet, the
+    kernel is built from the packaged source (never taken from the file's folder).
+    """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"expected a TorchScript model.pt, but {path} does not exist")
     extra = {CONFIG_FILE: ""}
     try:
-        with quiet_torchscript():
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        try:
+            module = _jit_load(path, extra)
+        except RuntimeError as exc:
+            if OP_NAME not in str(exc) or kernel_loaded():
+                raise
+            build_kernel()
+            module = _jit_load(path, extra)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
         raise UsageError(f"{path} is not a TorchScript file: {first}") from None

@@ -21,12 +21,15 @@ import torch
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.files import sha256
+from lstm_export.kernels import KERNEL_LIBRARY
 from lstm_export.model import LSTM
 from lstm_export.runtime import ONNX_FILE, OnnxLSTM
 
 TOLERANCE = 1e-5
 BATCH_FIRST_BACKEND = "onnxruntime batch-first"
 TORCHSCRIPT_FILE = "model.pt"
+FUSED_TORCHSCRIPT_FILE = "model.fused.pt"
+FUSED_BACKEND = "torchscript (fused kernel)"
 MANIFEST_FILE = "manifest.json"
 
 Array = np.ndarray
@@ -177,6 +180,11 @@ def eager_from_scripted(scripted: torch.jit.ScriptModule, config: LSTMConfig) ->
     return model.eval()
 
 
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def check_tolerance(tolerance: object) -> float:
     """Refuse a tolerance no comparison can honour: negative, NaN (every check fails) or inf."""
     if (
@@ -190,9 +198,13 @@ def check_tolerance(tolerance: object) -> float:
 
 
 def verify_artifacts(
-    torchscript_path: Path, onnx_path: Path, tolerance: float = TOLERANCE
+    torchscript_path: Path,
+    onnx_path: Path,
+    tolerance: float = TOLERANCE,
+    fused_path: Path | None = None,
 ) -> ParityReport:
-    """Parity of saved `model.pt` and `model.onnx` with the eager model on the .pt's weights."""
+    """Parity of saved `model.pt`, `model.onnx` (and `model.fused.pt`, if given) with the
+    eager model on the .pt's weights."""
     tolerance = check_tolerance(tolerance)
     from lstm_export.torchscript import load_torchscript
     from lstm_export.triton import batch_first_backend, batch_first_onnx
@@ -213,6 +225,12 @@ def verify_artifacts(
         # The batch-first variant Triton serves (lstm-export triton), derived from model.onnx.
         BATCH_FIRST_BACKEND: batch_first_backend(batch_first_onnx(onnx.load(str(onnx_path)))),
     }
+    if fused_path is not None:
+        fused, fused_config = load_torchscript(fused_path)
+        if fused_config != config or not _same_weights(fused, scripted):
+            report.problems.append(f"{fused_path.name} is not the model in {torchscript_path.name}")
+            return report
+        backends[FUSED_BACKEND] = torch_backend(fused)
     return check_parity(config, torch_backend(eager), backends, tolerance=tolerance)
 
 
@@ -229,13 +247,20 @@ def verify(out_dir: Path, tolerance: float = TOLERANCE) -> ParityReport:
     problems = check_manifest(out_dir) if manifest_path.is_file() else []
     if not manifest_path.is_file():
         problems.append(f"{MANIFEST_FILE} is missing")
-    report = verify_artifacts(out_dir / TORCHSCRIPT_FILE, out_dir / ONNX_FILE, tolerance)
+    fused = out_dir / FUSED_TORCHSCRIPT_FILE
+    report = verify_artifacts(
+        out_dir / TORCHSCRIPT_FILE,
+        out_dir / ONNX_FILE,
+        tolerance,
+        fused_path=fused if fused.is_file() else None,
+    )
     report.problems[:0] = problems
     return report
 
 
 def check_manifest(out_dir: Path) -> list[str]:
-    """Hash every artifact the manifest lists; model.pt and model.onnx must be among them.
+    """Hash every artifact the manifest lists; model.pt and model.onnx must be among them
+    (and model.fused.pt with its kernel library, when the folder has one).
 
     A manifest that cannot be read as one we wrote (not JSON, artifacts not a table of
     tables, an artifact name that is not a plain file name in the folder) is refused as
@@ -256,9 +281,12 @@ def check_manifest(out_dir: Path) -> list[str]:
                 f"{manifest_path} is not a valid manifest: expected artifact names that are "
                 f"plain file names in {out_dir}, got {name!r}"
             )
+    required = [TORCHSCRIPT_FILE, ONNX_FILE]
+    if (out_dir / FUSED_TORCHSCRIPT_FILE).exists():
+        required += [FUSED_TORCHSCRIPT_FILE, KERNEL_LIBRARY]
     problems = [
         f"{name} is not listed in the manifest, so nothing vouches for it"
-        for name in (TORCHSCRIPT_FILE, ONNX_FILE)
+        for name in required
         if name not in recorded
     ]
     for name, entry in recorded.items():

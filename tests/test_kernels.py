@@ -1,0 +1,186 @@
+"""The fused LayerNorm-LSTM kernel against the eager reference (the equations written out).
+
+The kernel has AVX2 blocks and scalar tails; the sizes below hit both: hidden 8
+(whole vectors), 13 and 20 (tails), 1 (tails only), 36 (several row blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import small_model
+from lstm_export import kernels
+from lstm_export.checkpoints import build_model
+from lstm_export.config import LSTMConfig
+from lstm_export.deploy import KernelLSTM
+from lstm_export.errors import UsageError
+from lstm_export.pipeline import export
+from lstm_export.torchscript import script
+from lstm_export.verification import (
+    FUSED_BACKEND,
+    FUSED_TORCHSCRIPT_FILE,
+    MANIFEST_FILE,
+    TOLERANCE,
+    TORCHSCRIPT_FILE,
+    verify,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel() -> None:
+    kernels.build_kernel()
+
+
+def _with_random_norms(config: LSTMConfig, seed: int):
+    """LayerNorm scale and shift away from 1 and 0, so a kernel ignoring them fails."""
+    model = build_model(config, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "sizes", [(5, 13, 3), (3, 8, 1), (7, 1, 2), (4, 20, 1), (16, 36, 2)], ids=str
+)
+def test_kernel_matches_the_eager_equations(sizes):
+    model = _with_random_norms(LSTMConfig(*sizes, layer_norm=True), seed=sum(sizes))
+    fused = script(KernelLSTM(model))
+    layers, hidden = sizes[2], sizes[1]
+    worst = 0.0
+    with torch.inference_mode():
+        for seq in (1, 2, 17):
+            for batch in (1, 2, 3, 5):
+                x = torch.randn(seq, batch, sizes[0])
+                state = (torch.randn(layers, batch, hidden), torch.randn(layers, batch, hidden))
+                for given in (None, state):
+                    y_ref, (h_ref, c_ref) = model(x, given)
+                    y, (h, c) = fused(x, given)
+                    for got, want in ((y, y_ref), (h, h_ref), (c, c_ref)):
+                        assert got.shape == want.shape
+                        worst = max(worst, (got - want).abs().max().item())
+    assert worst <= TOLERANCE
+
+
+def test_kernel_carries_state_across_chunks_like_one_run():
+    model = _with_random_norms(LSTMConfig(6, 16, 2, True), seed=3)
+    fused = script(KernelLSTM(model))
+    x = torch.randn(23, 3, 6)
+    with torch.inference_mode():
+        whole, (h_whole, c_whole) = model(x)
+        first, state = fused(x[:9])
+        second, (h, c) = fused(x[9:], state)
+    assert torch.allclose(torch.cat([first, second]), whole, atol=TOLERANCE, rtol=0)
+    assert torch.allclose(h, h_whole, atol=TOLERANCE, rtol=0)
+    assert torch.allclose(c, c_whole, atol=TOLERANCE, rtol=0)
+
+
+def test_kernel_refuses_wrong_shapes_and_dtypes_with_the_expected_one():
+    op = torch.ops.lstm_export.layer_norm_lstm_layer
+    x_proj, h0, w_h = torch.zeros(3, 2, 32), torch.zeros(2, 8), torch.zeros(32, 8)
+    norms = (torch.ones(32), torch.zeros(32), torch.ones(8), torch.zeros(8))
+    with pytest.raises(RuntimeError, match=r"w_h must have shape \[32, 8\], got \[8, 32\]"):
+        op(x_proj, h0, h0, w_h.t(), *norms, 1e-5)
+    with pytest.raises(RuntimeError, match="h0 must be a float32 CPU tensor"):
+        op(x_proj, h0.double(), h0, w_h, *norms, 1e-5)
+    with pytest.raises(RuntimeError, match=r"x_proj must be \[seq, batch, 4 \* hidden\]"):
+        op(torch.zeros(3, 2, 30), h0, h0, w_h, *norms, 1e-5)
+    y, h, c = op(x_proj, h0, h0, w_h, *norms, 1e-5)
+    assert y.shape == (3, 2, 8) and h.shape == c.shape == (2, 8)
+
+
+def test_export_with_fused_kernel_writes_verified_artifacts(tmp_path):
+    model = _with_random_norms(LSTMConfig(5, 12, 2, True), seed=7)
+    result = export(model, tmp_path / "m", fused_kernel=True)
+    folder = result.out_dir
+    artifacts = result.manifest["artifacts"]
+    assert artifacts[FUSED_TORCHSCRIPT_FILE]["requires"] == kernels.KERNEL_LIBRARY
+    assert kernels.KERNEL_LIBRARY in artifacts and (folder / kernels.KERNEL_LIBRARY).is_file()
+    fused_rows = [r for r in result.report.results if r.backend == FUSED_BACKEND]
+    assert len(fused_rows) >= 19 and all(r.passed for r in fused_rows)
+    assert verify(folder).passed
+
+
+def test_verify_catches_a_changed_kernel_library_and_an_unlisted_fused_model(tmp_path):
+    folder = export(small_model(True, 1), tmp_path / "m", fused_kernel=True).out_dir
+    library = folder / kernels.KERNEL_LIBRARY
+    library.write_bytes(library.read_bytes() + b"\0")
+    report = verify(folder)
+    assert not report.passed
+    assert any("lstm_export_kernels.so does not match" in p for p in report.problems)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    del manifest["artifacts"][FUSED_TORCHSCRIPT_FILE]
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    report = verify(folder)
+    assert any("model.fused.pt is not listed" in p for p in report.problems)
+
+
+def test_fused_kernel_is_refused_for_a_plain_model_and_nothing_is_written(tmp_path):
+    with pytest.raises(UsageError, match="the fused kernel is for layer_norm=True models"):
+        export(small_model(False, 1), tmp_path / "m", fused_kernel=True)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_missing_toolchain_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CXX", "c++")
+    with pytest.raises(UsageError, match=r"needs c\+\+ on PATH; found none"):
+        kernels.build_kernel()
+
+
+_DEPLOYED = """
+import sys, torch
+folder = sys.argv[1]
+torch.ops.load_library(folder + "/lstm_export_kernels.so")  # the shipped copy, as C++ would
+fused = torch.jit.load(folder + "/model.fused.pt")
+plain = torch.jit.load(folder + "/model.pt")  # the reference route, no kernel
+torch.manual_seed(0)
+x = torch.randn(11, 3, fused.input_size)
+with torch.inference_mode():
+    (y1, (h1, c1)), (y2, (h2, c2)) = fused(x), plain(x)
+print(max((a - b).abs().max().item() for a, b in ((y1, y2), (h1, h2), (c1, c2))))
+"""
+
+
+def test_the_shipped_library_runs_model_fused_pt_in_a_fresh_interpreter(tmp_path):
+    """No lstm_export import: the export folder alone, as a deployment would use it."""
+    folder = export(
+        _with_random_norms(LSTMConfig(4, 24, 2, True), 5), tmp_path / "m", fused_kernel=True
+    ).out_dir
+    done = subprocess.run(
+        [sys.executable, "-c", _DEPLOYED, str(folder)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) <= TOLERANCE
+
+
+def test_without_the_library_model_fused_pt_does_not_load(tmp_path):
+    folder = export(small_model(True, 1), tmp_path / "m", fused_kernel=True).out_dir
+    code = "import sys, torch; torch.jit.load(sys.argv[1])"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(folder / FUSED_TORCHSCRIPT_FILE)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and kernels.OP_NAME in done.stderr
+    assert (folder / TORCHSCRIPT_FILE).is_file()  # the pure-libtorch model.pt is always there
+
+
+def test_cli_verify_loads_the_kernel_from_source_in_a_fresh_process(tmp_path):
+    folder = export(small_model(True, 2), tmp_path / "m", fused_kernel=True).out_dir
+    env = {**os.environ, "COLUMNS": "200"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lstm_export.cli", "verify", str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert FUSED_BACKEND in done.stdout and "Parity passed" in done.stdout
