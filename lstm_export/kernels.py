@@ -27,6 +27,8 @@ KERNEL_LIBRARY = "lstm_export_kernels.so"
 OP_NAME = "lstm_export::layer_norm_lstm_layer"
 SOURCE = Path(__file__).parent / "csrc" / "layer_norm_lstm.cpp"
 CACHE_ENV = "LSTM_EXPORT_KERNEL_CACHE"
+# Set to 1 to build the portable scalar route only, as on a CPU without AVX2.
+PORTABLE_ENV = "LSTM_EXPORT_KERNEL_PORTABLE"
 
 
 def compile_flags() -> list[str]:
@@ -36,8 +38,9 @@ def compile_flags() -> list[str]:
     """
     flags = ["-O3", "-fopenmp"]
     capability = torch.backends.cpu.get_cpu_capability()
+    portable = os.environ.get(PORTABLE_ENV) == "1"
     if platform.machine() in ("x86_64", "AMD64") and capability in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
+        flags += [] if portable else ["-mavx2", "-mfma"]
     return flags
 
 

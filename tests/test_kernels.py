@@ -184,3 +184,35 @@ def test_cli_verify_loads_the_kernel_from_source_in_a_fresh_process(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert FUSED_BACKEND in done.stdout and "Parity passed" in done.stdout
+
+
+_PORTABLE = """
+import torch
+from lstm_export import kernels
+from lstm_export.checkpoints import build_model
+from lstm_export.config import LSTMConfig
+from lstm_export.deploy import KernelLSTM
+from lstm_export.torchscript import script
+assert "-mavx2" not in kernels.compile_flags()
+kernels.build_kernel()
+worst = 0.0
+for sizes in ((5, 13, 2), (3, 16, 1)):
+    model = build_model(LSTMConfig(*sizes, layer_norm=True), seed=1).eval()
+    fused = script(KernelLSTM(model))
+    for seq, batch in ((1, 1), (17, 3)):
+        x = torch.randn(seq, batch, sizes[0])
+        with torch.inference_mode():
+            (y, (h, c)), (y2, (h2, c2)) = fused(x), model(x)
+        worst = max(worst, *((a - b).abs().max().item() for a, b in ((y, y2), (h, h2), (c, c2))))
+print(worst)
+"""
+
+
+def test_the_portable_scalar_route_matches_too():
+    """What a CPU without AVX2 builds: the kernel's scalar code alone."""
+    env = {**os.environ, kernels.PORTABLE_ENV: "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _PORTABLE], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) <= TOLERANCE

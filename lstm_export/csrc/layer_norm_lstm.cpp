@@ -72,43 +72,86 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 
 inline float sigmoid1(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
+#ifdef LSTM_EXPORT_AVX2
+// z[b0 + r, n + j] for R batch rows r and 4 output rows j: 4R accumulators over k.
+template <int R>
+void rows_times_block(const float* h, const float* w0, const float* bias, float* z,
+                      int64_t b0, int64_t n, int64_t hidden) {
+  const int64_t width = 4 * hidden, k8 = hidden - hidden % 8;
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < k8; k += 8) {
+    __m256 wj[4];
+    for (int j = 0; j < 4; ++j) wj[j] = _mm256_loadu_ps(w0 + j * hidden + k);
+    for (int r = 0; r < R; ++r) {
+      __m256 x = _mm256_loadu_ps(h + (b0 + r) * hidden + k);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(x, wj[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(16) float sum[4];
+    _mm_store_ps(sum, hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+    const float* hr = h + (b0 + r) * hidden;
+    for (int j = 0; j < 4; ++j) {
+      for (int64_t k = k8; k < hidden; ++k) sum[j] += hr[k] * w0[j * hidden + k];
+      z[(b0 + r) * width + n + j] = bias[(b0 + r) * width + n + j] + sum[j];
+    }
+  }
+}
+#endif
+
+#ifdef LSTM_EXPORT_AVX2
+// z[b0 + r, n .. n + 16) for R batch rows from one panel of packed weights, wp[k][16]:
+// per k, two loads of w feed 2R FMAs (the dot-product route needs four per 4R).
+template <int R>
+void rows_times_panel(const float* h, const float* wp, const float* bias, float* z,
+                      int64_t b0, int64_t n, int64_t hidden) {
+  const int64_t width = 4 * hidden;
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < hidden; ++k) {
+    __m256 w0 = _mm256_loadu_ps(wp + k * 16), w1 = _mm256_loadu_ps(wp + k * 16 + 8);
+    for (int r = 0; r < R; ++r) {
+      __m256 x = _mm256_broadcast_ss(h + (b0 + r) * hidden + k);
+      acc[r][0] = _mm256_fmadd_ps(x, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x, w1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float* bi = bias + (b0 + r) * width + n;
+    float* zr = z + (b0 + r) * width + n;
+    _mm256_storeu_ps(zr, _mm256_add_ps(acc[r][0], _mm256_loadu_ps(bi)));
+    _mm256_storeu_ps(zr + 8, _mm256_add_ps(acc[r][1], _mm256_loadu_ps(bi + 8)));
+  }
+}
+
+// The same product from panels [4H / 16][H][16] (hidden % 4 == 0), panels p0..p1.
+void panel_matmul(const float* h, const float* panels, const float* bias, float* z,
+                  int64_t batch, int64_t hidden, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* wp = panels + p * hidden * 16;
+    int64_t b = 0;
+    for (; b + 4 <= batch; b += 4) rows_times_panel<4>(h, wp, bias, z, b, p * 16, hidden);
+    if (batch - b == 3) rows_times_panel<3>(h, wp, bias, z, b, p * 16, hidden);
+    if (batch - b == 2) rows_times_panel<2>(h, wp, bias, z, b, p * 16, hidden);
+    if (batch - b == 1) rows_times_panel<1>(h, wp, bias, z, b, p * 16, hidden);
+  }
+}
+#endif
+
 // z[b, n] = bias[b, n] + sum_k h[b, k] w[n, k] for output rows n in [n0, n1), n0 % 4 == 0.
 void recurrent_matmul(const float* h, const float* w, const float* bias, float* z,
                       int64_t batch, int64_t hidden, int64_t n0, int64_t n1) {
   const int64_t width = 4 * hidden;
   int64_t n = n0;
 #ifdef LSTM_EXPORT_AVX2
-  const int64_t k8 = hidden - hidden % 8;
-  for (; n + 4 <= n1; n += 4) {
+  for (; n + 4 <= n1; n += 4) {  // 3 batch rows x 4 output rows: 12 of 16 registers
     const float* w0 = w + n * hidden;
-    for (int64_t b = 0; b < batch; b += 2) {
-      const bool two = b + 1 < batch;
-      const float* ha = h + b * hidden;
-      const float* hb = two ? ha + hidden : ha;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-      for (int64_t k = 0; k < k8; k += 8) {
-        __m256 x = _mm256_loadu_ps(ha + k), y = _mm256_loadu_ps(hb + k);
-        __m256 r0 = _mm256_loadu_ps(w0 + k), r1 = _mm256_loadu_ps(w0 + hidden + k);
-        __m256 r2 = _mm256_loadu_ps(w0 + 2 * hidden + k), r3 = _mm256_loadu_ps(w0 + 3 * hidden + k);
-        a0 = _mm256_fmadd_ps(x, r0, a0); a1 = _mm256_fmadd_ps(x, r1, a1);
-        a2 = _mm256_fmadd_ps(x, r2, a2); a3 = _mm256_fmadd_ps(x, r3, a3);
-        b0 = _mm256_fmadd_ps(y, r0, b0); b1 = _mm256_fmadd_ps(y, r1, b1);
-        b2 = _mm256_fmadd_ps(y, r2, b2); b3 = _mm256_fmadd_ps(y, r3, b3);
-      }
-      alignas(16) float sa[4], sb[4];
-      _mm_store_ps(sa, hsum4(a0, a1, a2, a3));
-      _mm_store_ps(sb, hsum4(b0, b1, b2, b3));
-      for (int j = 0; j < 4; ++j) {
-        const float* wr = w0 + j * hidden;
-        for (int64_t k = k8; k < hidden; ++k) {
-          sa[j] += ha[k] * wr[k];
-          sb[j] += hb[k] * wr[k];
-        }
-        z[b * width + n + j] = bias[b * width + n + j] + sa[j];
-        if (two) z[(b + 1) * width + n + j] = bias[(b + 1) * width + n + j] + sb[j];
-      }
-    }
+    int64_t b = 0;
+    for (; b + 3 <= batch; b += 3) rows_times_block<3>(h, w0, bias, z, b, n, hidden);
+    if (batch - b == 2) rows_times_block<2>(h, w0, bias, z, b, n, hidden);
+    if (batch - b == 1) rows_times_block<1>(h, w0, bias, z, b, n, hidden);
   }
 #endif
   for (; n < n1; ++n) {  // scalar route: builds without AVX2
@@ -121,14 +164,32 @@ void recurrent_matmul(const float* h, const float* w, const float* bias, float* 
   }
 }
 
-// Mean and 1/sqrt(var + eps) of v[0..n), as LayerNorm computes them (biased variance).
+// Mean and 1/sqrt(var + eps) of v[0..n), as LayerNorm computes them (biased variance,
+// two passes); eight float lanes each sum at most n / 8 terms.
 void moments(const float* v, int64_t n, double eps, float& mean, float& rstd) {
-  double sum = 0.0;
-  for (int64_t j = 0; j < n; ++j) sum += v[j];
-  const double m = sum / static_cast<double>(n);
-  double sq = 0.0;
-  for (int64_t j = 0; j < n; ++j) sq += (v[j] - m) * (v[j] - m);
-  mean = static_cast<float>(m);
+  int64_t j = 0;
+  double sum = 0.0, sq = 0.0;
+#ifdef LSTM_EXPORT_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(v + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float lane : lanes) sum += lane;
+#endif
+  for (int64_t t = j; t < n; ++t) sum += v[t];
+  const float m = static_cast<float>(sum / static_cast<double>(n));
+  j = 0;
+#ifdef LSTM_EXPORT_AVX2
+  __m256 vm = _mm256_set1_ps(m), sq8 = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    __m256 d = _mm256_sub_ps(_mm256_loadu_ps(v + j), vm);
+    sq8 = _mm256_fmadd_ps(d, d, sq8);
+  }
+  _mm256_store_ps(lanes, sq8);
+  for (float lane : lanes) sq += lane;
+#endif
+  for (int64_t t = j; t < n; ++t) sq += (v[t] - m) * (v[t] - m);
+  mean = m;
   rstd = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(n) + eps));
 }
 
@@ -209,12 +270,27 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_lstm_layer(
   float* cp = c.data_ptr<float>();
   float* zp = z.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
-  // Blocks of 4 output rows, about 64 KiB of w_h each, so both threads get work at hidden 256.
-  const int64_t blocks = hidden;  // 4 * hidden rows / 4
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hidden));
+  // Route of h w_h^T: for batch >= 2, panels of packed weights (the packing, one copy of
+  // w_h, pays for itself within a few steps); else dot products over w_h's rows.
+  bool use_panels = false;
+#ifdef LSTM_EXPORT_AVX2
+  use_panels = batch >= 2 && seq >= 8 && hidden % 4 == 0;
+#endif
+  const Tensor panels =
+      use_panels ? w.view({hidden / 4, 16, hidden}).transpose(1, 2).contiguous() : Tensor();
+  // Work items of about 16 Ki weights (64 KiB), so that both threads get work at hidden 256.
+  const int64_t rows_per_item = use_panels ? 16 : 4;
+  const int64_t items = 4 * hidden / rows_per_item;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (rows_per_item * hidden));
   for (int64_t t = 0; t < seq; ++t) {
     const float* bias = xp.data_ptr<float>() + t * batch * 4 * hidden;
-    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+#ifdef LSTM_EXPORT_AVX2
+      if (use_panels) {
+        panel_matmul(hp, panels.data_ptr<float>(), bias, zp, batch, hidden, begin, end);
+        return;
+      }
+#endif
       recurrent_matmul(hp, wp, bias, zp, batch, hidden, 4 * begin, 4 * end);
     });
     float* yt = y.data_ptr<float>() + t * batch * hidden;
