@@ -15,6 +15,7 @@
 //   lstm_run MODEL.pt --x X.npy [--h0 H0.npy --c0 C0.npy] [--chunk N] [--out DIR]
 //            [--threads N]
 //   lstm_run MODEL.pt --time-seq S --time-batch B [--repeats N] [--warmup W] [--threads N]
+//   Any of these with --kernels LIB.so: load that op library first (see load_kernels).
 //
 //   X.npy is [seq, batch, input_size]; H0.npy and C0.npy are [num_layers, batch,
 //   hidden_size]. --chunk N feeds the sequence N time steps per forward call.
@@ -31,6 +32,9 @@
 #include <ATen/Parallel.h>  // at::set_num_threads
 #include <torch/script.h>
 
+#include <dlfcn.h>  // dlopen: the fused kernel's op library
+
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <climits>
@@ -61,6 +65,7 @@ struct UsageError : std::runtime_error {
 struct Options {
   std::string model;
   std::string x, h0, c0, out;
+  std::string kernels;  // op library to load before the model (model.fused.pt needs one)
   int64_t chunk = 0;  // 0: the whole sequence in one call
   int64_t threads = 1;
   // Timing mode: on when time_seq and time_batch are set (both > 0).
@@ -71,7 +76,7 @@ struct Options {
 // One line: it also ends the error messages, which are one line each.
 const char* const kUsage =
     "usage: lstm_run MODEL.pt [--x X.npy [--h0 H0.npy --c0 C0.npy] [--chunk N] [--out DIR] | "
-    "--time-seq S --time-batch B [--repeats N] [--warmup W]] [--threads N]";
+    "--time-seq S --time-batch B [--repeats N] [--warmup W]] [--threads N] [--kernels LIB.so]";
 
 // A whole number >= minimum (and small enough for an int), else a UsageError.
 int64_t parse_int(const std::string& flag, const std::string& value, int64_t minimum = 1) {
@@ -95,13 +100,14 @@ Options parse_args(int argc, char** argv) {
     }
     if (arg == "--x" || arg == "--h0" || arg == "--c0" || arg == "--chunk" || arg == "--out" ||
         arg == "--threads" || arg == "--time-seq" || arg == "--time-batch" ||
-        arg == "--repeats" || arg == "--warmup") {
+        arg == "--repeats" || arg == "--warmup" || arg == "--kernels") {
       if (i + 1 >= argc) throw UsageError(arg + " needs a value");
       const std::string value = argv[++i];
       if (arg == "--x") opt.x = value;
       if (arg == "--h0") opt.h0 = value;
       if (arg == "--c0") opt.c0 = value;
       if (arg == "--out") opt.out = value;
+      if (arg == "--kernels") opt.kernels = value;
       if (arg == "--chunk") opt.chunk = parse_int(arg, value);
       if (arg == "--threads") opt.threads = parse_int(arg, value);
       if (arg == "--time-seq") opt.time_seq = parse_int(arg, value);
@@ -155,15 +161,28 @@ std::string last_meaningful_line(const std::string& text) {
   return last.empty() ? "unknown error" : last;
 }
 
-// c10::Error::what() may append a C++ stack trace; its first line is the message.
+// c10::Error::what() may append a C++ stack trace; its first non-blank line is the
+// message (an unknown op's message starts with a newline).
 std::string first_line(const std::string& text) {
-  return text.substr(0, text.find('\n'));
+  const size_t begin = std::min(text.find_first_not_of(" \t\r\n"), text.size());
+  return text.substr(begin, text.find('\n', begin) - begin);
 }
 
 // The first sentence of a libtorch message, without its generic advice.
 std::string first_sentence(const std::string& text) {
   const std::string line = first_line(text);
   return line.substr(0, line.find(". "));
+}
+
+// model.fused.pt (export --fused-kernel) calls lstm_export::layer_norm_lstm_layer, which
+// lstm_export_kernels.so registers with libtorch when it is loaded. Loading it with
+// dlopen is all it takes; linking it (with --no-as-needed) works as well.
+void load_kernels(const std::string& path) {
+  if (path.empty()) return;
+  if (dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+    throw std::runtime_error("cannot load the op library '" + path + "' (" +
+                             first_line(dlerror()) + ")");
+  }
 }
 
 torch::jit::Module load_model(const std::string& path_arg) {
@@ -177,12 +196,22 @@ torch::jit::Module load_model(const std::string& path_arg) {
   if (!fs::exists(path)) {
     throw std::runtime_error("model file '" + path.string() + "' does not exist");
   }
+  // A c10::Error for a file that is not TorchScript; an ErrorReport (a std::exception)
+  // for TorchScript that cannot be compiled here, such as a call to an unknown op.
+  std::string why;
   try {
     return torch::jit::load(path.string(), torch::kCPU);
   } catch (const c10::Error& e) {
-    throw std::runtime_error("cannot load '" + path.string() + "' as a TorchScript module (" +
-                             first_sentence(e.what_without_backtrace()) + ")");
+    why = first_sentence(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    why = first_sentence(e.what());
   }
+  if (!why.empty() && why.back() == '.') why.pop_back();
+  const std::string hint = why.find("lstm_export::") != std::string::npos
+                               ? "; load its op library with --kernels lstm_export_kernels.so"
+                               : "";
+  throw std::runtime_error("cannot load '" + path.string() + "' as a TorchScript module (" +
+                           why + ")" + hint);
 }
 
 struct Config {
@@ -284,6 +313,7 @@ int run(const Options& opt) {
   // the OpenMP spin-waiting that makes many threads crawl on a busy machine. Raise
   // it for large hidden sizes or batches.
   at::set_num_threads(static_cast<int>(opt.threads));
+  load_kernels(opt.kernels);
   torch::jit::Module model = load_model(opt.model);
   model.eval();
   const Config cfg = read_config(model, opt.model);

@@ -35,6 +35,7 @@ import torch
 from lstm_export.config import LSTMConfig
 from lstm_export.cpp import built_binary, time_forward
 from lstm_export.errors import UsageError
+from lstm_export.kernels import build_kernel
 from lstm_export.model import LSTM
 from lstm_export.runtime import ONNX_FILE, OnnxLSTM
 from lstm_export.torchscript import load_torchscript, script
@@ -48,6 +49,7 @@ from lstm_export.verification import (
 DEFAULT_SHAPES = ((100, 1), (100, 16), (500, 4))
 NN_LSTM = "nn.LSTM"
 LIBTORCH_CPP = "libtorch C++ (model.pt)"
+LIBTORCH_CPP_FUSED = "libtorch C++ (model.fused.pt)"
 ORT_LSTM_OP = "onnxruntime LSTM op"
 ANCHORS = (NN_LSTM, ORT_LSTM_OP)
 # backend -> (anchor it is held to, allowed ratio) for plain and LayerNorm models.
@@ -290,6 +292,9 @@ def bench(
             "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         },
     )
+    cpp_models: list[tuple[str, str, Path | None]] = [(LIBTORCH_CPP, TORCHSCRIPT_FILE, None)]
+    if FUSED_BACKEND in backends:  # our own build of the kernel, never the folder's copy
+        cpp_models.append((LIBTORCH_CPP_FUSED, FUSED_TORCHSCRIPT_FILE, build_kernel()))
     rng = np.random.default_rng(0)
     for seq, batch in shapes:
         step(f"Timing seq={seq} batch={batch}")
@@ -299,15 +304,17 @@ def bench(
             runners = {name: bind(x, zeros) for name, bind in backends.items()}
             samples = _time_in_rounds(runners, repeats, warmup, settle_seconds=settle_seconds)
         if cpp_binary is not None:  # its own process: timed after the others, not interleaved
-            samples[LIBTORCH_CPP] = time_forward(
-                cpp_binary,
-                folder / TORCHSCRIPT_FILE,
-                seq,
-                batch,
-                repeats=repeats,
-                warmup=warmup,
-                threads=threads,
-            )
+            for name, model_file, library in cpp_models:
+                samples[name] = time_forward(
+                    cpp_binary,
+                    folder / model_file,
+                    seq,
+                    batch,
+                    repeats=repeats,
+                    warmup=warmup,
+                    threads=threads,
+                    kernels=library,
+                )
         medians = {name: float(np.median(s)) for name, s in samples.items()}
         best_anchor = min(medians[a] for a in ANCHORS)
         for name, s in samples.items():

@@ -36,6 +36,7 @@ BUILD_ENV = "LSTM_EXPORT_CPP_BUILD_DIR"
 BINARY_NAME = "lstm_run"
 TOLERANCE = 1e-5
 MODEL_FILE = "model.pt"
+FUSED_MODEL_FILE = "model.fused.pt"
 
 _SOURCE_SUFFIXES = (".txt", ".cpp", ".hpp", ".h")
 _STAMP_FILE = "lstm-export-build.json"
@@ -320,12 +321,15 @@ def run(
     state: tuple[Any, Any] | None = None,
     chunk: int | None = None,
     *,
+    kernels: Path | None = None,
     timeout: float = 300,
 ) -> tuple[Array, State]:
     """Run `model_pt` in C++ on `x` [seq, batch, input]: returns y and (h, c) as float32 arrays.
 
     `state` is (h0, c0) or None for zeros; `chunk` streams the sequence `chunk` steps
-    per forward call. Inputs are converted to float32, the only dtype the binary reads.
+    per forward call; `kernels` is an op library to load first (`model.fused.pt` needs
+    `lstm_export_kernels.so`). Inputs are converted to float32, the only dtype the
+    binary reads.
     """
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise UsageError(f"chunk must be an integer >= 1 or None, got {chunk!r}")
@@ -340,10 +344,14 @@ def run(
             args += ["--c0", _save(work / "c0.npy", state[1], "c0")]
         if chunk is not None:
             args += ["--chunk", str(chunk)]
-        args += ["--out", work / "out"]
+        args += ["--out", work / "out", *_kernel_args(kernels)]
         _invoke(binary, args, timeout)
         y, h, c = (np.load(work / "out" / f"{name}.npy") for name in ("y", "h", "c"))
     return y, (h, c)
+
+
+def _kernel_args(kernels: Path | None) -> list[str | Path]:
+    return [] if kernels is None else ["--kernels", Path(kernels).resolve()]
 
 
 def _check_count(name: str, value: Any, minimum: int) -> None:
@@ -360,6 +368,7 @@ def time_forward(
     repeats: int = 15,
     warmup: int = 3,
     threads: int = 1,
+    kernels: Path | None = None,
     timeout: float = 300,
 ) -> list[float]:
     """Latency of `forward(x, None)` in C++ on a random x [seq, batch, input]: `repeats` ms.
@@ -367,7 +376,7 @@ def time_forward(
     `lstm_run --time-seq ... --time-batch ...`: `warmup` untimed calls, then `repeats`
     timed ones under InferenceMode with `threads` intra-op threads, each sample taken
     with std::chrono::steady_clock around one call. Process start and model loading
-    are not included.
+    are not included. `kernels`: an op library to load first, as for `run`.
     """
     for name, value, minimum in (
         ("seq", seq, 1),
@@ -379,7 +388,7 @@ def time_forward(
         _check_count(name, value, minimum)
     args: list[str | Path] = [artifact(model_pt, MODEL_FILE), "--time-seq", str(seq)]
     args += ["--time-batch", str(batch), "--repeats", str(repeats)]
-    args += ["--warmup", str(warmup), "--threads", str(threads)]
+    args += ["--warmup", str(warmup), "--threads", str(threads), *_kernel_args(kernels)]
     stdout = _invoke(binary, args, timeout)
     line = next((ln for ln in stdout.splitlines() if ln.startswith("timing_ms:")), None)
     if line is None:
@@ -464,7 +473,7 @@ class CppCheckReport:
         for case in self.cases:
             errs = "  ".join(f"{k}={v:.2e}" for k, v in case.errors.items())
             verdict = "ok" if all(v <= self.tolerance for v in case.errors.values()) else "FAIL"
-            out.append(f"  {case.name:<28} max abs error {errs}  {verdict}")
+            out.append(f"  {case.name:<44} max abs error {errs}  {verdict}")
         verdict = "PASS" if self.passed else "FAIL"
         out.append(f"{verdict}: max abs error {self.max_error:.2e} (tolerance {self.tolerance:g})")
         return out
@@ -545,7 +554,8 @@ def cpp_check(
     seed: int = 0,
     tolerance: float = TOLERANCE,
 ) -> CppCheckReport:
-    """Build `lstm_run`, run the exported model.pt in C++ and compare with eager PyTorch.
+    """Build `lstm_run`, run the exported model.pt (and model.fused.pt, if the folder has
+    one) in C++ and compare with eager PyTorch.
 
     The eager reference is `lstm_export.model.LSTM` rebuilt from the config with the
     scripted module's weights, so a pass means libtorch computes what the Python
@@ -578,6 +588,12 @@ def cpp_check(
         tolerance=tolerance,
         build_seconds=build_seconds,
     )
+    models: list[tuple[str, Path, Path | None]] = [("", model_pt, None)]
+    fused_pt = model_pt.parent / FUSED_MODEL_FILE
+    if fused_pt.is_file():  # export --fused-kernel; run with our own build of its library
+        from lstm_export.kernels import build_kernel
+
+        models.append((f"{FUSED_MODEL_FILE}: ", fused_pt, build_kernel()))
     rng = np.random.default_rng(seed)
     layers, hidden = config.num_layers, config.hidden_size
     for name, seq, batch, with_state, chunk in _CASES:
@@ -587,14 +603,15 @@ def cpp_check(
             state = tuple(
                 rng.standard_normal((layers, batch, hidden), dtype=np.float32) for _ in range(2)
             )
-        y, (h, c) = run(binary, model_pt, x, state, chunk)
         with torch.no_grad(), _one_torch_thread():
             torch_state = None if state is None else tuple(map(torch.from_numpy, state))
             y_ref, (h_ref, c_ref) = eager(torch.from_numpy(x), torch_state)
-        errors = {
-            "y": _max_abs(y, y_ref.numpy()),
-            "h": _max_abs(h, h_ref.numpy()),
-            "c": _max_abs(c, c_ref.numpy()),
-        }
-        report.cases.append(CppCase(name, seq, batch, with_state, chunk, errors))
+        for prefix, model_file, kernels in models:
+            y, (h, c) = run(binary, model_file, x, state, chunk, kernels=kernels)
+            errors = {
+                "y": _max_abs(y, y_ref.numpy()),
+                "h": _max_abs(h, h_ref.numpy()),
+                "c": _max_abs(c, c_ref.numpy()),
+            }
+            report.cases.append(CppCase(prefix + name, seq, batch, with_state, chunk, errors))
     return report

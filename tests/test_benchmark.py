@@ -10,9 +10,10 @@ import sys
 import pytest
 
 from conftest import small_model
-from lstm_export.benchmark import ANCHORS, LIBTORCH_CPP, bench, parse_shapes
+from lstm_export.benchmark import ANCHORS, LIBTORCH_CPP, LIBTORCH_CPP_FUSED, bench, parse_shapes
 from lstm_export.errors import UsageError
 from lstm_export.pipeline import export
+from lstm_export.verification import FUSED_BACKEND
 
 PYTHON_BACKENDS = {"eager", "torchscript (scratch cell)", "torchscript", "onnxruntime", *ANCHORS}
 
@@ -61,6 +62,20 @@ def test_bench_times_libtorch_from_cpp_when_the_example_is_built(tmp_path, cpp_b
         settle_seconds=0,
     )
     assert LIBTORCH_CPP not in {t.backend for t in without.timings}
+
+
+def test_bench_times_the_fused_kernel_in_python_and_cpp_when_exported(tmp_path, cpp_binary):
+    folder = export(small_model(True, 2), tmp_path / "m", fused_kernel=True).out_dir
+    report = bench(
+        folder, [(5, 3)], threads=1, repeats=2, warmup=1, with_export=False, settle_seconds=0
+    )
+    rows = {t.backend: t for t in report.timings}
+    assert rows.keys() >= PYTHON_BACKENDS | {FUSED_BACKEND, LIBTORCH_CPP, LIBTORCH_CPP_FUSED}
+    assert rows[FUSED_BACKEND].target == "<= 2.5x nn.LSTM"
+    assert rows[FUSED_BACKEND].target_ratio == pytest.approx(
+        rows[FUSED_BACKEND].median_ms / rows["nn.LSTM"].median_ms
+    )
+    assert rows[LIBTORCH_CPP_FUSED].median_ms > 0
 
 
 def test_cli_bench_writes_json_with_export_time_and_memory(tmp_path):

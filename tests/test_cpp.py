@@ -9,6 +9,7 @@ LSTM_EXPORT_REQUIRE_CPP=1 (as CI does) to turn even that into a failure.
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -461,3 +462,46 @@ def test_missing_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
     )
     with pytest.raises(cpp.ToolchainError, match="CXX='no-such-compiler'"):
         cpp.find_toolchain()
+
+
+# --- the fused kernel (export --fused-kernel) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fused(tmp_path_factory: pytest.TempPathFactory) -> tuple[Exported, Path]:
+    """model.fused.pt and the kernel library as an export writes them."""
+    from lstm_export import kernels
+
+    exported = _export(True, tmp_path_factory.mktemp("fused"), seed=21)
+    library = exported.model_pt.parent / kernels.KERNEL_LIBRARY
+    shutil.copyfile(kernels.build_kernel(), library)
+    fused_pt = exported.model_pt.parent / "model.fused.pt"
+    save_torchscript(exported.eager, fused_pt, fused_kernel=True)
+    return Exported(exported.eager, fused_pt), library
+
+
+@pytest.mark.parametrize("chunk", [None, 4], ids=["whole", "chunk4"])
+def test_fused_model_runs_in_cpp_with_its_library(binary: Path, fused, chunk) -> None:
+    exported, library = fused
+    x, state = _inputs(17, 3, True, seed=5)
+    y, (h, c) = cpp.run(binary, exported.model_pt, x, state, chunk=chunk, kernels=library)
+    _assert_close((y, h, c), _eager(exported.eager, x, state))
+    samples = cpp.time_forward(binary, exported.model_pt, 9, 2, repeats=2, kernels=library)
+    assert len(samples) == 2
+
+
+def test_fused_model_without_its_library_says_what_to_load(binary: Path, fused) -> None:
+    exported, library = fused
+    message = _one_line_error(_lstm_run(binary, exported.model_pt))
+    assert "lstm_export::layer_norm_lstm_layer" in message and "--kernels" in message
+    missing = library.parent / "absent.so"
+    message = _one_line_error(_lstm_run(binary, exported.model_pt, "--kernels", missing))
+    assert f"cannot load the op library '{missing}'" in message
+
+
+def test_cpp_check_also_checks_model_fused_pt(binary: Path, fused) -> None:
+    exported, _library = fused
+    report = cpp.cpp_check(exported.model_pt.parent)
+    names = [case.name for case in report.cases]
+    assert len(names) == 8 and sum(n.startswith("model.fused.pt: ") for n in names) == 4
+    assert report.passed, str(report)
