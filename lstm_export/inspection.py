@@ -9,7 +9,7 @@ from pathlib import Path
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.runtime import ONNX_FILE
-from lstm_export.verification import MANIFEST_FILE, TORCHSCRIPT_FILE
+from lstm_export.verification import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, TORCHSCRIPT_FILE
 
 
 def inspect_torchscript(path: Path) -> dict:
@@ -73,7 +73,12 @@ def inspect_folder(path: Path) -> dict:
         info["manifest"]["parity"] = {
             k: parity.get(k) for k in ("passed", "tolerance", "worst_max_abs_error")
         }
-    for name, inspect_file in ((TORCHSCRIPT_FILE, inspect_torchscript), (ONNX_FILE, inspect_onnx)):
+    readers = (
+        (TORCHSCRIPT_FILE, inspect_torchscript),
+        (ONNX_FILE, inspect_onnx),
+        (FUSED_TORCHSCRIPT_FILE, inspect_torchscript),
+    )
+    for name, inspect_file in readers:
         if (path / name).is_file():
             info["files"][name] = inspect_file(path / name)
     if not info["files"]:

@@ -216,3 +216,11 @@ def test_the_portable_scalar_route_matches_too():
     )
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) <= TOLERANCE
+
+
+def test_inspect_lists_model_fused_pt_in_a_folder(tmp_path):
+    from lstm_export.inspection import inspect
+
+    folder = export(small_model(True, 1), tmp_path / "m", fused_kernel=True).out_dir
+    files = inspect(folder)["files"]
+    assert files[FUSED_TORCHSCRIPT_FILE]["config"] == files[TORCHSCRIPT_FILE]["config"]
