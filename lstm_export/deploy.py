@@ -66,7 +66,25 @@ class FusedLSTM(_Deployed):
         return y, (h, c)
 
 
-class HoistedLSTM(_Deployed):
+class _LayerNormDeployed(_Deployed):
+    """Routes for layer_norm=True: the gate LayerNorms' parameters gathered per layer."""
+
+    def _gate_norms(self) -> Tuple[List[Tensor], List[Tensor]]:
+        """Per layer, the four gates' LayerNorm scales and shifts stacked: [4, H] each."""
+        gammas: List[Tensor] = []
+        betas: List[Tensor] = []
+        for cell in self.cells:
+            gamma: List[Tensor] = []
+            beta: List[Tensor] = []
+            for norm in cell.layer_norm:
+                gamma.append(norm.weight)
+                beta.append(norm.bias)
+            gammas.append(torch.stack(gamma))
+            betas.append(torch.stack(beta))
+        return gammas, betas
+
+
+class HoistedLSTM(_LayerNormDeployed):
     """layer_norm=True with the input projection hoisted out of the time loop."""
 
     route = "hoisted input projection + one layer_norm over [batch, 4, hidden] per step"
@@ -77,17 +95,12 @@ class HoistedLSTM(_Deployed):
         h0, c0 = self._checked_state(x, state)
         hidden = self.hidden_size
         batch = x.size(1)
+        gammas, betas = self._gate_norms()
         layer_input = x
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []
         for k, cell in enumerate(self.cells):
-            gamma_list: List[Tensor] = []
-            beta_list: List[Tensor] = []
-            for norm in cell.layer_norm:
-                gamma_list.append(norm.weight)
-                beta_list.append(norm.bias)
-            gamma = torch.stack(gamma_list)  # [4, H]: one scale per gate
-            beta = torch.stack(beta_list)
+            gamma, beta = gammas[k], betas[k]  # [4, H]: one scale and shift per gate
             norm_c = cell.layer_norm_c
             # input_lin(x_t) + b for every t at once: [seq, batch, 4H].
             x_proj = F.linear(layer_input, cell.input_lin.weight, cell.hidden_lin.bias)
@@ -110,7 +123,7 @@ class HoistedLSTM(_Deployed):
         return layer_input, (torch.stack(h_n), torch.stack(c_n))
 
 
-class KernelLSTM(_Deployed):
+class KernelLSTM(_LayerNormDeployed):
     """layer_norm=True with each layer's time loop in the fused kernel."""
 
     route = (
@@ -122,15 +135,11 @@ class KernelLSTM(_Deployed):
         self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None
     ) -> Tuple[Tensor, State]:
         h0, c0 = self._checked_state(x, state)
+        gammas, betas = self._gate_norms()
         layer_input = x
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []
         for k, cell in enumerate(self.cells):
-            gamma_list: List[Tensor] = []
-            beta_list: List[Tensor] = []
-            for norm in cell.layer_norm:
-                gamma_list.append(norm.weight)
-                beta_list.append(norm.bias)
             norm_c = cell.layer_norm_c
             x_proj = F.linear(layer_input, cell.input_lin.weight, cell.hidden_lin.bias)
             layer_input, h, c = torch.ops.lstm_export.layer_norm_lstm_layer(
@@ -138,8 +147,8 @@ class KernelLSTM(_Deployed):
                 h0[k],
                 c0[k],
                 cell.hidden_lin.weight,
-                torch.cat(gamma_list),
-                torch.cat(beta_list),
+                gammas[k].reshape(-1),
+                betas[k].reshape(-1),
                 norm_c.weight,
                 norm_c.bias,
                 norm_c.eps,
