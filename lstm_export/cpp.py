@@ -27,7 +27,7 @@ import numpy as np
 
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import LSTMExportError, ParityError, UsageError
-from lstm_export.files import artifact
+from lstm_export.files import artifact, locked_folder
 
 SOURCE_ENV = "LSTM_EXPORT_CPP_SOURCE"
 """Environment variable: the `cpp/` folder to build (default: the one beside the package)."""
@@ -156,22 +156,6 @@ def _fingerprint(src: Path, tools: Toolchain, prefix: str) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _locked(build_dir: Path) -> Iterator[None]:
-    """Serialize builds into one folder (parallel pytest workers, two CLI calls)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking, builds are rare enough
-        yield
-        return
-    with open(build_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _cached_setting(cache: Path, key: str) -> str | None:
     for line in cache.read_text(errors="replace").splitlines():
         if line.startswith(key + ":"):
@@ -260,7 +244,7 @@ def build(build_dir: Path | None = None, *, force: bool = False) -> Path:
     prefix = torch.utils.cmake_prefix_path
     fingerprint = _fingerprint(src, tools, prefix)
     stamp = build_dir / _STAMP_FILE
-    with _locked(build_dir):
+    with locked_folder(build_dir):
         if not force and _is_current(binary, stamp, fingerprint):
             return binary
         stamp.unlink(missing_ok=True)

@@ -29,6 +29,22 @@ def artifact(path: Path | str, filename: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def locked_folder(folder: Path) -> Iterator[None]:
+    """Serialize builds into one folder (parallel pytest workers, two CLI calls)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking, builds are rare enough
+        yield
+        return
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -226,12 +226,20 @@ def verify_artifacts(
         BATCH_FIRST_BACKEND: batch_first_backend(batch_first_onnx(onnx.load(str(onnx_path)))),
     }
     if fused_path is not None:
-        fused, fused_config = load_torchscript(fused_path)
-        if fused_config != config or not _same_weights(fused, scripted):
-            report.problems.append(f"{fused_path.name} is not the model in {torchscript_path.name}")
-            return report
-        backends[FUSED_BACKEND] = torch_backend(fused)
-    return check_parity(config, torch_backend(eager), backends, tolerance=tolerance)
+        try:
+            fused, fused_config = load_torchscript(fused_path)
+        except UsageError as exc:  # e.g. no compiler for the kernel: check the rest anyway
+            report.problems.append(f"{fused_path.name} was not checked: {exc}")
+        else:
+            if fused_config != config or not _same_weights(fused, scripted):
+                report.problems.append(
+                    f"{fused_path.name} is not the model in {torchscript_path.name}"
+                )
+                return report
+            backends[FUSED_BACKEND] = torch_backend(fused)
+    checked = check_parity(config, torch_backend(eager), backends, tolerance=tolerance)
+    checked.problems[:0] = report.problems
+    return checked
 
 
 def verify(out_dir: Path, tolerance: float = TOLERANCE) -> ParityReport:
@@ -260,7 +268,8 @@ def verify(out_dir: Path, tolerance: float = TOLERANCE) -> ParityReport:
 
 def check_manifest(out_dir: Path) -> list[str]:
     """Hash every artifact the manifest lists; model.pt and model.onnx must be among them
-    (and model.fused.pt with its kernel library, when the folder has one).
+    (and model.fused.pt with its kernel library, or a kernel library alone, when the folder
+    has one).
 
     A manifest that cannot be read as one we wrote (not JSON, artifacts not a table of
     tables, an artifact name that is not a plain file name in the folder) is refused as
@@ -281,9 +290,13 @@ def check_manifest(out_dir: Path) -> list[str]:
                 f"{manifest_path} is not a valid manifest: expected artifact names that are "
                 f"plain file names in {out_dir}, got {name!r}"
             )
+    # A kernel library in the folder is native code a deployment loads: it must be vouched
+    # for whenever it is there, and model.fused.pt never comes without it.
     required = [TORCHSCRIPT_FILE, ONNX_FILE]
     if (out_dir / FUSED_TORCHSCRIPT_FILE).exists():
         required += [FUSED_TORCHSCRIPT_FILE, KERNEL_LIBRARY]
+    elif (out_dir / KERNEL_LIBRARY).exists():
+        required.append(KERNEL_LIBRARY)
     problems = [
         f"{name} is not listed in the manifest, so nothing vouches for it"
         for name in required

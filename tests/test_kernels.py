@@ -57,7 +57,7 @@ def test_kernel_matches_the_eager_equations(sizes):
     worst = 0.0
     with torch.inference_mode():
         for seq in (1, 2, 17):
-            for batch in (1, 2, 3, 5):
+            for batch in (1, 2, 3, 4, 5):
                 x = torch.randn(seq, batch, sizes[0])
                 state = (torch.randn(layers, batch, hidden), torch.randn(layers, batch, hidden))
                 for given in (None, state):
@@ -69,17 +69,36 @@ def test_kernel_matches_the_eager_equations(sizes):
     assert worst <= TOLERANCE
 
 
-def test_kernel_carries_state_across_chunks_like_one_run():
-    model = _with_random_norms(LSTMConfig(6, 16, 2, True), seed=3)
+@pytest.mark.parametrize("hidden", [8, 13, 16])
+def test_kernel_carries_state_across_chunks_like_one_run(hidden):
+    model = _with_random_norms(LSTMConfig(6, hidden, 2, True), seed=hidden)
     fused = script(KernelLSTM(model))
     x = torch.randn(23, 3, 6)
     with torch.inference_mode():
         whole, (h_whole, c_whole) = model(x)
-        first, state = fused(x[:9])
-        second, (h, c) = fused(x[9:], state)
-    assert torch.allclose(torch.cat([first, second]), whole, atol=TOLERANCE, rtol=0)
+        first, state = fused(x[:9])  # 9 steps: the packed-panel route; 1 and 13: dot products
+        second, state = fused(x[9:10], state)
+        third, (h, c) = fused(x[10:], state)
+    assert torch.allclose(torch.cat([first, second, third]), whole, atol=TOLERANCE, rtol=0)
     assert torch.allclose(h, h_whole, atol=TOLERANCE, rtol=0)
     assert torch.allclose(c, c_whole, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("hidden", [8, 13])
+def test_nan_and_inf_propagate_as_in_eager(hidden):
+    """Bad numbers must not come out looking like good ones (the vector exp once clamped NaN)."""
+    model = _with_random_norms(LSTMConfig(4, hidden, 2, True), seed=2)
+    fused = script(KernelLSTM(model))
+    x = torch.randn(12, 4, 4)
+    x[3, 0, 1] = float("nan")
+    x[7, 2, 0] = float("inf")
+    with torch.inference_mode():
+        outputs, expected = fused(x), model(x)
+    for got, want in zip((outputs[0], *outputs[1]), (expected[0], *expected[1]), strict=True):
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        assert torch.isnan(want).any() and not torch.isnan(want[:, 1]).any()
+        finite = ~torch.isnan(want)
+        assert torch.allclose(got[finite], want[finite], atol=TOLERANCE, rtol=0)
 
 
 def test_kernel_refuses_wrong_shapes_and_dtypes_with_the_expected_one():
@@ -94,6 +113,27 @@ def test_kernel_refuses_wrong_shapes_and_dtypes_with_the_expected_one():
         op(torch.zeros(3, 2, 30), h0, h0, w_h, *norms, 1e-5)
     y, h, c = op(x_proj, h0, h0, w_h, *norms, 1e-5)
     assert y.shape == (3, 2, 8) and h.shape == c.shape == (2, 8)
+    empty = torch.zeros(0)
+    with pytest.raises(RuntimeError, match="hidden size must be >= 1, got 0"):
+        op(
+            torch.zeros(3, 2, 0),
+            torch.zeros(2, 0),
+            torch.zeros(2, 0),
+            torch.zeros(0, 0),
+            empty,
+            empty,
+            empty,
+            empty,
+            1e-5,
+        )
+
+
+def test_backward_through_the_kernel_raises_rather_than_returning_nothing():
+    model = _with_random_norms(LSTMConfig(3, 8, 1, True), seed=4).train()
+    y, _ = KernelLSTM(model)(torch.randn(5, 2, 3))
+    assert y.requires_grad
+    with pytest.raises(RuntimeError, match="not implemented"):
+        y.sum().backward()
 
 
 def test_export_with_fused_kernel_writes_verified_artifacts(tmp_path):
@@ -108,18 +148,40 @@ def test_export_with_fused_kernel_writes_verified_artifacts(tmp_path):
     assert verify(folder).passed
 
 
-def test_verify_catches_a_changed_kernel_library_and_an_unlisted_fused_model(tmp_path):
+def test_verify_never_loads_the_folders_library_and_flags_it_when_changed(tmp_path):
     folder = export(small_model(True, 1), tmp_path / "m", fused_kernel=True).out_dir
-    library = folder / kernels.KERNEL_LIBRARY
-    library.write_bytes(library.read_bytes() + b"\0")
+    (folder / kernels.KERNEL_LIBRARY).write_bytes(b"not a shared library")
     report = verify(folder)
-    assert not report.passed
     assert any("lstm_export_kernels.so does not match" in p for p in report.problems)
+    # Had verify loaded the folder's copy, model.fused.pt could not have run at all.
+    fused_rows = [r for r in report.results if r.backend == FUSED_BACKEND]
+    assert fused_rows and all(r.passed for r in fused_rows)
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     del manifest["artifacts"][FUSED_TORCHSCRIPT_FILE]
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     report = verify(folder)
     assert any("model.fused.pt is not listed" in p for p in report.problems)
+
+
+def test_verify_flags_a_kernel_library_nobody_listed(tmp_path):
+    folder = export(small_model(True, 1), tmp_path / "m").out_dir
+    (folder / kernels.KERNEL_LIBRARY).write_bytes(b"planted")
+    report = verify(folder)
+    assert not report.passed
+    assert any("lstm_export_kernels.so is not listed" in p for p in report.problems)
+
+
+def test_verify_without_a_compiler_or_cache_still_checks_the_rest(tmp_path):
+    folder = export(small_model(True, 1), tmp_path / "m", fused_kernel=True).out_dir
+    env = {k: v for k, v in os.environ.items() if k != "CXX"}
+    env["PATH"] = os.path.dirname(sys.executable)
+    env[kernels.CACHE_ENV] = str(tmp_path / "empty-cache")
+    command = [sys.executable, "-m", "lstm_export.cli", "verify", str(folder), "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert any(p.startswith("model.fused.pt was not checked: ") for p in report["problems"])
+    assert {r["backend"] for r in report["results"]} >= {"torchscript", "onnxruntime"}
 
 
 def test_fused_kernel_is_refused_for_a_plain_model_and_nothing_is_written(tmp_path):
@@ -128,11 +190,59 @@ def test_fused_kernel_is_refused_for_a_plain_model_and_nothing_is_written(tmp_pa
     assert not (tmp_path / "m").exists()
 
 
-def test_a_missing_toolchain_is_one_clear_line(tmp_path, monkeypatch):
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty kernel cache and no library loaded by us yet: the next build compiles."""
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_loaded", None)
+    return tmp_path / "cache"
+
+
+def test_a_missing_compiler_is_one_clear_line(tmp_path, fresh_cache, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setenv("CXX", "c++")
-    with pytest.raises(UsageError, match=r"needs c\+\+ on PATH; found none"):
+    monkeypatch.setenv("CXX", "ccache g++")
+    with pytest.raises(UsageError, match=r"needs a C\+\+ compiler; 'ccache g\+\+' is not on PATH"):
         kernels.build_kernel()
+    assert not any(fresh_cache.rglob("*.so"))
+
+
+def test_a_failing_compiler_is_one_line_naming_its_error(tmp_path, fresh_cache, monkeypatch):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("int main( {\n")
+    monkeypatch.setattr(kernels, "SOURCE", broken)
+    with pytest.raises(UsageError, match=r"compiling the fused kernel failed: .*error: ") as info:
+        kernels.build_kernel()
+    assert "\n" not in str(info.value)
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(UsageError, match="the compiler exited with code 1"):
+        kernels.build_kernel()
+    assert not any(fresh_cache.rglob("*.so")) and not any(fresh_cache.rglob("*.partial"))
+
+
+def test_a_cache_that_is_a_file_is_one_clear_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "file"))
+    monkeypatch.setattr(kernels, "_loaded", None)
+    with pytest.raises(UsageError, match="cannot build the fused kernel in"):
+        kernels.build_kernel()
+
+
+def test_a_cached_kernel_needs_no_compiler():
+    """Only the first build needs g++: a deployment host may have none."""
+    code = "from lstm_export import kernels; print(kernels.build_kernel())"
+    env = {k: v for k, v in os.environ.items() if k != "CXX"}
+    env["PATH"] = os.path.dirname(sys.executable)  # no c++ there
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(kernels.build_kernel())
+
+
+def test_the_library_needs_libtorch_alone_not_torch_python():
+    dynamic = subprocess.run(
+        ["readelf", "-d", str(kernels.build_kernel())], capture_output=True, text=True, check=True
+    ).stdout
+    needed = [line.split("[")[1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
+    assert "libtorch_cpu.so" in needed and not any("python" in name for name in needed)
 
 
 _DEPLOYED = """

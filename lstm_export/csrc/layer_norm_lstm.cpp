@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,8 +36,10 @@ using at::Tensor;
 #ifdef LSTM_EXPORT_AVX2
 // exp of 8 floats: Cephes' polynomial (as in avx_mathfun), relative error about 1e-7.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-  x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
+  // The clamp's bound goes first: min/max return their second operand for a NaN, so
+  // NaN passes through (to NaN outputs, as eager PyTorch gives) instead of turning finite.
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
+  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
   __m256 n = _mm256_floor_ps(
       _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -251,6 +254,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_lstm_layer(
               "layer_norm_lstm_layer: x_proj must be [seq, batch, 4 * hidden], got ",
               x_proj.sizes());
   const int64_t seq = x_proj.size(0), batch = x_proj.size(1), hidden = x_proj.size(2) / 4;
+  TORCH_CHECK(hidden >= 1, "layer_norm_lstm_layer: hidden size must be >= 1, got 0");
   check(x_proj, "x_proj", {seq, batch, 4 * hidden});
   check(h0, "h0", {batch, hidden});
   check(c0, "c0", {batch, hidden});
@@ -315,4 +319,9 @@ TORCH_LIBRARY(lstm_export, m) {
 
 TORCH_LIBRARY_IMPL(lstm_export, CPU, m) {
   m.impl("layer_norm_lstm_layer", &layer_norm_lstm_layer);
+}
+
+// Inference only: backward through the op raises instead of silently returning nothing.
+TORCH_LIBRARY_IMPL(lstm_export, Autograd, m) {
+  m.impl("layer_norm_lstm_layer", torch::autograd::autogradNotImplementedFallback());
 }
