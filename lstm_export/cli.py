@@ -129,13 +129,13 @@ def export(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing folder.")] = False,
     fused_kernel: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--fused-kernel",
+            "--fused-kernel/--no-fused-kernel",
             help="LayerNorm models: also write model.fused.pt, which runs each layer in our "
             "C++ kernel, and lstm_export_kernels.so it needs (compiled on first use).",
         ),
-    ] = False,
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Export model.pt (TorchScript) and model.onnx, verify their parity, write a manifest.
@@ -179,7 +179,7 @@ def export(
             destination,
             name=name,
             force=force,
-            fused_kernel=fused_kernel,
+            fused_kernel=file_config.fused_kernel if fused_kernel is None else fused_kernel,
             progress=progress,
         )
     if as_json:

@@ -88,10 +88,12 @@ class ExportConfig:
     name: str | None = None
     checkpoint: Path | None = None
     out: Path | None = None
+    fused_kernel: bool = False
 
 
 def read_export_config(path: Path) -> ExportConfig:
-    """Read an export TOML file: top-level `name`, `checkpoint`, `out` and a `[model]` table.
+    """Read an export TOML file: top-level `name`, `checkpoint`, `out`, `fused_kernel` and a
+    `[model]` table.
 
     Relative paths are taken relative to the TOML file, so a config can sit beside
     its checkpoint.
@@ -104,7 +106,7 @@ def read_export_config(path: Path) -> ExportConfig:
         raise UsageError(f"cannot read config file {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
-    allowed = {"name", "checkpoint", "out", "model"}
+    allowed = {"name", "checkpoint", "out", "model", "fused_kernel"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(allowed)}")
@@ -114,6 +116,11 @@ def read_export_config(path: Path) -> ExportConfig:
     for key in ("name", "checkpoint", "out"):
         if key in data and not isinstance(data[key], str):
             raise UsageError(f"{path}: {key} must be a string, got {type(data[key]).__name__}")
+    fused_kernel = data.get("fused_kernel", False)
+    if not isinstance(fused_kernel, bool):
+        raise UsageError(
+            f"{path}: fused_kernel must be true or false, got {type(fused_kernel).__name__}"
+        )
     base = path.parent
     return ExportConfig(
         model=(
@@ -124,4 +131,5 @@ def read_export_config(path: Path) -> ExportConfig:
         name=data.get("name"),
         checkpoint=base / data["checkpoint"] if "checkpoint" in data else None,
         out=base / data["out"] if "out" in data else None,
+        fused_kernel=fused_kernel,
     )

@@ -509,6 +509,23 @@ def test_cli_flags_override_the_config_file(tmp_path, monkeypatch):
     assert manifest["config"] == LSTMConfig(4, 12, 1, True).to_dict()
 
 
+def test_config_file_asks_for_the_fused_kernel_and_a_flag_turns_it_off(tmp_path, monkeypatch):
+    _write_toml(
+        tmp_path / "export.toml",
+        "fused_kernel = true\n\n[model]\ninput_size = 4\nhidden_size = 8\nnum_layers = 1\n"
+        "layer_norm = true\n",
+    )
+    monkeypatch.chdir(tmp_path)
+    for extra, out in (((), "with"), (("--no-fused-kernel",), "without")):
+        result = invoke("export", "--config", "export.toml", "--out", out, *extra)
+        assert result.exit_code == 0, (result.output, result.exception)
+    assert (
+        "model.fused.pt"
+        in json.loads((tmp_path / "with" / "manifest.json").read_text())["artifacts"]
+    )
+    assert not (tmp_path / "without" / "model.fused.pt").exists()
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -519,6 +536,7 @@ def test_cli_flags_override_the_config_file(tmp_path, monkeypatch):
         pytest.param("name = 3\n", "name", id="name-not-a-string"),
         pytest.param("model = 3\n", "[model] must be a table", id="model-not-a-table"),
         pytest.param("[model\n", "TOML", id="invalid-toml"),
+        pytest.param('fused_kernel = "yes"\n', "fused_kernel must be true or false", id="fused"),
     ],
 )
 def test_bad_config_files_are_refused(tmp_path, monkeypatch, call_main, text, expected):

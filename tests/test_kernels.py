@@ -188,6 +188,13 @@ def test_fused_kernel_is_refused_for_a_plain_model_and_nothing_is_written(tmp_pa
     with pytest.raises(UsageError, match="the fused kernel is for layer_norm=True models"):
         export(small_model(False, 1), tmp_path / "m", fused_kernel=True)
     assert not (tmp_path / "m").exists()
+    command = [sys.executable, "-m", "lstm_export.cli", "export", "--no-layer-norm"]
+    command += ["--fused-kernel", "--out", str(tmp_path / "m")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "the fused kernel is for layer_norm=True models" in lines[0]
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.fixture
