@@ -175,8 +175,8 @@ std::string first_sentence(const std::string& text) {
 }
 
 // model.fused.pt (export --fused-kernel) calls lstm_export::layer_norm_lstm_layer, which
-// lstm_export_kernels.so registers with libtorch when it is loaded. Loading it with
-// dlopen is all it takes; linking it (with --no-as-needed) works as well.
+// lstm_export_kernels.so registers with libtorch when it is loaded: a dlopen before
+// torch::jit::load is all it takes.
 void load_kernels(const std::string& path) {
   if (path.empty()) return;
   if (dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
