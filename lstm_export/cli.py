@@ -108,7 +108,8 @@ def _resolve_model(
 @app.command()
 def export(
     config: Annotated[
-        Path | None, typer.Option("--config", help="TOML: name, checkpoint, out, model table.")
+        Path | None,
+        typer.Option("--config", help="TOML: name, checkpoint, out, fused_kernel, model table."),
     ] = None,
     checkpoint: Annotated[
         Path | None,

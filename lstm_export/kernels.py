@@ -14,18 +14,20 @@ the packaged source, never one found in an export folder: that copy is for deplo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 import torch
 
 from lstm_export.errors import UsageError
-from lstm_export.files import locked_folder
+from lstm_export.files import locked_folder, sha256
 
 KERNEL_LIBRARY = "lstm_export_kernels.so"
 OP_NAME = "lstm_export::layer_norm_lstm_layer"
@@ -48,71 +50,19 @@ def compile_flags() -> list[str]:
     return flags
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lstm-export" / "kernels"
-    key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
-    key.update(torch.__version__.encode())
-    key.update(" ".join([_compiler(), *compile_flags()]).encode())
-    return Path(root) / key.hexdigest()[:16]
+def _command(output: Path) -> list[str]:
+    """The whole g++ call: one source, --as-needed, and never libtorch_python.
 
-
-def _compiler() -> str:
-    return os.environ.get("CXX", "c++")
-
-
-_loaded: Path | None = None
-
-
-def kernel_loaded() -> bool:
-    """Whether this process has the op registered (by `build_kernel`, or by hand)."""
-    namespace, name = OP_NAME.split("::")
-    return hasattr(getattr(torch.ops, namespace), name)
-
-
-def build_kernel() -> Path:
-    """Load the kernel library from the cache, compiling it first if needed; return its path.
-
-    Raises `UsageError` with one line when the compiler is missing or the build fails.
-    """
-    global _loaded
-    if _loaded is not None:
-        return _loaded
-    build_dir = _cache_dir()
-    library = build_dir / KERNEL_LIBRARY
-    try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        with locked_folder(build_dir):
-            if not library.is_file():
-                _compile(library)
-    except OSError as exc:
-        raise UsageError(f"cannot build the fused kernel in {build_dir}: {exc}") from None
-    try:
-        torch.ops.load_library(str(library))
-    except (OSError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot load the fused kernel {library}: {first}") from None
-    _loaded = library
-    return library
-
-
-def _compile(library: Path) -> None:
-    """One g++ call against the installed torch; the library appears whole or not at all.
-
-    libc10/libtorch_cpu/libtorch are linked --as-needed, and libtorch_python never: the
-    library must load in a C++ program that has libtorch alone.
+    The library must load in a C++ program that has libtorch alone.
     """
     from torch.utils.cpp_extension import include_paths, library_paths
 
-    compiler = shlex.split(_compiler())
-    if not compiler or shutil.which(compiler[0]) is None:
-        raise UsageError(
-            f"the fused kernel is compiled on first use and needs a C++ compiler; "
-            f"{_compiler()!r} is not on PATH (apt-get install g++, or set CXX)"
-        )
+    try:
+        compiler = shlex.split(_compiler())
+    except ValueError as exc:
+        raise UsageError(f"CXX={_compiler()!r} is not a command line: {exc}") from None
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    partial = library.with_name(f".{library.name}.{os.getpid()}.partial")
-    command = [
+    return [
         *compiler,
         *compile_flags(),
         "-std=c++17",
@@ -122,21 +72,125 @@ def _compile(library: Path) -> None:
         *(f"-I{path}" for path in include_paths()),
         str(SOURCE),
         "-o",
-        str(partial),
+        str(output),
         *(f"-L{path}" for path in library_paths()),
         "-Wl,--as-needed",
         "-lc10",
         "-ltorch_cpu",
         "-ltorch",
     ]
+
+
+def _cache_dir() -> Path:
+    """One folder per source, torch version and compile command (all but the output)."""
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lstm-export" / "kernels"
+    key = hashlib.sha256()
     try:
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            why = _compiler_error(done.stderr, done.returncode)
+        key.update(SOURCE.read_bytes())
+    except OSError as exc:
+        raise UsageError(f"the fused kernel's source is missing from the package: {exc}") from None
+    key.update(torch.__version__.encode())
+    key.update("\0".join(_command(Path("OUT"))).encode())
+    return Path(root) / key.hexdigest()[:16]
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "c++")
+
+
+_loaded: Path | None = None
+STAMP = "sha256"
+
+
+def kernel_loaded() -> bool:
+    """Whether this process has the op registered (by `build_kernel`, or by hand)."""
+    namespace, name = OP_NAME.split("::")
+    return hasattr(getattr(torch.ops, namespace), name)
+
+
+def _intact(library: Path) -> bool:
+    """The cached library is the file `_compile` wrote (not truncated or replaced):
+    loading a damaged one can kill the process (SIGBUS) rather than raise."""
+    stamp = library.parent / STAMP
+    try:
+        return library.is_file() and stamp.read_text().strip() == sha256(library)
+    except OSError:
+        return False
+
+
+def build_kernel() -> Path:
+    """Load the kernel library from the cache, compiling it first if needed; return its path.
+
+    If the op is already registered in this process (by us, or by a hand-loaded copy of
+    the library), nothing is loaded again: torch aborts the process on a second
+    registration. Raises `UsageError` with one line when the compiler is missing, the
+    build fails or the library does not load.
+    """
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    build_dir = _cache_dir()
+    library = build_dir / KERNEL_LIBRARY
+    if not _intact(library):
+        try:
+            build_dir.mkdir(parents=True, exist_ok=True)
+            with locked_folder(build_dir):
+                if not _intact(library):  # another process may have built it meanwhile
+                    _compile(library)
+        except OSError as exc:
+            raise UsageError(f"cannot build the fused kernel in {build_dir}: {exc}") from None
+    if kernel_loaded():
+        return library
+    try:
+        torch.ops.load_library(str(library))
+    except (OSError, RuntimeError) as exc:
+        cause = exc.__cause__ or exc
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(exc).__name__
+        raise UsageError(
+            f"cannot load the fused kernel {library} ({first}); delete {build_dir} to rebuild it"
+        ) from None
+    if not kernel_loaded():
+        raise UsageError(f"{library} loaded but did not register {OP_NAME}")
+    _loaded = library
+    return library
+
+
+def _compile(library: Path) -> None:
+    """One g++ call against the installed torch; the library and its stamp appear whole."""
+    command = _command(library.with_name(f".{library.name}.{os.getpid()}.partial"))
+    partial = Path(command[command.index("-o") + 1])
+    if shutil.which(command[0]) is None:
+        raise UsageError(
+            f"the fused kernel is compiled on first use and needs a C++ compiler; "
+            f"{_compiler()!r} is not on PATH (apt-get install g++, or set CXX)"
+        )
+    try:
+        returncode, stderr = _run_in_own_group(command)
+        if returncode != 0:
+            why = _compiler_error(stderr, returncode)
             raise UsageError(f"compiling the fused kernel failed: {why}")
+        with open(partial, "rb") as written:
+            os.fsync(written.fileno())
+        (library.parent / STAMP).write_text(sha256(partial) + "\n")
         os.replace(partial, library)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _run_in_own_group(command: list[str]) -> tuple[int, str]:
+    """Run the compiler; if we are interrupted (Ctrl-C, SIGTERM), its whole process group
+    (g++ and the cc1plus/as it started) goes too."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    return process.returncode, stderr
 
 
 def _compiler_error(stderr: str, returncode: int) -> str:

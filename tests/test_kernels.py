@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -341,3 +342,49 @@ def test_inspect_lists_model_fused_pt_in_a_folder(tmp_path):
     folder = export(small_model(True, 1), tmp_path / "m", fused_kernel=True).out_dir
     files = inspect(folder)["files"]
     assert files[FUSED_TORCHSCRIPT_FILE]["config"] == files[TORCHSCRIPT_FILE]["config"]
+
+
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(fresh_cache):
+    """A truncated .so can kill the process when loaded (SIGBUS); the stamp catches it."""
+    library = kernels.build_kernel()  # compiles into the fresh cache (the op is loaded already)
+    intact = library.read_bytes()
+    library.write_bytes(intact[: len(intact) // 3])
+    assert kernels.build_kernel() == library
+    assert kernels._intact(library) and library.stat().st_size == len(intact)  # rebuilt
+
+
+def test_a_cached_library_loads_even_where_the_lock_cannot_be_taken():
+    """A read-only shared cache: loading needs no lock, only building does."""
+    code = """
+import shutil, sys
+from pathlib import Path
+from lstm_export import kernels
+cached = kernels.build_kernel.__globals__["_cache_dir"]()
+copy = Path(sys.argv[1]) / cached.name
+shutil.copytree(cached, copy)
+(copy / ".lock").unlink(missing_ok=True)
+(copy / ".lock").mkdir()  # flock on it would fail
+import os; os.environ[kernels.CACHE_ENV] = sys.argv[1]
+print(kernels.build_kernel())
+"""
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, "-c", code, tmp], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().startswith(tmp)
+
+
+def test_loading_the_folders_library_by_hand_then_exporting_does_not_abort(tmp_path):
+    """torch aborts on a second registration of the op; build_kernel must not cause one."""
+    folder = export(small_model(True, 1), tmp_path / "m", fused_kernel=True).out_dir
+    code = f"""
+import torch
+torch.ops.load_library({str(folder / kernels.KERNEL_LIBRARY)!r})
+from conftest import small_model
+from lstm_export.pipeline import export
+result = export(small_model(True, 1), {str(tmp_path / "again")!r}, fused_kernel=True)
+print(result.report.passed)
+"""
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
