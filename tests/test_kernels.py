@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -388,3 +391,49 @@ print(result.report.passed)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
+
+
+def _compilers_of_our_source() -> list[str]:
+    """cc1plus processes compiling the kernel's source (ours: nothing else compiles it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"cc1plus") and str(kernels.SOURCE).encode() in argv:
+            found.append(proc.name)
+    return found
+
+
+def test_sigterm_during_the_kernel_build_stops_the_compiler_and_leaves_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    env = {**os.environ, kernels.CACHE_ENV: str(cache)}
+    command = [sys.executable, "-m", "lstm_export.cli", "export", "--fused-kernel"]
+    # Output to a file, as on a terminal: an orphaned compiler writing to a closed pipe
+    # would die of SIGPIPE and hide the bug.
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*command, "--out", str(tmp_path / "m")], stdout=out, stderr=out, env=env
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not _compilers_of_our_source():
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "the kernel build never started"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 143, log.read_text()
+    assert "Traceback" not in log.read_text()
+    deadline = time.monotonic() + 0.5  # a killed compiler being reaped; an orphan lives on
+    while _compilers_of_our_source() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _compilers_of_our_source()
+    assert not (tmp_path / "m").exists()
+    assert not list(cache.rglob("*.so")) and not list(cache.rglob("*.partial"))
