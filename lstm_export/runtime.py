@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from lstm_export.artifacts import ONNX_FILE
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.files import artifact
 
-ONNX_FILE = "model.onnx"
 CONFIG_KEY = "lstm_export.config"
 LAYOUT_KEY = "lstm_export.layout"
 """metadata_props key marking a derived graph's axis layout; absent means time-major."""

@@ -55,6 +55,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE
 from lstm_export.errors import UsageError
 from lstm_export.files import sha256
 from lstm_export.runtime import OnnxLSTM, Stream
@@ -72,7 +73,6 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 else:
     HAVE_FRAMEWORK = True
 
-MANIFEST_FILE = "manifest.json"
 JSON = "application/json"
 MiB = 1024 * 1024
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -244,7 +244,7 @@ def describe_model(runtime: OnnxLSTM, limits: ServerLimits) -> dict[str, Any]:
     digest = sha256(path)
     manifest_path = path.parent / MANIFEST_FILE
     manifest = None
-    if path.name == "model.onnx" and manifest_path.is_file():
+    if path.name == ONNX_FILE and manifest_path.is_file():
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             artifacts = manifest["artifacts"]
