@@ -21,6 +21,8 @@ _EXPORTS = {
     "to_nn_lstm_state_dict": "lstm_export.checkpoints",
     "export": "lstm_export.pipeline",
     "verify": "lstm_export.verification",
+    "Tolerance": "lstm_export.parity",
+    "ParityReport": "lstm_export.parity",
     "inspect": "lstm_export.inspection",
     "OnnxLSTM": "lstm_export.runtime",
     "bench": "lstm_export.benchmark",

@@ -37,13 +37,13 @@ from lstm_export.cpp import built_binary, time_forward
 from lstm_export.errors import UsageError
 from lstm_export.kernels import build_kernel
 from lstm_export.model import LSTM
+from lstm_export.parity import eager_from_scripted
 from lstm_export.runtime import ONNX_FILE, OnnxLSTM
 from lstm_export.torchscript import load_torchscript, script
 from lstm_export.verification import (
     FUSED_BACKEND,
     FUSED_TORCHSCRIPT_FILE,
     TORCHSCRIPT_FILE,
-    eager_from_scripted,
 )
 
 DEFAULT_SHAPES = ((100, 1), (100, 16), (500, 4))

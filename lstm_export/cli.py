@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperArgument, TyperCommand
 
 from lstm_export import __version__
+from lstm_export.artifacts import ATOL, FACTOR
 from lstm_export.config import ExportConfig, LSTMConfig, read_export_config
 from lstm_export.errors import LSTMExportError, ParityError, UsageError
 
@@ -41,6 +43,28 @@ out = Console(soft_wrap=True)  # long paths stay whole when piped
 err = Console(stderr=True)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# The parity rule's two numbers, the same on every command that checks parity; the defaults
+# live in lstm_export.artifacts (None here: "not given", so a TOML value is not overridden).
+Atol = Annotated[
+    float | None,
+    typer.Option(
+        "--atol",
+        help=f"Parity: absolute error always allowed (default {ATOL:g}); see README 'Parity'.",
+    ),
+]
+Factor = Annotated[
+    float | None,
+    typer.Option(
+        "--factor",
+        help=f"Parity: allow this many times the case's float32 floor (default {FACTOR:g}).",
+    ),
+]
+
+
+def _tolerance(atol: float | None, factor: float | None) -> dict[str, float]:
+    """The parity keywords a library call takes, for the options that were given."""
+    return {k: v for k, v in (("atol", atol), ("factor", factor)) if v is not None}
 
 
 @contextmanager
@@ -109,7 +133,9 @@ def _resolve_model(
 def export(
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="TOML: name, checkpoint, out, fused_kernel, model table."),
+        typer.Option(
+            "--config", help="TOML: name, checkpoint, out, fused_kernel, [model], [parity]."
+        ),
     ] = None,
     checkpoint: Annotated[
         Path | None,
@@ -135,6 +161,15 @@ def export(
             "--fused-kernel/--no-fused-kernel",
             help="LayerNorm models: also write model.fused.pt, which runs each layer in our "
             "C++ kernel, and lstm_export_kernels.so it needs (compiled on first use).",
+        ),
+    ] = None,
+    atol: Atol = None,
+    factor: Factor = None,
+    keep_failed: Annotated[
+        Path | None,
+        typer.Option(
+            "--keep-failed",
+            help="If parity fails: write the artifacts and parity.json to this new folder.",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
@@ -164,6 +199,17 @@ def export(
     # Without a name the export is called after its folder, as the library's export() does.
     if name is None:
         name = destination.resolve().name or "default"
+    tolerance = {
+        **_tolerance(file_config.atol, file_config.factor),
+        **_tolerance(atol, factor),
+    }
+    from lstm_export.parity import Tolerance
+
+    Tolerance(**tolerance)  # a bad value is refused before any slow work
+    if keep_failed is not None:
+        from lstm_export.pipeline import check_keep_failed
+
+        check_keep_failed(keep_failed, destination)
 
     with _status("Loading torch"):
         from lstm_export.pipeline import export as run_export
@@ -175,14 +221,22 @@ def export(
             if status is not None:
                 status.update(message)
 
-        result = run_export(
-            model,
-            destination,
-            name=name,
-            force=force,
-            fused_kernel=file_config.fused_kernel if fused_kernel is None else fused_kernel,
-            progress=progress,
-        )
+        try:
+            result = run_export(
+                model,
+                destination,
+                name=name,
+                force=force,
+                fused_kernel=file_config.fused_kernel if fused_kernel is None else fused_kernel,
+                keep_failed=keep_failed,
+                progress=progress,
+                **tolerance,
+            )
+        except ParityError as exc:
+            if keep_failed is not None:
+                raise
+            hint = "; rerun with --keep-failed DIR to keep the artifacts and the whole report"
+            raise ParityError(f"{exc}{hint}", exc.report) from None
     if as_json:
         _print_json(result.manifest)
         return
@@ -195,46 +249,65 @@ def export(
     for artifact, entry in result.manifest["artifacts"].items():
         line = f"  {result.out_dir / artifact}  {entry['bytes']:,} bytes  ({entry['route']})"
         out.print(line, markup=False, highlight=False)
-    report = result.report
-    out.print(
-        f"[bold green]Parity passed[/]: {len(report.results)} checks, worst max abs error "
-        f"{report.worst:.2e} <= {report.tolerance:g}"
+    out.print(f"[bold green]Parity passed[/]: {escape(result.report.summary())}")
+    for note in result.report.notes():
+        err.print(f"[bold yellow]note[/]: {escape(note)}", highlight=False, soft_wrap=True)
+
+
+def _report_table(report: Any, every_case: bool) -> Table:
+    """Each backend's worst case (every case with `every_case`); fits 100 columns."""
+    from lstm_export.parity import RULE
+
+    which = "every case" if every_case else "each backend's worst case"
+    table = Table(
+        title=f"Parity vs eager float64, {which}\npass: {RULE}; {report.tolerance}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
     )
-
-
-def _report_table(report: Any) -> Table:
-    table = Table(title=f"Parity vs eager (tolerance {report.tolerance:g})")
-    for column in ("backend", "case", "y", "h", "c", "result"):
-        table.add_column(column, justify="right" if column in "yhc" else "left")
-    for result in report.results:
-        errors = result.max_abs_error
+    for column in ("backend", "case", "out", "error", "allowed", "floor", "result"):
+        numeric = column in ("error", "allowed", "floor")
+        table.add_column(column, justify="right" if numeric else "left", no_wrap=True)
+    rows = report.results if every_case else report.worst_by_backend()
+    for result in rows:
+        o = result.worst_output
         verdict = "[green]ok[/]" if result.passed else "[bold red]FAIL[/]"
-        table.add_row(result.backend, result.case, *(f"{errors[o]:.1e}" for o in "yhc"), verdict)
+        numbers = (f"{v[o]:.1e}" for v in (result.error, result.allowed, result.floor))
+        table.add_row(escape(result.backend), result.case, o, *numbers, verdict)
     return table
 
 
 @app.command()
 def verify(
     folder: Annotated[Path, typer.Argument(help="An export folder.")],
-    tolerance: Annotated[float, typer.Option(help="Max abs error allowed.")] = 1e-5,
+    atol: Atol = None,
+    factor: Factor = None,
+    every_case: Annotated[
+        bool, typer.Option("--all", help="One row per backend and case, not just the worst.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Re-run the parity matrix on an export folder; exit code 1 on any breach."""
     with _status("Verifying parity"):
         from lstm_export.verification import verify as run_verify
 
-        report = run_verify(folder, tolerance=tolerance)
+        report = run_verify(folder, **_tolerance(atol, factor))
     if as_json:
         _print_json(report.to_dict())
     else:
-        out.print(_report_table(report))
+        if not out.is_terminal and out.width < 100:  # rich pipes 80 columns; the table needs 100
+            out.width = 100
+        out.print(_report_table(report, every_case))
         for problem in report.problems:
             out.print(f"[bold red]problem[/]: {escape(problem)}")
-    if not report.passed:
-        failed = sum(not r.passed for r in report.results) + len(report.problems)
-        raise ParityError(f"parity failed: {failed} of the checks on {folder} did not pass")
+        for note in report.notes():
+            out.print(f"[bold yellow]note[/]: {escape(note)}")
+    report.raise_if_failed(
+        str(folder), f"run `lstm-export verify {folder} --json` for the whole table"
+    )
     if not as_json:
-        out.print(f"[bold green]Parity passed[/]: worst max abs error {report.worst:.2e}")
+        out.print(f"[bold green]Parity passed[/]: {escape(report.summary())}")
 
 
 @app.command()
@@ -281,13 +354,15 @@ def cpp_check(
     build_dir: Annotated[
         Path | None, typer.Option(help="Build folder; default ~/.cache/lstm-export/cpp-<torch>.")
     ] = None,
+    atol: Atol = None,
+    factor: Factor = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Build the libtorch C++ example once, run model.pt in C++ and compare with eager PyTorch."""
+    """Build the libtorch C++ example once, run model.pt in C++ and hold it to the parity rule."""
     with _status("Building the C++ example and comparing"):
         from lstm_export.cpp import cpp_check as run_cpp_check
 
-        report = run_cpp_check(folder, build_dir=build_dir)
+        report = run_cpp_check(folder, build_dir=build_dir, **_tolerance(atol, factor))
     if as_json:
         _print_json(report.to_dict())
     else:
@@ -306,6 +381,8 @@ def triton(
         bool, typer.Option("--expose-state", help="Also list hn/cn as outputs.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model.")] = False,
+    atol: Atol = None,
+    factor: Factor = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the validation summary.")] = False,
 ) -> None:
     """Write a Triton model repository (onnxruntime backend, sequence batcher keeping h/c).
@@ -323,6 +400,7 @@ def triton(
             max_batch_size=max_batch_size,
             force=force,
             expose_state=expose_state,
+            **_tolerance(atol, factor),
         )
         summary = validate_triton_repo(model_dir)
     if as_json:

@@ -7,6 +7,7 @@ any heavy work is needed.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -74,6 +75,18 @@ class LSTMConfig:
         return cls.from_dict(data, source)
 
 
+def finite_number(name: str, value: object) -> float:
+    """`value` as a float, refused unless it is a finite number >= 0 (not a bool, not NaN)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def _shorten(value: Any, limit: int = 60) -> str:
     """A value's repr cut to one short line, for error messages about untrusted input."""
     text = " ".join(repr(value).split())
@@ -89,11 +102,13 @@ class ExportConfig:
     checkpoint: Path | None = None
     out: Path | None = None
     fused_kernel: bool = False
+    atol: float | None = None
+    factor: float | None = None
 
 
 def read_export_config(path: Path) -> ExportConfig:
-    """Read an export TOML file: top-level `name`, `checkpoint`, `out`, `fused_kernel` and a
-    `[model]` table.
+    """Read an export TOML file: top-level `name`, `checkpoint`, `out`, `fused_kernel`, a
+    `[model]` table and a `[parity]` table (`atol`, `factor`).
 
     Relative paths are taken relative to the TOML file, so a config can sit beside
     its checkpoint.
@@ -106,7 +121,7 @@ def read_export_config(path: Path) -> ExportConfig:
         raise UsageError(f"cannot read config file {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
-    allowed = {"name", "checkpoint", "out", "model", "fused_kernel"}
+    allowed = {"name", "checkpoint", "out", "model", "fused_kernel", "parity"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(allowed)}")
@@ -121,6 +136,17 @@ def read_export_config(path: Path) -> ExportConfig:
         raise UsageError(
             f"{path}: fused_kernel must be true or false, got {type(fused_kernel).__name__}"
         )
+    parity = data.get("parity", {})
+    if not isinstance(parity, dict):
+        raise UsageError(f"{path}: [parity] must be a table, got {type(parity).__name__}")
+    unknown = sorted(set(parity) - {"atol", "factor"})
+    if unknown:
+        raise UsageError(f"{path}: unknown key(s) {unknown} in [parity]; expected atol, factor")
+    tolerance = {
+        key: finite_number(f"{path}: [parity] {key}", parity[key])
+        for key in ("atol", "factor")
+        if key in parity
+    }
     base = path.parent
     return ExportConfig(
         model=(
@@ -132,4 +158,5 @@ def read_export_config(path: Path) -> ExportConfig:
         checkpoint=base / data["checkpoint"] if "checkpoint" in data else None,
         out=base / data["out"] if "out" in data else None,
         fused_kernel=fused_kernel,
+        **tolerance,
     )

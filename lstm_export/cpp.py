@@ -19,24 +19,34 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE as FUSED_MODEL_FILE
+from lstm_export.artifacts import TORCHSCRIPT_FILE as MODEL_FILE
 from lstm_export.config import LSTMConfig
-from lstm_export.errors import LSTMExportError, ParityError, UsageError
+from lstm_export.errors import LSTMExportError, UsageError
 from lstm_export.files import artifact, locked_folder
+from lstm_export.parity import (
+    ATOL,
+    FACTOR,
+    Backend,
+    Case,
+    Outputs,
+    ParityReport,
+    Reference,
+    Tolerance,
+    check_parity,
+)
 
 SOURCE_ENV = "LSTM_EXPORT_CPP_SOURCE"
 """Environment variable: the `cpp/` folder to build (default: the one beside the package)."""
 BUILD_ENV = "LSTM_EXPORT_CPP_BUILD_DIR"
 """Environment variable: where to build (default: ~/.cache/lstm-export/cpp-<torch version>)."""
 BINARY_NAME = "lstm_run"
-TOLERANCE = 1e-5
-MODEL_FILE = "model.pt"
-FUSED_MODEL_FILE = "model.fused.pt"
 
 _SOURCE_SUFFIXES = (".txt", ".cpp", ".hpp", ".h")
 _STAMP_FILE = "lstm-export-build.json"
@@ -404,48 +414,58 @@ def _save(path: Path, value: Any, name: str) -> Path:
     return path
 
 
-@dataclass(frozen=True)
-class CppCase:
-    """One C++ run compared with eager PyTorch: max abs error on y, h and c."""
+def cpp_backend(name: str, binary: Path, model_pt: Path, kernels: Path | None = None) -> Backend:
+    """`lstm_run` on `model_pt` as a parity backend; streamed cases stream inside C++.
 
-    name: str
-    seq: int
-    batch: int
-    with_state: bool
-    chunk: int | None
-    errors: dict[str, float]
+    `lstm_run --chunk N` feeds N steps per forward call and carries (h, c) in C++, the
+    way a C++ program streams, so a case's chunks must all be N long but the last.
+    """
 
-    @property
-    def max_error(self) -> float:
-        return max(self.errors.values())
+    def whole(x: Array, state: State | None) -> Outputs:
+        y, (h, c) = run(binary, model_pt, x, state, kernels=kernels)
+        return y, h, c
+
+    def chunked(x: Array, state: State | None, chunks: tuple[int, ...]) -> Outputs:
+        size = chunks[0]
+        if any(c != size for c in chunks[:-1]) or chunks[-1] > size:
+            raise UsageError(f"lstm_run streams in chunks of one length, not {list(chunks)}")
+        y, (h, c) = run(binary, model_pt, x, state, size, kernels=kernels)
+        return y, h, c
+
+    return Backend(name, whole, chunked)
+
+
+CPP_BACKEND = "libtorch C++"
+FUSED_CPP_BACKEND = "libtorch C++ (fused kernel)"
+# Whole from zeros, from a given state, streamed 4 steps per call, and a single step:
+# each is a separate lstm_run process, so the C++ matrix is small.
+CPP_CASES = (
+    Case(9, 3, False),
+    Case(9, 3, True),
+    Case(9, 3, True, (4, 4, 1)),
+    Case(1, 1, False),
+)
 
 
 @dataclass
 class CppCheckReport:
-    """What `cpp_check` found; `passed` when C++ reads the right config and every error <= tol."""
+    """What `cpp_check` found: which binary ran what, and the parity engine's report."""
 
     model: Path
     binary: Path
     config: LSTMConfig
     cpp_config: LSTMConfig
-    tolerance: float
     build_seconds: float
-    cases: list[CppCase] = field(default_factory=list)
-
-    @property
-    def max_error(self) -> float:
-        return max((case.max_error for case in self.cases), default=float("nan"))
+    parity: ParityReport
 
     @property
     def passed(self) -> bool:
-        # `not (e > tol)` would let NaN through; `e <= tol` does not.
-        errors_ok = all(e <= self.tolerance for c in self.cases for e in c.errors.values())
-        return bool(self.cases) and errors_ok and self.cpp_config == self.config
+        return self.parity.passed
 
     def lines(self) -> list[str]:
-        """Human-readable summary, one line per case."""
+        """Human-readable summary: the build, the config C++ read, one line per C++ row."""
         out = [
-            f"C++ (libtorch) vs eager PyTorch for {self.model}",
+            f"C++ (libtorch) vs the eager model in float64 for {self.model}",
             f"binary {self.binary} (build step {self.build_seconds:.1f} s)",
             f"config read in C++: {self.cpp_config.to_json()}"
             + (
@@ -454,12 +474,11 @@ class CppCheckReport:
                 else f"  MISMATCH, expected {self.config.to_json()}"
             ),
         ]
-        for case in self.cases:
-            errs = "  ".join(f"{k}={v:.2e}" for k, v in case.errors.items())
-            verdict = "ok" if all(v <= self.tolerance for v in case.errors.values()) else "FAIL"
-            out.append(f"  {case.name:<44} max abs error {errs}  {verdict}")
+        for result in self.parity.results:
+            verdict = "ok" if result.passed else "FAIL"
+            out.append(f"  {verdict:<4} {result.line()}")
         verdict = "PASS" if self.passed else "FAIL"
-        out.append(f"{verdict}: max abs error {self.max_error:.2e} (tolerance {self.tolerance:g})")
+        out.append(f"{verdict}: {self.parity.summary()} ({self.parity.tolerance})")
         return out
 
     def __str__(self) -> str:
@@ -469,53 +488,17 @@ class CppCheckReport:
         return {
             "model": str(self.model),
             "binary": str(self.binary),
+            "build_seconds": self.build_seconds,
             "config": self.config.to_dict(),
             "cpp_config": self.cpp_config.to_dict(),
-            "tolerance": self.tolerance,
-            "max_error": self.max_error,
             "passed": self.passed,
-            "cases": [
-                {
-                    "name": c.name,
-                    "seq": c.seq,
-                    "batch": c.batch,
-                    "with_state": c.with_state,
-                    "chunk": c.chunk,
-                    "errors": c.errors,
-                }
-                for c in self.cases
-            ],
+            "parity": self.parity.to_dict(),
         }
 
     def raise_if_failed(self) -> CppCheckReport:
         """Raise ParityError (exit code 1) carrying this report when the check failed."""
-        if self.passed:
-            return self
-        if self.cpp_config != self.config:
-            message = (
-                f"C++ reads config {self.cpp_config.to_json()}, expected {self.config.to_json()}"
-            )
-        else:
-            message = (
-                f"C++ output differs from eager PyTorch: max abs error {self.max_error:.2e} "
-                f"> tolerance {self.tolerance:g}"
-            )
-        raise ParityError(message, report=self)
-
-
-# (name, seq, batch, with_state, chunk): whole, with state, streamed, a single step.
-_CASES: tuple[tuple[str, int, int, bool, int | None], ...] = (
-    ("whole, zero state", 9, 3, False, None),
-    ("whole, given state", 9, 3, True, None),
-    ("chunks of 4, given state", 9, 3, True, 4),
-    ("one step, batch 1", 1, 1, False, None),
-)
-
-
-def _max_abs(actual: Array, expected: Array) -> float:
-    if actual.shape != expected.shape:
-        return float("inf")
-    return float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
+        self.parity.raise_if_failed(f"C++ on {self.model}")
+        return self
 
 
 @contextlib.contextmanager
@@ -536,66 +519,40 @@ def cpp_check(
     *,
     build_dir: Path | None = None,
     seed: int = 0,
-    tolerance: float = TOLERANCE,
+    atol: float = ATOL,
+    factor: float = FACTOR,
 ) -> CppCheckReport:
     """Build `lstm_run`, run the exported model.pt (and model.fused.pt, if the folder has
-    one) in C++ and compare with eager PyTorch.
+    one) in C++ and hold it to the parity rule against the eager model in float64.
 
-    The eager reference is `lstm_export.model.LSTM` rebuilt from the config with the
-    scripted module's weights, so a pass means libtorch computes what the Python
-    source says, whole, from a given state and streamed in chunks.
+    The reference is `lstm_export.model.LSTM` rebuilt from the config with the scripted
+    module's weights, so a pass means libtorch computes what the Python source says,
+    whole, from a given state and streamed in chunks.
     """
-    import torch
-
-    from lstm_export.model import LSTM
     from lstm_export.torchscript import load_torchscript
 
+    tolerance = Tolerance(atol, factor)
     export_dir = Path(export_dir)
     if not export_dir.exists():
         raise UsageError(f"export folder {export_dir} does not exist")
     model_pt = artifact(export_dir, MODEL_FILE)
     scripted, config = load_torchscript(model_pt)
-    eager = LSTM(**config.to_dict()).eval()
-    try:
-        eager.load_state_dict(scripted.state_dict())
-    except RuntimeError as exc:
-        raise UsageError(f"{model_pt} does not hold lstm_export LSTM weights: {exc}") from None
+    reference = Reference.from_scripted(scripted, config)
 
     start = time.perf_counter()
     binary = build(build_dir)
     build_seconds = time.perf_counter() - start
-    report = CppCheckReport(
-        model=model_pt,
-        binary=binary,
-        config=config,
-        cpp_config=model_config(binary, model_pt),
-        tolerance=tolerance,
-        build_seconds=build_seconds,
-    )
-    models: list[tuple[str, Path, Path | None]] = [("", model_pt, None)]
+    cpp_config = model_config(binary, model_pt)
+    backends = [cpp_backend(CPP_BACKEND, binary, model_pt)]
     fused_pt = model_pt.parent / FUSED_MODEL_FILE
     if fused_pt.is_file():  # export --fused-kernel; run with our own build of its library
         from lstm_export.kernels import build_kernel
 
-        models.append((f"{FUSED_MODEL_FILE}: ", fused_pt, build_kernel()))
-    rng = np.random.default_rng(seed)
-    layers, hidden = config.num_layers, config.hidden_size
-    for name, seq, batch, with_state, chunk in _CASES:
-        x = rng.standard_normal((seq, batch, config.input_size), dtype=np.float32)
-        state = None
-        if with_state:
-            state = tuple(
-                rng.standard_normal((layers, batch, hidden), dtype=np.float32) for _ in range(2)
-            )
-        with torch.no_grad(), _one_torch_thread():
-            torch_state = None if state is None else tuple(map(torch.from_numpy, state))
-            y_ref, (h_ref, c_ref) = eager(torch.from_numpy(x), torch_state)
-        for prefix, model_file, kernels in models:
-            y, (h, c) = run(binary, model_file, x, state, chunk, kernels=kernels)
-            errors = {
-                "y": _max_abs(y, y_ref.numpy()),
-                "h": _max_abs(h, h_ref.numpy()),
-                "c": _max_abs(c, c_ref.numpy()),
-            }
-            report.cases.append(CppCase(prefix + name, seq, batch, with_state, chunk, errors))
-    return report
+        backends.append(cpp_backend(FUSED_CPP_BACKEND, binary, fused_pt, build_kernel()))
+    with _one_torch_thread():
+        parity = check_parity(reference, backends, CPP_CASES, tolerance, seed=seed)
+    if cpp_config != config:
+        parity.problems.append(
+            f"C++ reads config {cpp_config.to_json()}, expected {config.to_json()}"
+        )
+    return CppCheckReport(model_pt, binary, config, cpp_config, build_seconds, parity)

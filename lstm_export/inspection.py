@@ -6,10 +6,9 @@ import json
 import math
 from pathlib import Path
 
+from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
-from lstm_export.runtime import ONNX_FILE
-from lstm_export.verification import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, TORCHSCRIPT_FILE
 
 
 def inspect_torchscript(path: Path) -> dict:
@@ -71,7 +70,7 @@ def inspect_folder(path: Path) -> dict:
                 f"got {type(parity).__name__}"
             )
         info["manifest"]["parity"] = {
-            k: parity.get(k) for k in ("passed", "tolerance", "worst_max_abs_error")
+            k: parity.get(k) for k in ("passed", "reference", "tolerance", "worst_error")
         }
     readers = (
         (TORCHSCRIPT_FILE, inspect_torchscript),

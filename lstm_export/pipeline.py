@@ -18,22 +18,21 @@ from pathlib import Path
 import onnx
 
 from lstm_export import deploy, kernels, onnx_graph
+from lstm_export.artifacts import (
+    FUSED_TORCHSCRIPT_FILE,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    PARITY_REPORT_FILE,
+    TORCHSCRIPT_FILE,
+)
 from lstm_export.config import LSTMConfig
-from lstm_export.errors import ParityError, UsageError
+from lstm_export.errors import UsageError
 from lstm_export.files import sha256, staged_folder
 from lstm_export.model import LSTM
 from lstm_export.onnx_graph import OPSET, build_onnx
-from lstm_export.runtime import ONNX_FILE
+from lstm_export.parity import ATOL, FACTOR, ParityReport, Tolerance
 from lstm_export.torchscript import config_of, forward_signature, save_torchscript
-from lstm_export.verification import (
-    FUSED_TORCHSCRIPT_FILE,
-    MANIFEST_FILE,
-    TOLERANCE,
-    TORCHSCRIPT_FILE,
-    ParityReport,
-    check_tolerance,
-    verify_artifacts,
-)
+from lstm_export.verification import verify_artifacts
 
 MANIFEST_VERSION = 1
 Progress = Callable[[str], None]
@@ -153,6 +152,27 @@ def _check_float32(model: LSTM) -> None:
         raise UsageError(f"export needs a float32 model, got {got}; call model.float()")
 
 
+def check_keep_failed(keep_failed: Path | str, out_dir: Path) -> Path:
+    """Where a refused export's files may go: a new folder, not the destination itself."""
+    keep_failed = Path(keep_failed)
+    if keep_failed.exists() or keep_failed.is_symlink():
+        raise UsageError(f"{keep_failed} already exists; --keep-failed needs a new folder")
+    if keep_failed.absolute() == out_dir.absolute():
+        raise UsageError(
+            f"--keep-failed {keep_failed} is the export's destination; choose another folder"
+        )
+    return keep_failed
+
+
+def _keep(staging: Path, keep_failed: Path, report: ParityReport) -> None:
+    """Copy the artifacts that failed parity and the report into `keep_failed`, atomically."""
+    with staged_folder(keep_failed) as kept:
+        for path in staging.iterdir():
+            if path.is_file():
+                shutil.copyfile(path, kept / path.name)
+        _write_json(kept / PARITY_REPORT_FILE, report.to_dict())
+
+
 def export(
     model: LSTM,
     out_dir: Path | str,
@@ -160,28 +180,35 @@ def export(
     name: str | None = None,
     force: bool = False,
     opset: int = OPSET,
-    tolerance: float = TOLERANCE,
+    atol: float = ATOL,
+    factor: float = FACTOR,
     fused_kernel: bool = False,
+    keep_failed: Path | str | None = None,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Write model.pt, model.onnx and manifest.json into `out_dir`, verified.
 
+    Every artifact must agree with the eager model in float64 within
+    `max(atol, factor x float32 floor)` on the parity matrix (see `lstm_export.parity`).
     `fused_kernel` (LayerNorm models) adds `model.fused.pt`, which runs each layer in
     the fused kernel, and `lstm_export_kernels.so`, the library it needs, both verified.
 
     Raises `UsageError` if `out_dir` exists and `force` is False, if `model` is
-    not float32 (it is refused, not converted) or `tolerance` is not a finite
+    not float32 (it is refused, not converted) or `atol`/`factor` is not a finite
     number >= 0, and `ParityError` (with the report) if the backends disagree;
-    in every case nothing is written.
+    in every case nothing is written to `out_dir`. With `keep_failed`, a refused
+    export's artifacts and its parity report (`parity.json`) go to that new folder.
     """
     out_dir = Path(out_dir)
     step = progress or (lambda _message: None)
-    check_tolerance(tolerance)
+    tolerance = Tolerance(atol, factor)
     _check_float32(model)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} exists and is not a folder; choose another --out")
     if out_dir.exists() and not force:
         raise UsageError(f"{out_dir} already exists; pass --force to replace it")
+    if keep_failed is not None:
+        keep_failed = check_keep_failed(keep_failed, out_dir)
     model = model.eval()
     config = config_of(model)
     if fused_kernel and not config.layer_norm:
@@ -205,10 +232,12 @@ def export(
             staging / TORCHSCRIPT_FILE, staging / ONNX_FILE, tolerance, fused_path
         )
         if not report.passed:
-            raise ParityError(
-                f"parity failed (worst max abs error {report.worst:.3g} > {tolerance:g}); "
-                f"nothing written to {out_dir}",
-                report,
+            kept = ""
+            if keep_failed is not None:
+                _keep(staging, keep_failed, report)
+                kept = f"; the artifacts and {PARITY_REPORT_FILE} are in {keep_failed}"
+            report.raise_if_failed(
+                f"the export to {out_dir}", f"nothing written to {out_dir}{kept}"
             )
         schema = forward_signature(scripted)
         manifest = build_manifest(staging, config, onnx_model, schema, report, name or out_dir.name)

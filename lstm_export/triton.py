@@ -18,7 +18,9 @@ control inputs are needed: the zero initial state is the start.
 We cannot run a Triton server here. `validate_triton_repo` parses the config with the
 `ModelConfig` protobuf that `tritonclient` ships and checks it against the ONNX graph
 the way the onnxruntime backend does when it loads a model; the tests simulate what the
-sequence batcher does with the state. Nothing here imports torch.
+sequence batcher does with the state. Before writing, the batch-first graph goes through
+the parity engine against the export's eager model in float64 (`check_batch_first`); only
+that check imports torch, the rest of this module does not.
 """
 
 from __future__ import annotations
@@ -26,20 +28,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE
 from lstm_export.config import LSTMConfig
-from lstm_export.errors import ParityError, UsageError
+from lstm_export.errors import UsageError
 from lstm_export.files import sha256, staged_folder
-from lstm_export.runtime import CONFIG_KEY, LAYOUT_KEY, ONNX_FILE, TIME_MAJOR
-
-if TYPE_CHECKING:
-    from lstm_export.verification import Backend
+from lstm_export.parity import ATOL, FACTOR, Backend, ParityReport, Tolerance
+from lstm_export.runtime import CONFIG_KEY, LAYOUT_KEY, TIME_MAJOR
 
 BATCH_FIRST = "batch_first"
 CONFIG_FILE = "config.pbtxt"
@@ -48,7 +49,7 @@ BACKEND = "onnxruntime"
 PLATFORM = "onnxruntime_onnx"  # the legacy spelling of the same backend, accepted on reading
 TRITONCLIENT_REQUIREMENT = "tritonclient[grpc]>=2.68"
 MAX_IDLE_SECONDS = 5.0
-TOLERANCE = 1e-5
+BATCH_FIRST_BACKEND = "onnxruntime batch-first"
 
 INPUT = "x"
 OUTPUT = "y"
@@ -202,8 +203,10 @@ def _session(model: Path | str | onnx.ModelProto, source: str) -> ort.InferenceS
         raise UsageError(f"{source} is not a loadable ONNX model: {first}") from None
 
 
-def batch_first_backend(model: Path | str | onnx.ModelProto) -> Backend:
-    """A verification `Backend` over a batch-first graph: time-major numpy in and out.
+def batch_first_backend(
+    model: Path | str | onnx.ModelProto, name: str = BATCH_FIRST_BACKEND
+) -> Backend:
+    """A parity `Backend` over a batch-first graph: time-major numpy in and out.
 
     `model` is a batch-first ModelProto (`batch_first_onnx(...)`), a .onnx file, or a
     Triton model folder (`<repo>/<name>`, whose `1/model.onnx` is used). The inputs are
@@ -239,43 +242,37 @@ def batch_first_backend(model: Path | str | onnx.ModelProto) -> Backend:
                 np.ascontiguousarray(np.asarray(s, np.float32).transpose(1, 0, 2)) for s in state
             )
         y, hn, cn = session.run([OUTPUT, *_STATE_OUTPUTS], {INPUT: x, "h0": h0, "c0": c0})
-        return tuple(np.ascontiguousarray(t.transpose(1, 0, 2)) for t in (y, hn, cn))
+        y, hn, cn = (np.ascontiguousarray(t.transpose(1, 0, 2)) for t in (y, hn, cn))
+        return y, hn, cn
 
-    return run
+    return Backend(name, run)
 
 
-def _check_against_time_major(time_major: onnx.ModelProto, batch_first: onnx.ModelProto) -> float:
-    """Max abs difference between the two layouts on a few shapes; ParityError above TOLERANCE.
+def check_batch_first(
+    export_dir: Path,
+    time_major: onnx.ModelProto,
+    batch_first: onnx.ModelProto,
+    tolerance: Tolerance | None = None,
+) -> ParityReport:
+    """The batch-first graph on the parity matrix against the export's eager model in float64.
 
-    The time-major graph was verified against eager PyTorch at export (and its sha256
-    against the manifest), so agreeing with it carries that proof over.
+    The reference is rebuilt from the export's `model.pt`, so the graph Triton will serve
+    is held to the same rule as every other artifact. Raises ParityError (exit 1) naming
+    the worst case when it fails.
     """
-    config = _check_time_major(time_major, "the ONNX model")
-    reference = _session(time_major, "the time-major ONNX model")
-    candidate = batch_first_backend(batch_first)
-    rng = np.random.default_rng(0)
-    worst = 0.0
-    for seq, batch, with_state in ((1, 1, False), (17, 3, True), (5, 2, False)):
-        x = rng.standard_normal((seq, batch, config.input_size), dtype=np.float32)
-        shape = (config.num_layers, batch, config.hidden_size)
-        state = (
-            (rng.standard_normal(shape, dtype=np.float32), rng.standard_normal(shape, np.float32))
-            if with_state
-            else (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+    from lstm_export.parity import Reference, check_parity
+    from lstm_export.torchscript import load_torchscript
+
+    scripted, config = load_torchscript(export_dir / TORCHSCRIPT_FILE)
+    graph_config = _check_time_major(time_major, "the ONNX model")
+    if graph_config != config:
+        raise UsageError(
+            f"{export_dir / ONNX_FILE} holds config {graph_config.to_dict()}, but "
+            f"{TORCHSCRIPT_FILE} holds {config.to_dict()}; re-export the folder"
         )
-        expected = reference.run(
-            [OUTPUT, *_STATE_OUTPUTS], {INPUT: x, "h0": state[0], "c0": state[1]}
-        )
-        got = candidate(x, state if with_state else None)
-        for e, g in zip(expected, got, strict=True):
-            error = float(np.max(np.abs(e - g))) if e.shape == g.shape else float("inf")
-            if np.isnan(error) or error > worst:  # a NaN, once seen, stays the worst
-                worst = error
-    if not worst <= TOLERANCE:
-        raise ParityError(
-            f"the batch-first graph differs from model.onnx by {worst:.3g} > {TOLERANCE:g}"
-        )
-    return worst
+    reference = Reference.from_scripted(scripted, config)
+    report = check_parity(reference, [batch_first_backend(batch_first)], tolerance=tolerance)
+    return report.raise_if_failed(f"the batch-first graph of {export_dir / ONNX_FILE}")
 
 
 # ---------------------------------------------------------------------------
@@ -585,24 +582,29 @@ def validate_triton_repo(model_dir: Path | str) -> dict:
 
 
 def _read_export(export_dir: Path) -> tuple[onnx.ModelProto, dict]:
+    """The export's time-major graph and manifest; model.pt and model.onnx must match its hashes."""
     if not export_dir.is_dir():
         raise UsageError(f"expected an export folder, but {export_dir} is not a directory")
+    missing = [n for n in (TORCHSCRIPT_FILE, ONNX_FILE) if not (export_dir / n).is_file()]
+    if missing:  # model.pt holds the weights of the float64 reference
+        raise UsageError(f"export folder {export_dir} lacks {', '.join(missing)}")
     onnx_path = export_dir / ONNX_FILE
-    if not onnx_path.is_file():
-        raise UsageError(f"export folder {export_dir} lacks {ONNX_FILE}")
     manifest: dict = {}
-    manifest_path = export_dir / "manifest.json"
+    manifest_path = export_dir / MANIFEST_FILE
     if manifest_path.is_file():
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            recorded = manifest.get("artifacts", {}).get(ONNX_FILE, {}).get("sha256")
+            artifacts = manifest.get("artifacts", {})
+            names = (TORCHSCRIPT_FILE, ONNX_FILE)
+            recorded = {n: artifacts.get(n, {}).get("sha256") for n in names}
         except (ValueError, AttributeError, UnicodeDecodeError) as exc:
             raise UsageError(f"{manifest_path} is not a valid manifest: {exc}") from None
-        if recorded is not None and sha256(onnx_path) != recorded:
-            raise UsageError(
-                f"{onnx_path} does not match the manifest's sha256 (changed since export); "
-                "re-export it or run lstm-export verify"
-            )
+        for artifact_name, digest in recorded.items():
+            if digest is not None and sha256(export_dir / artifact_name) != digest:
+                raise UsageError(
+                    f"{export_dir / artifact_name} does not match the manifest's sha256 "
+                    "(changed since export); re-export it or run lstm-export verify"
+                )
     try:
         model = onnx.load(str(onnx_path))
     except Exception as exc:
@@ -621,17 +623,20 @@ def write_triton_repo(
     max_idle_seconds: float = MAX_IDLE_SECONDS,
     expose_state: bool = False,
     validate: bool = True,
+    atol: float = ATOL,
+    factor: float = FACTOR,
 ) -> Path:
     """Write `<repo>/<name>/config.pbtxt` and `<repo>/<name>/1/model.onnx` from an export.
 
     `name` defaults to the manifest's name (else the export folder's). The batch-first
-    graph is checked (onnx full_check, and against the export's model.onnx on a few
-    shapes), then the folder is built beside its destination, validated with
-    `validate_triton_repo` (needs tritonclient; `validate=False` skips that) and moved
-    into place, so a failure leaves nothing behind and an existing folder is replaced
-    only with `force`. Returns `<repo>/<name>`.
+    graph is checked (onnx full_check, and on the parity matrix against the export's
+    eager model in float64 within `max(atol, factor x float32 floor)`), then the folder
+    is built beside its destination, validated with `validate_triton_repo` (needs
+    tritonclient; `validate=False` skips that) and moved into place, so a failure leaves
+    nothing behind and an existing folder is replaced only with `force`. Returns `<repo>/<name>`.
     """
     export_dir, repo = Path(export_dir), Path(repo)
+    tolerance = Tolerance(atol, factor)
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
         raise UsageError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
     if max_batch_size < 1:
@@ -652,7 +657,7 @@ def write_triton_repo(
 
     batch_first = batch_first_onnx(time_major)
     onnx.checker.check_model(batch_first, full_check=True)
-    _check_against_time_major(time_major, batch_first)
+    check_batch_first(export_dir, time_major, batch_first, tolerance)
     text = config_pbtxt(
         batch_first,
         name,

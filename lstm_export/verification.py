@@ -1,183 +1,64 @@
-"""Parity: eager PyTorch vs TorchScript vs onnxruntime over a matrix of shapes.
+"""verify: prove an export folder's artifacts compute the model, with the parity engine.
 
-Every backend runs the same inputs; each output (y, h, c) is compared with the
-eager model's by max abs error. The matrix covers seq in {1, 2, 17, 128},
-batch in {1, 3}, with and without an initial state, plus streaming: a sequence
-fed in chunks with (h, c) carried between them must equal the whole run.
+The artifacts are loaded back from disk and run as backends of `lstm_export.parity`:
+TorchScript (`model.pt`, and `model.fused.pt` when there is one), onnxruntime on
+`model.onnx` (streamed through `OnnxLSTM.stream`, as users stream), and onnxruntime on the
+batch-first variant Triton serves. The reference is the eager model, rebuilt from
+`model.pt`'s weights, in float64. The manifest's hashes are checked too.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
-from lstm_export.config import LSTMConfig
+from lstm_export.artifacts import (
+    FUSED_TORCHSCRIPT_FILE,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+)
 from lstm_export.errors import UsageError
 from lstm_export.files import sha256
 from lstm_export.kernels import KERNEL_LIBRARY
-from lstm_export.model import LSTM
-from lstm_export.runtime import ONNX_FILE, OnnxLSTM
+from lstm_export.parity import (
+    ATOL,
+    FACTOR,
+    Backend,
+    Outputs,
+    ParityReport,
+    Reference,
+    State,
+    Tolerance,
+    check_parity,
+    torch_backend,
+)
+from lstm_export.runtime import OnnxLSTM
+from lstm_export.triton import BATCH_FIRST_BACKEND, batch_first_backend, batch_first_onnx
 
-TOLERANCE = 1e-5
-BATCH_FIRST_BACKEND = "onnxruntime batch-first"
-TORCHSCRIPT_FILE = "model.pt"
-FUSED_TORCHSCRIPT_FILE = "model.fused.pt"
 FUSED_BACKEND = "torchscript (fused kernel)"
-MANIFEST_FILE = "manifest.json"
-
-Array = np.ndarray
-Outputs = tuple[Array, Array, Array]
-# A backend: (x, state or None) -> (y, h, c), all float32 numpy arrays.
-Backend = Callable[[Array, "tuple[Array, Array] | None"], Outputs]
 
 
-@dataclass(frozen=True)
-class Case:
-    """One input shape; `chunks` makes it a streaming case (chunk lengths summing to seq)."""
+def onnx_backend(name: str, runtime: OnnxLSTM) -> Backend:
+    """`model.onnx` under onnxruntime; streamed cases go through `OnnxLSTM.stream`."""
 
-    seq: int
-    batch: int
-    initial_state: bool
-    chunks: tuple[int, ...] = ()
-
-    @property
-    def label(self) -> str:
-        state = "h0/c0" if self.initial_state else "zeros"
-        stream = f" chunks={'+'.join(map(str, self.chunks))}" if self.chunks else ""
-        return f"seq={self.seq} batch={self.batch} state={state}{stream}"
-
-
-def default_cases() -> list[Case]:
-    """The matrix: every seq x batch x state, plus streaming cases."""
-    cases = [
-        Case(seq, batch, state)
-        for seq in (1, 2, 17, 128)
-        for batch in (1, 3)
-        for state in (False, True)
-    ]
-    cases += [
-        Case(17, 3, False, (1, 7, 9)),
-        Case(17, 1, True, (5, 1, 11)),
-        Case(128, 3, True, (64, 1, 63)),
-    ]
-    return cases
-
-
-@dataclass
-class CaseResult:
-    backend: str
-    case: str
-    max_abs_error: dict[str, float]
-    passed: bool
-
-
-@dataclass
-class ParityReport:
-    """What `verify` found; `passed` is False on any breach of the tolerance or any problem."""
-
-    tolerance: float
-    results: list[CaseResult] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return not self.problems and bool(self.results) and all(r.passed for r in self.results)
-
-    @property
-    def worst(self) -> float:
-        return max((max(r.max_abs_error.values()) for r in self.results), default=float("nan"))
-
-    def to_dict(self) -> dict:
-        return {
-            "passed": self.passed,
-            "tolerance": self.tolerance,
-            "worst_max_abs_error": self.worst,
-            "problems": list(self.problems),
-            "results": [asdict(r) for r in self.results],
-        }
-
-
-def _inputs(config: LSTMConfig, case: Case, seed: int) -> tuple[Array, tuple[Array, Array] | None]:
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((case.seq, case.batch, config.input_size), dtype=np.float32)
-    if not case.initial_state:
-        return x, None
-    shape = (config.num_layers, case.batch, config.hidden_size)
-    h0 = 0.5 * rng.standard_normal(shape, dtype=np.float32)
-    c0 = rng.standard_normal(shape, dtype=np.float32)
-    return x, (h0, c0)
-
-
-def _run_chunked(backend: Backend, x: Array, state, chunks: tuple[int, ...]) -> Outputs:
-    ys, start = [], 0
-    for length in chunks:
-        y, h, c = backend(x[start : start + length], state)
-        ys.append(y)
-        state, start = (h, c), start + length
-    return np.concatenate(ys), state[0], state[1]
-
-
-def check_parity(
-    config: LSTMConfig,
-    reference: Backend,
-    backends: Mapping[str, Backend],
-    cases: list[Case] | None = None,
-    tolerance: float = TOLERANCE,
-) -> ParityReport:
-    """Compare each backend with `reference` on every case; streaming cases also check it."""
-    report = ParityReport(tolerance)
-    for index, case in enumerate(cases or default_cases()):
-        x, state = _inputs(config, case, seed=index)
-        expected = reference(x, state)
-        runs = dict(backends)
-        if case.chunks:  # the reference itself must stream correctly too
-            runs = {"eager": reference, **runs}
-        for name, backend in runs.items():
-            chunked = case.chunks
-            got = _run_chunked(backend, x, state, chunked) if chunked else backend(x, state)
-            errors = {
-                out: float(np.max(np.abs(g - e))) if g.shape == e.shape else float("inf")
-                for out, g, e in zip(("y", "h", "c"), got, expected, strict=True)
-            }
-            passed = all(err <= tolerance for err in errors.values())  # NaN fails too
-            report.results.append(CaseResult(name, case.label, errors, passed))
-    return report
-
-
-def torch_backend(module: torch.nn.Module) -> Backend:
-    """An eager or scripted model as a numpy backend."""
-
-    def run(x: Array, state: tuple[Array, Array] | None) -> Outputs:
-        with torch.inference_mode():
-            torch_state = None
-            if state is not None:
-                torch_state = (torch.from_numpy(state[0]), torch.from_numpy(state[1]))
-            y, (h, c) = module(torch.from_numpy(x), torch_state)
-        return y.numpy(), h.numpy(), c.numpy()
-
-    return run
-
-
-def onnx_backend(runtime: OnnxLSTM) -> Backend:
-    def run(x: Array, state: tuple[Array, Array] | None) -> Outputs:
+    def run(x: np.ndarray, state: State | None) -> Outputs:
         y, (h, c) = runtime.run(x, state)
         return y, h, c
 
-    return run
+    def run_chunks(x: np.ndarray, state: State | None, chunks: tuple[int, ...]) -> Outputs:
+        stream, ys, start = runtime.stream(state), [], 0
+        for length in chunks:
+            ys.append(stream.step(x[start : start + length]))
+            start += length
+        assert stream.state is not None
+        return np.concatenate(ys), *stream.state
 
-
-def eager_from_scripted(scripted: torch.jit.ScriptModule, config: LSTMConfig) -> LSTM:
-    """Rebuild the eager reference model from a scripted module's weights."""
-    model = LSTM(config.input_size, config.hidden_size, config.num_layers, config.layer_norm)
-    model.load_state_dict(scripted.state_dict())
-    return model.eval()
+    return Backend(name, run, run_chunks)
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -185,30 +66,17 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def check_tolerance(tolerance: object) -> float:
-    """Refuse a tolerance no comparison can honour: negative, NaN (every check fails) or inf."""
-    if (
-        isinstance(tolerance, bool)
-        or not isinstance(tolerance, int | float)
-        or not math.isfinite(tolerance)
-        or tolerance < 0
-    ):
-        raise UsageError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
-    return float(tolerance)
-
-
 def verify_artifacts(
     torchscript_path: Path,
     onnx_path: Path,
-    tolerance: float = TOLERANCE,
+    tolerance: Tolerance | None = None,
     fused_path: Path | None = None,
 ) -> ParityReport:
     """Parity of saved `model.pt`, `model.onnx` (and `model.fused.pt`, if given) with the
-    eager model on the .pt's weights."""
-    tolerance = check_tolerance(tolerance)
+    eager model on the .pt's weights, in float64."""
     from lstm_export.torchscript import load_torchscript
-    from lstm_export.triton import batch_first_backend, batch_first_onnx
 
+    tolerance = tolerance or Tolerance()
     scripted, config = load_torchscript(torchscript_path)
     runtime = OnnxLSTM(onnx_path)
     report = ParityReport(tolerance)
@@ -218,13 +86,12 @@ def verify_artifacts(
             f"{runtime.config.to_dict()}"
         )
         return report
-    eager = eager_from_scripted(scripted, config)
-    backends = {
-        "torchscript": torch_backend(scripted),
-        "onnxruntime": onnx_backend(runtime),
+    backends = [
+        torch_backend("torchscript", scripted),
+        onnx_backend("onnxruntime", runtime),
         # The batch-first variant Triton serves (lstm-export triton), derived from model.onnx.
-        BATCH_FIRST_BACKEND: batch_first_backend(batch_first_onnx(onnx.load(str(onnx_path)))),
-    }
+        batch_first_backend(batch_first_onnx(onnx.load(str(onnx_path))), BATCH_FIRST_BACKEND),
+    ]
     if fused_path is not None:
         try:
             fused, fused_config = load_torchscript(fused_path)
@@ -236,15 +103,17 @@ def verify_artifacts(
                     f"{fused_path.name} is not the model in {torchscript_path.name}"
                 )
                 return report
-            backends[FUSED_BACKEND] = torch_backend(fused)
-    checked = check_parity(config, torch_backend(eager), backends, tolerance=tolerance)
+            backends.append(torch_backend(FUSED_BACKEND, fused))
+    reference = Reference.from_scripted(scripted, config)
+    checked = check_parity(reference, backends, tolerance=tolerance)
     checked.problems[:0] = report.problems
     return checked
 
 
-def verify(out_dir: Path, tolerance: float = TOLERANCE) -> ParityReport:
-    """Check an export folder: artifacts match the manifest's sha256, and all backends agree."""
-    tolerance = check_tolerance(tolerance)
+def verify(out_dir: Path | str, *, atol: float = ATOL, factor: float = FACTOR) -> ParityReport:
+    """Check an export folder: artifacts match the manifest's sha256, and all backends agree
+    with the float64 reference within `max(atol, factor x float32 floor)`."""
+    tolerance = Tolerance(atol, factor)
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise UsageError(f"expected an export folder, but {out_dir} is not a directory")

@@ -68,6 +68,24 @@ def cpp_binary() -> Path:
         pytest.skip(f"C++ toolchain missing: {exc}")
 
 
+@pytest.fixture
+def call_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """Run `cli.main()` (the console-script entry) in-process: (exit code, stdout, stderr)."""
+    import sys
+
+    from lstm_export import cli
+
+    def run(*args: object) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["lstm-export", *map(str, args)])
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        captured = capsys.readouterr()
+        code = info.value.code
+        return (0 if code is None else code), captured.out, captured.err
+
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(1234)

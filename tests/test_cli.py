@@ -62,21 +62,6 @@ def invoke(*args: object):
     return CliRunner().invoke(cli.app, [str(a) for a in args])
 
 
-@pytest.fixture
-def call_main(monkeypatch, capsys):
-    """Run `cli.main()` (the console-script entry) in-process: (exit code, stdout, stderr)."""
-
-    def run(*args: object) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["lstm-export", *map(str, args)])
-        with pytest.raises(SystemExit) as info:
-            cli.main()
-        captured = capsys.readouterr()
-        code = info.value.code
-        return (0 if code is None else code), captured.out, captured.err
-
-    return run
-
-
 def assert_one_line_error(code: int, err: str, expected_code: int = 2) -> str:
     assert code == expected_code, err
     assert "Traceback" not in err
@@ -211,7 +196,8 @@ def test_export_json_manifest_and_parity_with_the_saved_weights(tmp_path, monkey
         assert entry["sha256"] == sha256(out / name)
         assert entry["bytes"] == (out / name).stat().st_size
     assert manifest["parity"]["passed"] is True
-    assert manifest["parity"]["worst_max_abs_error"] <= 1e-5
+    assert manifest["parity"]["tolerance"]["atol"] == 1e-5
+    assert 0 < manifest["parity"]["worst_error"] <= 1e-5
     backends = {r["backend"] for r in manifest["parity"]["results"]}
     assert {"torchscript", "onnxruntime"} <= backends
     assert manifest["signature"]["inputs"]["x"]["shape"] == ["seq", "batch", 4]
@@ -537,6 +523,11 @@ def test_config_file_asks_for_the_fused_kernel_and_a_flag_turns_it_off(tmp_path,
         pytest.param("model = 3\n", "[model] must be a table", id="model-not-a-table"),
         pytest.param("[model\n", "TOML", id="invalid-toml"),
         pytest.param('fused_kernel = "yes"\n', "fused_kernel must be true or false", id="fused"),
+        pytest.param("parity = 3\n", "[parity] must be a table", id="parity-not-a-table"),
+        pytest.param("[parity]\natl = 1e-4\n", "unknown key(s) ['atl'] in [parity]", id="typo"),
+        pytest.param("[parity]\natol = -1e-4\n", "atol must be a finite number >= 0", id="neg"),
+        pytest.param("[parity]\nfactor = nan\n", "factor must be a finite number >= 0", id="nan"),
+        pytest.param('[parity]\natol = "1e-4"\n', "atol must be a finite number", id="string"),
     ],
 )
 def test_bad_config_files_are_refused(tmp_path, monkeypatch, call_main, text, expected):
@@ -564,7 +555,98 @@ def test_config_model_table_must_fit_the_checkpoint(tmp_path, call_main):
     assert not (tmp_path / "out").exists()
 
 
+# --------------------------------------------------------------------------- parity options
+
+
+def test_config_file_sets_the_tolerance_and_flags_override_it(tmp_path, monkeypatch):
+    _write_toml(tmp_path / "export.toml", "[parity]\natol = 2e-5\nfactor = 6\n")
+    monkeypatch.chdir(tmp_path)
+    for extra, out, expected in (
+        ((), "file", (2e-5, 6.0)),
+        (("--atol", "3e-5"), "flag", (3e-5, 6.0)),
+        (("--factor", "5"), "both", (2e-5, 5.0)),
+    ):
+        result = invoke("export", *SMALL, "--config", "export.toml", "--out", out, *extra)
+        assert result.exit_code == 0, (result.output, result.exception)
+        recorded = json.loads((tmp_path / out / "manifest.json").read_text())["parity"]
+        assert (recorded["tolerance"]["atol"], recorded["tolerance"]["factor"]) == expected
+        assert all(r["allowed"]["y"] >= expected[0] for r in recorded["results"])
+
+
+@pytest.mark.parametrize("command", ["export", "verify", "cpp-check", "triton"])
+@pytest.mark.parametrize(("option", "value"), [("--atol", "-1"), ("--factor", "nan")])
+def test_every_parity_command_refuses_a_tolerance_it_cannot_honour(
+    tmp_path, call_main, small_export, command, option, value
+):
+    args = [*SMALL, "--out", tmp_path / "m"] if command == "export" else [small_export]
+    if command == "triton":
+        args += ["--repo", tmp_path / "repo"]
+    code, _, err = call_main(command, *args, option, value)
+    assert f"{option[2:]} must be a finite number >= 0, got" in assert_one_line_error(code, err)
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+def test_export_refused_by_parity_says_what_failed_in_one_line(tmp_path, call_main):
+    # atol 0 and factor 0 allow no error at all: even eager float32 fails, on every case.
+    code, _, err = call_main(
+        "export", *SMALL, "--out", tmp_path / "m", "--atol", "0", "--factor", "0"
+    )
+
+    line = assert_one_line_error(code, err, expected_code=1)
+    assert line.startswith(f"error: parity failed for the export to {tmp_path / 'm'}: ")
+    for part in ("checks failed; worst: ", ", case ", ", output ", "> allowed 0.00e+00"):
+        assert part in line, line
+    assert "(float32 floor " in line and "--keep-failed DIR" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_keep_failed_writes_artifacts_and_report(tmp_path, call_main):
+    kept = tmp_path / "failed"
+    code, _, err = call_main(
+        "export", *SMALL, "--out", tmp_path / "m", "--factor", "0", "--atol", "0",
+        "--keep-failed", kept,
+    )  # fmt: skip
+    line = assert_one_line_error(code, err, expected_code=1)
+    assert f"the artifacts and parity.json are in {kept}" in line
+    assert sorted(p.name for p in kept.iterdir()) == ["model.onnx", "model.pt", "parity.json"]
+    assert json.loads((kept / "parity.json").read_text())["passed"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failed"]
+    # Kept folders are never overwritten: a second refusal into it is refused up front.
+    code, _, err = call_main("export", *SMALL, "--out", tmp_path / "m", "--keep-failed", kept)
+    assert "--keep-failed needs a new folder" in assert_one_line_error(code, err)
+
+
 # --------------------------------------------------------------------------- verify
+
+
+def test_verify_table_shows_each_backends_worst_case_in_100_columns(small_export, call_main):
+    code, out, _ = call_main("verify", small_export)
+    assert code == 0
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 100, out
+    assert lines[1] == "pass: error <= max(atol, factor x floor); atol 1e-05, factor 8"
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["backend", "case"])
+    assert lines[header].split() == [
+        "backend",
+        "case",
+        "out",
+        "error",
+        "allowed",
+        "floor",
+        "result",
+    ]
+    rows = [line for line in lines[header + 2 :] if line.strip() and " ok" in line]
+    backends = ["eager", "torchscript", "onnxruntime", "onnxruntime batch-first"]
+    assert len(rows) == 4
+    assert [" ".join(r.split()[: len(b.split())]) for r, b in zip(rows, backends, strict=True)] == (
+        backends
+    )
+    assert lines[-1].startswith("Parity passed: 76 checks passed; closest: ")
+
+    code, out, _ = call_main("verify", small_export, "--all")
+    assert code == 0
+    assert sum(" ok" in line for line in out.splitlines()) == 76  # 19 cases x 4 backends
+    assert "each backend's worst case" not in out and "every case" in out
 
 
 def test_verify_passes_on_a_fresh_export(small_export):
@@ -882,14 +964,15 @@ def test_verify_refuses_artifact_names_outside_the_folder(
     assert hashed == []  # refused before reading anything
 
 
-@pytest.mark.parametrize("tolerance", ["-1", "nan", "inf", "-0.5"])
+@pytest.mark.parametrize("option", ["--atol", "--factor"])
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "-0.5"])
 def test_verify_refuses_a_tolerance_that_is_not_a_finite_number_at_least_0(
-    small_export, call_main, tolerance
+    small_export, call_main, option, value
 ):
-    code, _, err = call_main("verify", small_export, "--tolerance", tolerance)
+    code, _, err = call_main("verify", small_export, option, value)
 
     line = assert_one_line_error(code, err)
-    assert "tolerance must be a finite number >= 0" in line, line
+    assert f"{option[2:]} must be a finite number >= 0" in line, line
 
 
 # --------------------------------------------------------------------------- progress

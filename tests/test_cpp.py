@@ -406,10 +406,14 @@ def test_cpp_check_passes_on_an_export_folder(binary: Path, exported: Exported) 
     report = cpp.cpp_check(exported.model_pt.parent)
     assert report.binary == binary
     assert report.cpp_config == exported.config
-    assert len(report.cases) == 4
-    assert {case.chunk for case in report.cases} == {None, 4}
-    assert {case.with_state for case in report.cases} == {False, True}
-    assert all(0 <= e <= TOL for case in report.cases for e in case.errors.values())
+    rows = [r for r in report.parity.results if r.backend == cpp.CPP_BACKEND]
+    assert [r.case for r in rows] == [
+        "9x3 zeros",
+        "9x3 h0/c0",
+        "9x3 h0/c0 chunks 4+4+1",
+        "1x1 zeros",
+    ]
+    assert all(0 <= e <= TOL for r in rows for e in r.error.values())
     assert report.passed
     assert report.raise_if_failed() is report
     assert "PASS" in str(report)
@@ -428,9 +432,11 @@ def test_cpp_check_fails_when_outputs_differ(
     monkeypatch.setattr(cpp, "run", off_by_a_bit)
     report = cpp.cpp_check(model_pt.parent)
     assert not report.passed
-    assert all(case.errors["c"] > TOL for case in report.cases)
+    rows = [r for r in report.parity.results if r.backend == cpp.CPP_BACKEND]
+    assert len(rows) == 4 and all(r.error["c"] >= 1e-4 > r.allowed["c"] for r in rows)
+    assert all(r.passed for r in report.parity.results if r.backend == "eager")
     assert "FAIL" in str(report)
-    with pytest.raises(ParityError, match="max abs error"):
+    with pytest.raises(ParityError, match=r"libtorch C\+\+, case .*, output c: error 1\.0"):
         report.raise_if_failed()
 
 
@@ -502,6 +508,6 @@ def test_fused_model_without_its_library_says_what_to_load(binary: Path, fused) 
 def test_cpp_check_also_checks_model_fused_pt(binary: Path, fused) -> None:
     exported, _library = fused
     report = cpp.cpp_check(exported.model_pt.parent)
-    names = [case.name for case in report.cases]
-    assert len(names) == 8 and sum(n.startswith("model.fused.pt: ") for n in names) == 4
+    backends = [r.backend for r in report.parity.results]
+    assert backends.count(cpp.CPP_BACKEND) == backends.count(cpp.FUSED_CPP_BACKEND) == 4
     assert report.passed, str(report)

@@ -20,20 +20,16 @@ import torch
 
 from conftest import small_model
 from lstm_export import kernels
+from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, TORCHSCRIPT_FILE
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.deploy import KernelLSTM
 from lstm_export.errors import UsageError
+from lstm_export.parity import ATOL as TOLERANCE
+from lstm_export.parity import Case, Reference, check_parity, torch_backend
 from lstm_export.pipeline import export
 from lstm_export.torchscript import script
-from lstm_export.verification import (
-    FUSED_BACKEND,
-    FUSED_TORCHSCRIPT_FILE,
-    MANIFEST_FILE,
-    TOLERANCE,
-    TORCHSCRIPT_FILE,
-    verify,
-)
+from lstm_export.verification import FUSED_BACKEND, verify
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,22 +41,14 @@ def _kernel() -> None:
     "sizes", [(5, 13, 3), (3, 8, 1), (7, 1, 2), (4, 20, 1), (16, 36, 2)], ids=str
 )
 def test_kernel_matches_the_eager_equations(sizes):
+    """The parity engine's rule against the eager model in float64, batches 1 to 5 (the
+    dot-product route at 1, packed weight panels from 2), with and without a state."""
     model = build_model(LSTMConfig(*sizes, layer_norm=True), seed=sum(sizes))
     fused = script(KernelLSTM(model))
-    layers, hidden = sizes[2], sizes[1]
-    worst = 0.0
-    with torch.inference_mode():
-        for seq in (1, 2, 17):
-            for batch in (1, 2, 3, 4, 5):
-                x = torch.randn(seq, batch, sizes[0])
-                state = (torch.randn(layers, batch, hidden), torch.randn(layers, batch, hidden))
-                for given in (None, state):
-                    y_ref, (h_ref, c_ref) = model(x, given)
-                    y, (h, c) = fused(x, given)
-                    for got, want in ((y, y_ref), (h, h_ref), (c, c_ref)):
-                        assert got.shape == want.shape
-                        worst = max(worst, (got - want).abs().max().item())
-    assert worst <= TOLERANCE
+    cases = [Case(s, b, st) for s in (1, 2, 17) for b in (1, 2, 3, 4, 5) for st in (False, True)]
+    report = check_parity(Reference(model), [torch_backend("kernel", fused)], cases)
+    assert report.passed, report.summary()
+    assert sum(r.backend == "kernel" for r in report.results) == len(cases)
 
 
 @pytest.mark.parametrize("hidden", [8, 13, 16])

@@ -26,14 +26,15 @@ from conftest import small_model
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
+from lstm_export.parity import Case, Reference, check_parity, torch_backend
 from lstm_export.pipeline import export
 from lstm_export.triton import (
+    BATCH_FIRST_BACKEND,
     batch_first_backend,
     batch_first_onnx,
     validate_triton_repo,
     write_triton_repo,
 )
-from lstm_export.verification import Case, check_parity, torch_backend
 
 TOL = 1e-5
 INPUT, HIDDEN, LAYERS = 5, 8, 2
@@ -50,7 +51,7 @@ def served(request, tmp_path_factory):
 
 
 def _eager(model, x_tm: np.ndarray, state=None):
-    return torch_backend(model)(x_tm, state)
+    return torch_backend("eager", model)(x_tm, state)
 
 
 def _tm(array: np.ndarray) -> np.ndarray:
@@ -120,16 +121,16 @@ def test_batch_first_backend_matches_eager_on_the_matrix(served):
     cases = [Case(s, b, st) for s in (1, 2, 17) for b in (1, 3) for st in (False, True)]
     cases += [Case(17, 3, False, (1, 7, 9)), Case(17, 1, True, (5, 1, 11))]
     in_memory = batch_first_onnx(onnx.load(str(export_dir / "model.onnx")))
-    backends = {
-        "triton folder": batch_first_backend(model_dir),
-        "onnx file": batch_first_backend(model_dir / "1" / "model.onnx"),
-        "in memory": batch_first_backend(in_memory),
-    }
-    config = LSTMConfig(INPUT, HIDDEN, LAYERS, model.layer_norm)
-    report = check_parity(config, torch_backend(model), backends, cases)
-    assert report.passed, [r for r in report.results if not r.passed]
-    assert len(report.results) == 3 * len(cases) + 2  # + eager's own streaming runs
-    assert report.worst <= TOL
+    backends = [
+        batch_first_backend(model_dir),
+        batch_first_backend(model_dir / "1" / "model.onnx"),
+        batch_first_backend(in_memory),
+    ]
+    report = check_parity(Reference(model), backends, cases)
+    assert report.passed, report.summary()
+    assert len(report.results) == 4 * len(cases)  # + eager float32's own row per case
+    assert {r.backend for r in report.results} == {"eager", BATCH_FIRST_BACKEND}
+    assert report.worst_error <= TOL
 
 
 def test_batch_first_backend_refuses_a_time_major_graph(served):
@@ -152,14 +153,17 @@ def test_batch_first_onnx_refuses_foreign_and_already_batch_first_models(served)
 
 
 def test_self_check_catches_a_broken_batch_first_graph(served):
-    """write_triton_repo's comparison with model.onnx fails a graph that mixes up h0 and c0."""
+    """write_triton_repo's parity check fails a graph that mixes up h0 and c0."""
     _, export_dir, model_dir = served
     time_major = onnx.load(str(export_dir / "model.onnx"))
     broken = onnx.load(str(model_dir / "1" / "model.onnx"))
     first = {n.input[0]: n for n in broken.graph.node if n.op_type == "Transpose"}
     first["h0"].input[0], first["c0"].input[0] = "c0", "h0"
-    with pytest.raises(ParityError, match=r"differs from model.onnx"):
-        triton._check_against_time_major(time_major, broken)
+    with pytest.raises(ParityError, match=r"parity failed for the batch-first graph") as error:
+        triton.check_batch_first(export_dir, time_major, broken)
+    assert f"{BATCH_FIRST_BACKEND}, case " in str(error.value)
+    # The sound graph passes the same check.
+    assert triton.check_batch_first(export_dir, time_major, batch_first_onnx(time_major)).passed
 
 
 # --- what Triton's sequence batcher does with the implicit state ------------------------
@@ -528,7 +532,7 @@ def test_bad_input_is_one_clear_usage_error(served, tmp_path):
     repo = tmp_path / "repo"
     cases = [
         ((tmp_path / "missing", repo), {}, "is not a directory"),
-        ((tmp_path, repo), {}, "lacks model.onnx"),
+        ((tmp_path, repo), {}, "lacks model.pt, model.onnx"),
         ((export_dir, repo), {"max_batch_size": 0}, "max_batch_size must be >= 1"),
         ((export_dir, repo), {"max_batch_size": 2.5}, "max_batch_size must be an integer"),
         ((export_dir, repo, "../escape"), {}, "model name must be letters"),
@@ -568,12 +572,9 @@ def test_batch_first_graph_for_other_depths(layer_norm, num_layers):
     model = small_model(layer_norm, num_layers).eval()
     batch_first = batch_first_onnx(build_onnx(model))
     onnx.checker.check_model(batch_first, full_check=True)
-    config = LSTMConfig(INPUT, HIDDEN, num_layers, layer_norm)
     cases = [Case(17, 3, True), Case(2, 1, False), Case(9, 3, True, (4, 5))]
-    report = check_parity(
-        config, torch_backend(model), {"bf": batch_first_backend(batch_first)}, cases
-    )
-    assert report.passed, report.results
+    report = check_parity(Reference(model), [batch_first_backend(batch_first)], cases)
+    assert report.passed, report.summary()
 
 
 def test_cli_writes_a_validated_repo_and_refuses_to_overwrite(served, tmp_path):

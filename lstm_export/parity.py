@@ -1,0 +1,438 @@
+"""The parity engine: every float32 backend measured against the eager model in float64.
+
+One engine serves `export`, `verify`, `triton` and `cpp-check`. For each case (a seq x
+batch shape, with or without an initial state, whole or streamed in chunks) it runs:
+
+- the **reference**: the eager model in float64 (same weights, inputs cast up exactly);
+- the **float32 floor**: what eager float32 itself gets wrong against that reference on
+  this case. Float32 error varies a lot between equally valid roundings of one case (up to
+  15x on models whose recurrence amplifies rounding), so one run is not a measure: the floor
+  is the worst of `REALIZATIONS` runs, eager float32 on x and on copies of x moved by one
+  ulp per element, all in one batched call (rows of an LSTM never mix);
+- every **backend** (eager float32 itself, TorchScript, onnxruntime, C++, ...), whole or
+  chunk by chunk with (h, c) carried between calls.
+
+A backend passes an output (y, h or c) of a case when its max abs error against float64 is
+at most `max(atol, factor * floor)`: the float32 noise of this case, with a margin, or the
+absolute tolerance where that noise is tiny. The README's Parity section says why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lstm_export.artifacts import ATOL, FACTOR
+from lstm_export.config import LSTMConfig, finite_number
+from lstm_export.errors import ParityError, UsageError
+
+if TYPE_CHECKING:
+    from lstm_export.model import LSTM
+
+REALIZATIONS = 16
+NOISY_FLOOR = 1e-3
+"""A floor above this gets a note: the model itself amplifies float32 rounding that far."""
+OUTPUTS = ("y", "h", "c")
+RULE = "error <= max(atol, factor x floor)"
+
+Array = np.ndarray
+State = tuple[Array, Array]
+Outputs = tuple[Array, Array, Array]
+Run = Callable[[Array, "State | None"], Outputs]
+RunChunks = Callable[[Array, "State | None", "tuple[int, ...]"], Outputs]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The pass rule: error <= max(atol, factor x float32 floor), per case and output."""
+
+    atol: float = ATOL
+    factor: float = FACTOR
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "atol", finite_number("atol", self.atol))
+        object.__setattr__(self, "factor", finite_number("factor", self.factor))
+
+    def allowed(self, floor: float) -> float:
+        """What a backend may be off by on an output whose float32 floor is `floor`.
+
+        NaN when the floor is not finite: eager float32 itself overflowed where float64 did
+        not, so no float32 backend can be said to be right.
+        """
+        if not math.isfinite(floor):
+            return math.nan
+        return max(self.atol, self.factor * floor)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": RULE,
+            "atol": self.atol,
+            "factor": self.factor,
+            "realizations": REALIZATIONS,
+        }
+
+    def __str__(self) -> str:
+        return f"atol {self.atol:g}, factor {self.factor:g}"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input shape; `chunks` makes it a streaming case (chunk lengths summing to seq)."""
+
+    seq: int
+    batch: int
+    initial_state: bool
+    chunks: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """`seq x batch`, the state, and the chunks: short enough for a 100-column table."""
+        state = "h0/c0" if self.initial_state else "zeros"
+        stream = f" chunks {'+'.join(map(str, self.chunks))}" if self.chunks else ""
+        return f"{self.seq}x{self.batch} {state}{stream}"
+
+
+def default_cases() -> list[Case]:
+    """The matrix: every seq x batch x state, plus streaming cases."""
+    cases = [
+        Case(seq, batch, state)
+        for seq in (1, 2, 17, 128)
+        for batch in (1, 3)
+        for state in (False, True)
+    ]
+    cases += [
+        Case(17, 3, False, (1, 7, 9)),
+        Case(17, 1, True, (5, 1, 11)),
+        Case(128, 3, True, (64, 1, 63)),
+    ]
+    return cases
+
+
+def case_inputs(config: LSTMConfig, case: Case, seed: int) -> tuple[Array, State | None]:
+    """x [seq, batch, input] ~ N(0, 1), and (h0, c0) when the case has a state."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((case.seq, case.batch, config.input_size), dtype=np.float32)
+    if not case.initial_state:
+        return x, None
+    shape = (config.num_layers, case.batch, config.hidden_size)
+    h0 = 0.5 * rng.standard_normal(shape, dtype=np.float32)
+    c0 = rng.standard_normal(shape, dtype=np.float32)
+    return x, (h0, c0)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Something that runs the model: (x, state or None) -> (y, h, c), float32 numpy.
+
+    `run_chunks` streams a sequence its own way (a Stream object, a C++ loop); without it
+    the engine feeds the chunks one call each, carrying (h, c).
+    """
+
+    name: str
+    run: Run
+    run_chunks: RunChunks | None = None
+
+    def __call__(self, x: Array, state: State | None, chunks: tuple[int, ...] = ()) -> Outputs:
+        if not chunks:
+            return self.run(x, state)
+        if self.run_chunks is not None:
+            return self.run_chunks(x, state, chunks)
+        ys, start = [], 0
+        for length in chunks:
+            y, h, c = self.run(x[start : start + length], state)
+            ys.append(y)
+            state, start = (h, c), start + length
+        assert state is not None
+        return np.concatenate(ys), state[0], state[1]
+
+
+def torch_backend(name: str, module: Any) -> Backend:
+    """An eager or scripted model (float32) as a numpy backend."""
+    import torch
+
+    def run(x: Array, state: State | None) -> Outputs:
+        with torch.inference_mode():
+            given = None if state is None else tuple(map(torch.from_numpy, state))
+            y, (h, c) = module(torch.from_numpy(x), given)
+        return y.numpy(), h.numpy(), c.numpy()
+
+    return Backend(name, run)
+
+
+def eager_from_scripted(scripted: Any, config: LSTMConfig) -> LSTM:
+    """Rebuild the eager model from a scripted module's weights (it must hold ours)."""
+    from lstm_export.model import LSTM
+
+    model = LSTM(config.input_size, config.hidden_size, config.num_layers, config.layer_norm)
+    try:
+        model.load_state_dict(scripted.state_dict())
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UsageError(f"the TorchScript module holds no lstm-export weights: {first}") from None
+    return model.eval()
+
+
+def _one_ulp_away(x: Array, rng: np.random.Generator) -> Array:
+    """x with every element moved one float32 ulp up or down at random."""
+    up = rng.random(x.shape) < 0.5
+    return np.where(up, np.nextafter(x, np.inf), np.nextafter(x, -np.inf)).astype(np.float32)
+
+
+class Reference:
+    """The eager model in float64, and the float32 floor of each case from the float32 model.
+
+    `model` is the float32 eager `LSTM` (the user's model, or one rebuilt from an
+    artifact's weights); its float64 copy is the reference.
+    """
+
+    def __init__(self, model: LSTM, realizations: int = REALIZATIONS) -> None:
+        import copy
+
+        self.model = model.eval()
+        self.model64 = copy.deepcopy(self.model).double()
+        self.realizations = realizations
+        self.eager = torch_backend("eager", self.model)
+
+    @classmethod
+    def from_scripted(cls, scripted: Any, config: LSTMConfig) -> Reference:
+        """The reference for an artifact: the eager model rebuilt on a scripted module's weights."""
+        return cls(eager_from_scripted(scripted, config))
+
+    @property
+    def config(self) -> LSTMConfig:
+        from lstm_export.torchscript import config_of
+
+        return config_of(self.model)
+
+    def expected(self, x: Array, state: State | None) -> Outputs:
+        import torch
+
+        with torch.inference_mode():
+            given = None
+            if state is not None:
+                given = (torch.from_numpy(state[0]).double(), torch.from_numpy(state[1]).double())
+            y, (h, c) = self.model64(torch.from_numpy(x).double(), given)
+        return y.numpy(), h.numpy(), c.numpy()
+
+    def floor(
+        self, x: Array, state: State | None, expected: Outputs, eager: Outputs
+    ) -> list[float]:
+        """Per output, the worst float32 error over `eager` and the perturbed realizations."""
+        worst = max_abs_errors(eager, expected)
+        extra = self.realizations - 1
+        if extra < 1:
+            return worst
+        rng = np.random.default_rng(0)
+        batch = x.shape[1]
+        stacked_x = np.concatenate([_one_ulp_away(x, rng) for _ in range(extra)], axis=1)
+        stacked_state = None
+        if state is not None:
+            stacked_state = (np.tile(state[0], (1, extra, 1)), np.tile(state[1], (1, extra, 1)))
+        outputs = self.eager(stacked_x, stacked_state)
+        for r in range(extra):
+            rows = slice(r * batch, (r + 1) * batch)
+            errors = max_abs_errors(tuple(o[:, rows] for o in outputs), expected)
+            worst = [_worse(a, b) for a, b in zip(worst, errors, strict=True)]
+        return worst
+
+
+def _worse(a: float, b: float) -> float:
+    """The larger error, where NaN (a broken run) counts as the worst of all."""
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    return max(a, b)
+
+
+def max_abs_errors(got: Sequence[Array], expected: Sequence[Array]) -> list[float]:
+    """Max abs error per output, in float64; inf for a wrong shape, NaN for NaN anywhere."""
+    errors = []
+    for g, e in zip(got, expected, strict=True):
+        g = np.asarray(g)
+        if g.shape != e.shape:
+            errors.append(math.inf)
+        elif g.size == 0:
+            errors.append(0.0)
+        else:
+            errors.append(float(np.max(np.abs(g.astype(np.float64) - e))))
+    return errors
+
+
+@dataclass
+class CaseResult:
+    """One backend on one case: per output its error, the float32 floor and what was allowed."""
+
+    backend: str
+    case: str
+    error: dict[str, float]
+    floor: dict[str, float]
+    allowed: dict[str, float]
+
+    @property
+    def passed(self) -> bool:
+        return all(self.error[o] <= self.allowed[o] for o in OUTPUTS)  # NaN fails
+
+    @property
+    def worst_output(self) -> str:
+        """The output furthest over (or least under) what was allowed; a NaN one first."""
+
+        def score(output: str) -> float:
+            ratio = self.error[output] / self.allowed[output] if self.allowed[output] else math.inf
+            return math.inf if math.isnan(ratio) else ratio
+
+        return max(OUTPUTS, key=score)
+
+    @property
+    def ratio(self) -> float:
+        """error / allowed on the worst output: > 1 fails."""
+        output = self.worst_output
+        allowed = self.allowed[output]
+        if math.isnan(self.error[output]) or math.isnan(allowed):
+            return math.nan
+        return self.error[output] / allowed if allowed else math.inf
+
+    def line(self) -> str:
+        """One line naming the backend, case, output, error, allowance and floor."""
+        o = self.worst_output
+        sign = "<=" if self.passed else ">"
+        return (
+            f"{self.backend}, case {self.case}, output {o}: error {self.error[o]:.2e} {sign} "
+            f"allowed {self.allowed[o]:.2e} (float32 floor {self.floor[o]:.2e})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "case": self.case,
+            "error": self.error,
+            "floor": self.floor,
+            "allowed": self.allowed,
+            "passed": self.passed,
+        }
+
+
+@dataclass
+class ParityReport:
+    """What the engine found: one row per backend and case, plus problems found on the way.
+
+    `passed` is False on any row over its allowance and on any problem (a manifest that
+    does not vouch for a file, two artifacts of different models, ...).
+    """
+
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    results: list[CaseResult] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        """What passed but deserves a word: cases where float32 itself is far from float64."""
+        noisy: dict[str, float] = {}
+        for result in self.results:
+            worst = max(result.floor.values())
+            if worst > NOISY_FLOOR and worst > noisy.get(result.case, 0.0):
+                noisy[result.case] = worst
+        return [
+            f"case {case}: eager float32 itself is {floor:.1e} from float64; this model "
+            f"amplifies rounding, so float32 answers of this length are only that accurate"
+            for case, floor in noisy.items()
+        ]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and bool(self.results) and all(r.passed for r in self.results)
+
+    @property
+    def failures(self) -> list[CaseResult]:
+        return [r for r in self.results if not r.passed]
+
+    @property
+    def worst(self) -> CaseResult | None:
+        """The row closest to (or furthest past) its allowance; a NaN row first."""
+
+        return max(self.results, key=_ratio_key, default=None)
+
+    @property
+    def worst_error(self) -> float:
+        return max((max(r.error.values()) for r in self.results), default=math.nan)
+
+    def worst_by_backend(self) -> list[CaseResult]:
+        """Each backend's worst row, in the order the backends first appear."""
+        worst: dict[str, CaseResult] = {}
+        for result in self.results:
+            current = worst.get(result.backend)
+            if current is None or _ratio_key(result) > _ratio_key(current):
+                worst[result.backend] = result
+        return list(worst.values())
+
+    def summary(self) -> str:
+        """One line: the verdict and the row that decided it."""
+        if self.problems:
+            more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+            return f"{self.problems[0]}{more}"
+        worst = self.worst
+        if worst is None:
+            return "no parity check ran"
+        if self.passed:
+            o = worst.worst_output
+            return (
+                f"{len(self.results)} checks passed; closest: {worst.backend}, {worst.case}, "
+                f"{o}: {worst.error[o]:.1e} of {worst.allowed[o]:.1e} allowed"
+            )
+        failed = self.failures
+        return f"{len(failed)} of {len(self.results)} checks failed; worst: {worst.line()}"
+
+    def raise_if_failed(self, where: str, hint: str = "") -> ParityReport:
+        """ParityError (exit 1) with the summary, `where` it happened and a `hint`."""
+        if self.passed:
+            return self
+        message = f"parity failed for {where}: {self.summary()}"
+        raise ParityError(message + (f"; {hint}" if hint else ""), self)
+
+    def to_dict(self) -> dict[str, Any]:
+        worst = self.worst
+        return {
+            "passed": self.passed,
+            "reference": "eager model in float64",
+            "tolerance": self.tolerance.to_dict(),
+            "worst": None if worst is None else {**worst.to_dict(), "output": worst.worst_output},
+            "worst_error": self.worst_error,
+            "problems": list(self.problems),
+            "notes": self.notes(),
+            "results": [r.to_dict() for r in self.results],
+        }
+
+
+def _ratio_key(result: CaseResult) -> float:
+    return math.inf if math.isnan(result.ratio) else result.ratio
+
+
+def check_parity(
+    reference: Reference,
+    backends: Sequence[Backend],
+    cases: Sequence[Case] | None = None,
+    tolerance: Tolerance | None = None,
+    seed: int = 0,
+) -> ParityReport:
+    """Run every backend (and eager float32) on every case against the float64 reference.
+
+    Case k's inputs come from seed `seed + k`, so a report can be reproduced.
+    """
+    tolerance = tolerance or Tolerance()
+    report = ParityReport(tolerance)
+    config = reference.config
+    for index, case in enumerate(cases or default_cases()):
+        x, state = case_inputs(config, case, seed=seed + index)
+        expected = reference.expected(x, state)
+        eager = reference.eager(x, state)
+        floor = dict(zip(OUTPUTS, reference.floor(x, state, expected, eager), strict=True))
+        allowed = {o: tolerance.allowed(f) for o, f in floor.items()}
+        for backend in (reference.eager, *backends):
+            if backend is reference.eager and not case.chunks:
+                got = eager
+            else:
+                got = backend(x, state, case.chunks)
+            error = dict(zip(OUTPUTS, max_abs_errors(got, expected), strict=True))
+            report.results.append(CaseResult(backend.name, case.label, error, floor, allowed))
+    return report

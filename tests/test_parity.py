@@ -1,0 +1,239 @@
+"""The parity engine: its float64 reference, its float32 floor and its pass rule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import small_model
+from lstm_export.errors import ParityError, UsageError
+from lstm_export.parity import (
+    Backend,
+    Case,
+    CaseResult,
+    ParityReport,
+    Reference,
+    Tolerance,
+    case_inputs,
+    check_parity,
+    default_cases,
+    max_abs_errors,
+    torch_backend,
+)
+
+
+def equations(model, x: np.ndarray, state=None):
+    """The cell's equations written out in numpy float64, independent of the torch code."""
+
+    def layer_norm(z, norm):
+        if norm is None:
+            return z
+        mean = z.mean(-1, keepdims=True)
+        var = z.var(-1, keepdims=True)
+        weight = norm.weight.detach().double().numpy()
+        bias = norm.bias.detach().double().numpy()
+        return (z - mean) / np.sqrt(var + norm.eps) * weight + bias
+
+    def sigmoid(z):
+        return 1 / (1 + np.exp(-z))
+
+    layers, batch, hidden = model.num_layers, x.shape[1], model.hidden_size
+    h0 = np.zeros((layers, batch, hidden)) if state is None else state[0].astype(np.float64)
+    c0 = np.zeros((layers, batch, hidden)) if state is None else state[1].astype(np.float64)
+    inputs, hs, cs = x.astype(np.float64), [], []
+    for k, cell in enumerate(model.cells):
+        w_x = cell.input_lin.weight.detach().double().numpy()
+        w_h = cell.hidden_lin.weight.detach().double().numpy()
+        b = cell.hidden_lin.bias.detach().double().numpy()
+        norms = [n if model.layer_norm else None for n in cell.layer_norm]
+        norm_c = cell.layer_norm_c if model.layer_norm else None
+        h, c, ys = h0[k], c0[k], []
+        for x_t in inputs:
+            z = x_t @ w_x.T + h @ w_h.T + b
+            i, f, g, o = (
+                layer_norm(z[:, j * hidden : (j + 1) * hidden], norms[j]) for j in range(4)
+            )
+            c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+            h = sigmoid(o) * np.tanh(layer_norm(c, norm_c))
+            ys.append(h)
+        inputs = np.stack(ys)
+        hs.append(h)
+        cs.append(c)
+    return inputs, np.stack(hs), np.stack(cs)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+def test_the_float64_reference_is_the_equations(layer_norm):
+    model = small_model(layer_norm, 2)
+    reference = Reference(model)
+    for case in (Case(17, 3, True), Case(5, 1, False)):
+        x, state = case_inputs(reference.config, case, seed=3)
+        got = reference.expected(x, state)
+        assert all(a.dtype == np.float64 for a in got)
+        want = equations(model, x, state)
+        # float64 against float64: only the order of summation differs.
+        assert max(max_abs_errors(got, want)) < 1e-12
+
+
+def test_the_floor_is_what_eager_float32_gets_wrong_at_worst():
+    model = small_model(True, 2)
+    reference = Reference(model)
+    x, state = case_inputs(reference.config, Case(128, 3, True), seed=1)
+    expected = reference.expected(x, state)
+    eager = reference.eager(x, state)
+    floor = reference.floor(x, state, expected, eager)
+    unperturbed = max_abs_errors(eager, expected)
+    # The worst of several realizations: never below the plain eager run's error, and
+    # above it on some output (one-ulp moves of x change float32's rounding).
+    assert all(f >= e > 0 for f, e in zip(floor, unperturbed, strict=True))
+    assert any(f > e for f, e in zip(floor, unperturbed, strict=True))
+    assert max(floor) < 1e-4  # float32 noise, not a different answer
+
+
+def test_one_realization_only_is_the_plain_eager_error():
+    model = small_model(True, 1)
+    reference = Reference(model, realizations=1)
+    x, state = case_inputs(reference.config, Case(17, 3, False), seed=1)
+    expected = reference.expected(x, state)
+    eager = reference.eager(x, state)
+    assert reference.floor(x, state, expected, eager) == max_abs_errors(eager, expected)
+
+
+def test_allowed_is_atol_or_factor_times_the_floor():
+    tolerance = Tolerance(atol=1e-5, factor=4)
+    assert tolerance.allowed(1e-7) == 1e-5  # tiny float32 noise: the absolute tolerance
+    assert tolerance.allowed(3e-6) == pytest.approx(1.2e-5)  # noisier case: 4 x its floor
+    assert math.isnan(tolerance.allowed(math.inf))  # float32 itself overflowed: nothing passes
+    assert math.isnan(tolerance.allowed(math.nan))
+    assert Tolerance(atol=0, factor=0).allowed(1e-3) == 0.0
+
+
+@pytest.mark.parametrize("name", ["atol", "factor"])
+@pytest.mark.parametrize("value", [-1, -1e-9, math.nan, math.inf, "1e-5", True, None])
+def test_a_tolerance_that_is_not_a_finite_number_at_least_0_is_refused(name, value):
+    with pytest.raises(UsageError, match=f"{name} must be a finite number >= 0"):
+        Tolerance(**{name: value})
+
+
+def _rows(report: ParityReport) -> dict[str, set[bool]]:
+    verdicts: dict[str, set[bool]] = {}
+    for r in report.results:
+        verdicts.setdefault(r.backend, set()).add(r.passed)
+    return verdicts
+
+
+def test_check_parity_flags_a_backend_just_over_its_allowance():
+    model = small_model(True, 1)
+    reference = Reference(model)
+    eager = torch_backend("eager", model)
+
+    def nudged(x, state):
+        y, h, c = eager.run(x, state)
+        return y + 2e-5, h, c  # twice atol; the small model's float32 floor is far below
+
+    def nan(x, state):
+        y, h, c = eager.run(x, state)
+        return y, h * np.nan, c
+
+    def wrong_shape(x, state):
+        y, h, c = eager.run(x, state)
+        return y[..., :-1], h, c
+
+    backends = [
+        Backend("nudged", nudged),
+        Backend("nan", nan),
+        Backend("wrong shape", wrong_shape),
+        torch_backend("same", model),
+    ]
+    report = check_parity(reference, backends)
+    assert _rows(report) == {
+        "eager": {True},
+        "same": {True},
+        "nudged": {False},
+        "nan": {False},
+        "wrong shape": {False},
+    }
+    assert not report.passed
+    assert len(report.results) == 5 * len(default_cases())
+    nudged_row = next(r for r in report.results if r.backend == "nudged")
+    assert nudged_row.worst_output == "y" and nudged_row.error["y"] >= 2e-5 - 1e-6
+    assert nudged_row.allowed["y"] == 1e-5
+
+
+def test_a_backend_that_drops_the_state_between_chunks_fails_only_the_stateful_cases():
+    model = small_model(False, 2)
+    eager = torch_backend("eager", model)
+
+    def forgetful(x, state):
+        return eager.run(x, None)  # every call starts from zeros
+
+    report = check_parity(Reference(model), [Backend("forgetful", forgetful)])
+    for row in (r for r in report.results if r.backend == "forgetful"):
+        case = next(c for c in default_cases() if c.label == row.case)
+        restarts = case.initial_state or len(case.chunks) > 1
+        assert row.passed is not restarts, row.line()
+
+
+def test_the_report_says_which_backend_case_and_output_failed():
+    report = ParityReport(Tolerance(1e-5, 4))
+    floor = {"y": 1e-6, "h": 3e-6, "c": 2e-6}
+    allowed = {o: Tolerance(1e-5, 4).allowed(f) for o, f in floor.items()}
+    report.results += [
+        CaseResult("eager", "17x3 h0/c0", {"y": 1e-6, "h": 3e-6, "c": 2e-6}, floor, allowed),
+        CaseResult("onnxruntime", "17x3 h0/c0", {"y": 1e-6, "h": 3e-4, "c": 2e-6}, floor, allowed),
+    ]
+    assert not report.passed and len(report.failures) == 1
+    line = report.summary()
+    assert line == (
+        "1 of 2 checks failed; worst: onnxruntime, case 17x3 h0/c0, output h: "
+        "error 3.00e-04 > allowed 1.20e-05 (float32 floor 3.00e-06)"
+    )
+    with pytest.raises(ParityError) as error:
+        report.raise_if_failed("models/m", "see the table")
+    assert str(error.value) == f"parity failed for models/m: {line}; see the table"
+    assert error.value.report is report
+    assert [r.backend for r in report.worst_by_backend()] == ["eager", "onnxruntime"]
+    recorded = report.to_dict()
+    assert recorded["passed"] is False and recorded["worst"]["output"] == "h"
+    assert recorded["tolerance"]["rule"] == "error <= max(atol, factor x floor)"
+
+
+def test_a_problem_fails_the_report_even_when_every_row_passes():
+    report = ParityReport()
+    report.results.append(CaseResult("eager", "1x1 zeros", *([{"y": 0, "h": 0, "c": 0}] * 3)))
+    assert report.passed
+    report.problems.append("model.onnx is listed in the manifest but missing")
+    assert not report.passed
+    assert report.summary() == "model.onnx is listed in the manifest but missing"
+
+
+def test_matrix_covers_the_required_shapes():
+    cases = default_cases()
+    whole = [c for c in cases if not c.chunks]
+    assert {c.seq for c in whole} >= {1, 2, 17} and max(c.seq for c in whole) >= 128
+    assert {c.batch for c in whole} >= {1} and max(c.batch for c in whole) > 1
+    assert {(c.seq, c.batch, c.initial_state) for c in whole} == {
+        (s, b, st) for s in {c.seq for c in whole} for b in (1, 3) for st in (False, True)
+    }
+    streams = [c for c in cases if c.chunks]
+    assert streams and all(sum(c.chunks) == c.seq and len(c.chunks) > 1 for c in streams)
+    assert {c.initial_state for c in streams} == {False, True}
+    assert len({c.label for c in cases}) == len(cases)
+
+
+def test_a_passing_report_notes_cases_where_float32_itself_is_far_from_float64():
+    report = ParityReport()
+    zero = {"y": 0.0, "h": 0.0, "c": 0.0}
+    noisy = {"y": 2e-3, "h": 1e-3, "c": 5e-4}
+    report.results += [
+        CaseResult("eager", "128x3 zeros", noisy, noisy, {o: 8e-3 for o in noisy}),
+        CaseResult("eager", "1x1 zeros", zero, zero, {o: 1e-5 for o in zero}),
+    ]
+    assert report.passed
+    assert report.notes() == [
+        "case 128x3 zeros: eager float32 itself is 2.0e-03 from float64; this model amplifies "
+        "rounding, so float32 answers of this length are only that accurate"
+    ]
+    assert report.to_dict()["notes"] == report.notes()
