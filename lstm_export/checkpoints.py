@@ -135,11 +135,21 @@ def infer_config(state: Mapping[str, Tensor], source: str = "checkpoint") -> LST
             f"{source}: cannot infer sizes: expected {first} of shape [4*hidden_size, input_size], "
             f"got {shown}; keys: {sorted(state)[:8]}"
         )
-    layers = {int(m.group(1)) for k in state if (m := re.match(rf"^{re.escape(prefix)}(\d+)", k))}
+    layers = sorted(
+        {int(m.group(1)) for k in state if (m := re.match(rf"^{re.escape(prefix)}(\d+)", k))}
+    )
+    # Checked before any model is built: one stray key cells.1000000.* must not make
+    # a million layers to find out that it does not fit.
+    if layers != list(range(len(layers))):
+        shown = ", ".join(map(str, layers[:6])) + (", ..." if len(layers) > 6 else "")
+        raise UsageError(
+            f"{source}: layer indices must run 0..{len(layers) - 1} without gaps "
+            f"({prefix}N), got {shown}"
+        )
     return LSTMConfig(
         input_size=int(weight.size(1)),
         hidden_size=int(weight.size(0)) // 4,
-        num_layers=max(layers) + 1,
+        num_layers=len(layers),
         layer_norm=layer_norm,
     )
 

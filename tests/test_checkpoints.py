@@ -251,6 +251,34 @@ def test_infer_config_needs_the_first_input_weight():
         infer_config({"cells.0.input_lin.weight": torch.zeros(30, 4)})  # 30 is not 4*H
 
 
+@pytest.mark.parametrize(
+    ("stray", "shown"),
+    [
+        ("cells.1000000.input_lin.weight", "0, 1000000"),
+        ("weight_hh_l999999", "0, 999999"),
+        ("cells.2.hidden_lin.bias", "0, 2"),
+    ],
+)
+def test_layer_indices_with_a_gap_are_refused_before_any_model_is_built(
+    tmp_path, monkeypatch, stray, shown
+):
+    """One stray key once built a million-layer model before the keys were checked."""
+    if stray.startswith("cells."):
+        state = LSTM(4, 8, 1).state_dict()
+    else:
+        state = nn.LSTM(4, 8, 1).state_dict()
+    state[stray] = torch.zeros(32, 8)
+    torch.save(state, tmp_path / "stray.pt")
+    built = []
+    monkeypatch.setattr(LSTM, "__init__", lambda *a, **k: built.append(a))
+    with pytest.raises(UsageError) as error:
+        load_checkpoint(tmp_path / "stray.pt")
+    assert built == []
+    message = str(error.value)
+    assert "layer indices must run 0.." in message and f"got {shown}" in message, message
+    assert len(message) < 300
+
+
 # --------------------------------------------------------------------------- safety
 
 
