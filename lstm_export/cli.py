@@ -374,7 +374,9 @@ def cpp_check(
 @app.command()
 def triton(
     folder: Annotated[Path, typer.Argument(help="An export folder.")],
-    repo: Annotated[Path, typer.Option(help="Triton model repository.")] = Path("models"),
+    repo: Annotated[
+        Path, typer.Option(help="Triton model repository (never an export folder).")
+    ] = Path("triton_models"),
     name: Annotated[str | None, typer.Option(help="Model name; default the manifest's.")] = None,
     max_batch_size: Annotated[int, typer.Option(help="Streams batched per execution.")] = 64,
     expose_state: Annotated[

@@ -613,6 +613,31 @@ def _read_export(export_dir: Path) -> tuple[onnx.ModelProto, dict]:
     return model, manifest
 
 
+def _holds_an_export(folder: Path) -> bool:
+    return any((folder / n).exists() for n in (MANIFEST_FILE, TORCHSCRIPT_FILE, ONNX_FILE))
+
+
+def _check_destination(export_dir: Path, repo: Path, final: Path, force: bool) -> None:
+    """Never write into an export folder, and replace only a Triton model folder (or an
+    empty one), and only with `force`: nothing else of the user's is ever deleted."""
+    for where in (final, repo):
+        if where.resolve() == export_dir.resolve() or _holds_an_export(where):
+            raise UsageError(
+                f"{where} is an lstm-export export folder; Triton models go in a repository "
+                "of their own (--repo, default triton_models)"
+            )
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise UsageError(f"{final} exists and is not a folder; choose another --repo or --name")
+    if final.exists():
+        if not force:
+            raise UsageError(f"{final} already exists; pass --force to replace it")
+        if any(final.iterdir()) and not (final / CONFIG_FILE).is_file():
+            raise UsageError(
+                f"{final} is not a Triton model folder (no {CONFIG_FILE}) and not empty; "
+                "--force replaces only those, so nothing of yours is deleted"
+            )
+
+
 def write_triton_repo(
     export_dir: Path | str,
     repo: Path | str,
@@ -650,8 +675,7 @@ def write_triton_repo(
     if not isinstance(name, str) or not name or name[0] in "._-" or set(name) - _NAME_CHARS:
         raise UsageError(f"the model name must be letters, digits, '.', '_' or '-', got {name!r}")
     final = repo / name
-    if final.exists() and not force:
-        raise UsageError(f"{final} already exists; pass --force to replace it")
+    _check_destination(export_dir, repo, final, force)
     if validate:
         _model_config_class()  # fail before any work if tritonclient is missing
 

@@ -8,11 +8,13 @@ every kind of tampering.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -591,3 +593,55 @@ def test_cli_writes_a_validated_repo_and_refuses_to_overwrite(served, tmp_path):
     assert again.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'repo' / 'lstm'} already exists; pass --force to replace it"
     ]
+
+
+# --- never into an export folder, never over the user's files (issue 11, item 1) ---------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_the_default_repo_is_a_folder_of_its_own_beside_the_exports(served, tmp_path, call_main):
+    _, export_dir, _ = served
+    models = tmp_path / "models"
+    shutil.copytree(export_dir, models / "default")
+    before = _snapshot(models)
+    with contextlib.chdir(tmp_path):
+        code, _, err = call_main("triton", "models/default")
+    assert code == 0, err
+    # Named after the manifest's name (the export was made as "speech").
+    assert (tmp_path / "triton_models" / "speech" / "config.pbtxt").is_file()
+    assert _snapshot(models) == before  # the exports are untouched
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_an_export_folder_is_never_written_into_even_with_force(served, tmp_path, call_main, force):
+    _, export_dir, _ = served
+    models = tmp_path / "models"
+    shutil.copytree(export_dir, models / "default")
+    before = _snapshot(models)
+    for repo, name in ((models, "default"), (models / "default", "inner")):
+        extra = ["--force"] if force else []
+        code, _, err = call_main(
+            "triton", models / "default", "--repo", repo, "--name", name, *extra
+        )
+        line = err.strip()
+        assert code == 2 and "is an lstm-export export folder" in line, err
+        assert "triton_models" in line and len(line.splitlines()) == 1
+    assert _snapshot(models) == before
+
+
+def test_force_replaces_a_triton_model_folder_but_not_someone_elses(served, tmp_path):
+    _, export_dir, _ = served
+    repo = tmp_path / "repo"
+    write_triton_repo(export_dir, repo, "lstm")
+    assert write_triton_repo(export_dir, repo, "lstm", force=True) == repo / "lstm"
+    foreign = repo / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    with pytest.raises(UsageError, match=r"not a Triton model folder .* nothing of yours"):
+        write_triton_repo(export_dir, repo, "notes", force=True)
+    assert (foreign / "todo.txt").read_text() == "mine"
+    (repo / "empty").mkdir()
+    assert write_triton_repo(export_dir, repo, "empty", force=True) == repo / "empty"
