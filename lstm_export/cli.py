@@ -639,9 +639,18 @@ for _info in app.registered_commands:  # every command, without touching each de
         _info.cls = _Command
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped (`\\x1b`), as Python writes them in a repr.
+
+    Error lines quote checkpoint keys, manifest entries and paths: text from files, which
+    must not recolour or rewrite the user's terminal.
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _fail(message: str, code: int) -> NoReturn:
     """One line on stderr and the exit code: the whole error report, no traceback, no box."""
-    line = " ".join(message.split())
+    line = printable(" ".join(message.split()))
     err.print(f"[bold red]error[/]: {escape(line)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 

@@ -999,3 +999,18 @@ def test_export_shows_its_steps_on_a_terminal_and_nothing_when_piped(
     code, _, _ = call_main("export", "--out", tmp_path / "piped", "--hidden-size", "8")
     assert code == 0
     assert piped.getvalue() == ""  # CI logs stay free of spinner frames
+
+
+def test_text_from_a_checkpoint_is_printed_with_control_characters_escaped(tmp_path, call_main):
+    """A key holding ANSI escapes must not recolour the terminal (issue 11)."""
+    state = LSTM(4, 8, 1).state_dict()
+    state["cells.0.\x1b[31mred\x1b[0m"] = torch.zeros(1)
+    torch.save(state, tmp_path / "ansi.pt")
+
+    code, _, err = call_main(
+        "export", "--checkpoint", tmp_path / "ansi.pt", "--out", tmp_path / "m"
+    )
+
+    line = assert_one_line_error(code, err)
+    assert "\x1b" not in err and "cells.0.\\x1b[31mred\\x1b[0m" in line, line
+    assert not (tmp_path / "m").exists()
