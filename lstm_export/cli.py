@@ -94,7 +94,7 @@ def _status(message: str) -> AbstractContextManager:
 
 
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def _version(value: bool) -> None:
@@ -303,8 +303,9 @@ def verify(
             out.print(f"[bold red]problem[/]: {escape(problem)}")
         for note in report.notes():
             out.print(f"[bold yellow]note[/]: {escape(note)}")
+    given = "".join(f" --{k} {v:g}" for k, v in _tolerance(atol, factor).items())
     report.raise_if_failed(
-        str(folder), f"run `lstm-export verify {folder} --json` for the whole table"
+        str(folder), f"run `lstm-export verify {folder}{given} --json` for the whole table"
     )
     if not as_json:
         out.print(f"[bold green]Parity passed[/]: {escape(report.summary())}")

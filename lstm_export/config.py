@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -76,15 +77,17 @@ class LSTMConfig:
 
 
 def finite_number(name: str, value: object) -> float:
-    """`value` as a float, refused unless it is a finite number >= 0 (not a bool, not NaN)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    """`value` as a float, refused unless it is a finite number >= 0 (not a bool, not NaN).
+
+    numpy scalars count as numbers; -0 becomes 0.
+    """
+    try:
+        number = float(value) if isinstance(value, numbers.Real) else math.nan
+    except OverflowError:  # an int beyond float's range
+        number = math.inf
+    if isinstance(value, bool) or not math.isfinite(number) or number < 0:
         raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return number + 0.0
 
 
 def _shorten(value: Any, limit: int = 60) -> str:

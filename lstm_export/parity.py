@@ -63,17 +63,11 @@ class Tolerance:
         NaN when the floor is not finite: eager float32 itself overflowed where float64 did
         not, so no float32 backend can be said to be right.
         """
-        if not math.isfinite(floor):
-            return math.nan
-        return max(self.atol, self.factor * floor)
+        allowed = max(self.atol, self.factor * floor) if math.isfinite(floor) else math.nan
+        return allowed if math.isfinite(allowed) else math.nan  # factor x floor overflowed
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "rule": RULE,
-            "atol": self.atol,
-            "factor": self.factor,
-            "realizations": REALIZATIONS,
-        }
+        return {"rule": RULE, "atol": self.atol, "factor": self.factor}
 
     def __str__(self) -> str:
         return f"atol {self.atol:g}, factor {self.factor:g}"
@@ -87,6 +81,22 @@ class Case:
     batch: int
     initial_state: bool
     chunks: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.seq < 1 or self.batch < 1:
+            raise UsageError(f"a case needs seq and batch >= 1, got {self.seq}x{self.batch}")
+        if self.chunks and (sum(self.chunks) != self.seq or min(self.chunks) < 1):
+            raise UsageError(
+                f"a case's chunks must be >= 1 and add up to seq={self.seq}, got {self.chunks}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "batch": self.batch,
+            "initial_state": self.initial_state,
+            "chunks": list(self.chunks),
+        }
 
     @property
     def label(self) -> str:
@@ -192,6 +202,8 @@ class Reference:
     def __init__(self, model: LSTM, realizations: int = REALIZATIONS) -> None:
         import copy
 
+        if isinstance(realizations, bool) or not isinstance(realizations, int) or realizations < 1:
+            raise UsageError(f"realizations must be an integer >= 1, got {realizations!r}")
         self.model = model.eval()
         self.model64 = copy.deepcopy(self.model).double()
         self.realizations = realizations
@@ -270,6 +282,8 @@ class CaseResult:
     error: dict[str, float]
     floor: dict[str, float]
     allowed: dict[str, float]
+    inputs: dict[str, Any] = field(default_factory=dict)
+    """The case's seq, batch, state, chunks and input seed, to reproduce the row."""
 
     @property
     def passed(self) -> bool:
@@ -280,8 +294,12 @@ class CaseResult:
         """The output furthest over (or least under) what was allowed; a NaN one first."""
 
         def score(output: str) -> float:
-            ratio = self.error[output] / self.allowed[output] if self.allowed[output] else math.inf
-            return math.inf if math.isnan(ratio) else ratio
+            error, allowed = self.error[output], self.allowed[output]
+            if math.isnan(error) or math.isnan(allowed):
+                return math.inf
+            if allowed == 0:
+                return 0.0 if error == 0 else math.inf
+            return error / allowed
 
         return max(OUTPUTS, key=score)
 
@@ -289,10 +307,12 @@ class CaseResult:
     def ratio(self) -> float:
         """error / allowed on the worst output: > 1 fails."""
         output = self.worst_output
-        allowed = self.allowed[output]
-        if math.isnan(self.error[output]) or math.isnan(allowed):
+        error, allowed = self.error[output], self.allowed[output]
+        if math.isnan(error) or math.isnan(allowed):
             return math.nan
-        return self.error[output] / allowed if allowed else math.inf
+        if allowed == 0:
+            return 0.0 if error == 0 else math.inf
+        return error / allowed
 
     def line(self) -> str:
         """One line naming the backend, case, output, error, allowance and floor."""
@@ -311,6 +331,7 @@ class CaseResult:
             "floor": self.floor,
             "allowed": self.allowed,
             "passed": self.passed,
+            "inputs": self.inputs,
         }
 
 
@@ -325,16 +346,23 @@ class ParityReport:
     tolerance: Tolerance = field(default_factory=Tolerance)
     results: list[CaseResult] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    realizations: int = REALIZATIONS
+    remarks: list[str] = field(default_factory=list)
+    """Notes from outside the matrix (e.g. the tolerance the manifest recorded)."""
 
     def notes(self) -> list[str]:
-        """What passed but deserves a word: cases where float32 itself is far from float64."""
+        """What deserves a word beyond pass or fail: cases where float32 itself is far from
+        float64, or overflows where float64 does not."""
         noisy: dict[str, float] = {}
         for result in self.results:
-            worst = max(result.floor.values())
-            if worst > NOISY_FLOOR and worst > noisy.get(result.case, 0.0):
+            worst = _nan_max(result.floor.values())
+            if not worst <= NOISY_FLOOR and not worst <= noisy.get(result.case, 0.0):
                 noisy[result.case] = worst
-        return [
-            f"case {case}: eager float32 itself is {floor:.1e} from float64; this model "
+        return self.remarks + [
+            f"case {case}: eager float32 itself gives NaN or infinity where float64 does not; "
+            "the model overflows float32, so no float32 artifact can be proven right"
+            if not math.isfinite(floor)
+            else f"case {case}: eager float32 itself is {floor:.1e} from float64; this model "
             f"amplifies rounding, so float32 answers of this length are only that accurate"
             for case, floor in noisy.items()
         ]
@@ -349,13 +377,15 @@ class ParityReport:
 
     @property
     def worst(self) -> CaseResult | None:
-        """The row closest to (or furthest past) its allowance; a NaN row first."""
-
-        return max(self.results, key=_ratio_key, default=None)
+        """The row closest to (or furthest past) its allowance, a NaN row first; an artifact's
+        row before eager float32's, whose own error is part of its floor."""
+        artifacts = [r for r in self.results if r.backend != "eager"] or self.results
+        return max(artifacts, key=_ratio_key, default=None)
 
     @property
     def worst_error(self) -> float:
-        return max((max(r.error.values()) for r in self.results), default=math.nan)
+        """The largest error of any row and output; NaN if any is NaN."""
+        return _nan_max(e for r in self.results for e in r.error.values())
 
     def worst_by_backend(self) -> list[CaseResult]:
         """Each backend's worst row, in the order the backends first appear."""
@@ -368,10 +398,13 @@ class ParityReport:
 
     def summary(self) -> str:
         """One line: the verdict and the row that decided it."""
+        worst = self.worst
         if self.problems:
             more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+            failed = self.failures
+            if failed and worst is not None:
+                more += f"; {len(failed)} of {len(self.results)} checks failed too"
             return f"{self.problems[0]}{more}"
-        worst = self.worst
         if worst is None:
             return "no parity check ran"
         if self.passed:
@@ -391,21 +424,46 @@ class ParityReport:
         raise ParityError(message + (f"; {hint}" if hint else ""), self)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: NaN and infinity (a broken output) are written as null."""
         worst = self.worst
-        return {
-            "passed": self.passed,
-            "reference": "eager model in float64",
-            "tolerance": self.tolerance.to_dict(),
-            "worst": None if worst is None else {**worst.to_dict(), "output": worst.worst_output},
-            "worst_error": self.worst_error,
-            "problems": list(self.problems),
-            "notes": self.notes(),
-            "results": [r.to_dict() for r in self.results],
-        }
+        return _finite_or_none(
+            {
+                "passed": self.passed,
+                "reference": "eager model in float64",
+                "tolerance": {**self.tolerance.to_dict(), "realizations": self.realizations},
+                "worst": None
+                if worst is None
+                else {**worst.to_dict(), "output": worst.worst_output},
+                "worst_error": self.worst_error,
+                "problems": list(self.problems),
+                "notes": self.notes(),
+                "results": [r.to_dict() for r in self.results],
+            }
+        )
 
 
 def _ratio_key(result: CaseResult) -> float:
     return math.inf if math.isnan(result.ratio) else result.ratio
+
+
+def _nan_max(values: Any) -> float:
+    """max() that NaN wins, not whichever order max() happens to see it in."""
+    worst = -math.inf
+    for value in values:
+        if math.isnan(value):
+            return math.nan
+        worst = max(worst, value)
+    return worst if worst != -math.inf else math.nan
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def check_parity(
@@ -420,19 +478,27 @@ def check_parity(
     Case k's inputs come from seed `seed + k`, so a report can be reproduced.
     """
     tolerance = tolerance or Tolerance()
-    report = ParityReport(tolerance)
+    report = ParityReport(tolerance, realizations=reference.realizations)
     config = reference.config
-    for index, case in enumerate(cases or default_cases()):
+    for index, case in enumerate(default_cases() if cases is None else cases):
+        inputs = {**case.to_dict(), "seed": seed + index}
         x, state = case_inputs(config, case, seed=seed + index)
         expected = reference.expected(x, state)
         eager = reference.eager(x, state)
         floor = dict(zip(OUTPUTS, reference.floor(x, state, expected, eager), strict=True))
         allowed = {o: tolerance.allowed(f) for o, f in floor.items()}
         for backend in (reference.eager, *backends):
-            if backend is reference.eager and not case.chunks:
-                got = eager
-            else:
-                got = backend(x, state, case.chunks)
-            error = dict(zip(OUTPUTS, max_abs_errors(got, expected), strict=True))
-            report.results.append(CaseResult(backend.name, case.label, error, floor, allowed))
+            try:
+                if backend is reference.eager and not case.chunks:
+                    got = eager
+                else:
+                    got = backend(x, state, case.chunks)
+                errors = max_abs_errors(got, expected)
+            except Exception as exc:  # a backend that crashes has failed this case, no more
+                text = " ".join(str(exc).split()) or type(exc).__name__
+                report.problems.append(f"{backend.name} raised on case {case.label}: {text[:300]}")
+                errors = [math.nan] * len(OUTPUTS)
+            error = dict(zip(OUTPUTS, errors, strict=True))
+            row = CaseResult(backend.name, case.label, error, floor, allowed, inputs)
+            report.results.append(row)
     return report

@@ -8,6 +8,7 @@ failed export leaves nothing behind and never half-replaces an old one.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from lstm_export.parity import ATOL, FACTOR, ParityReport, Tolerance
 from lstm_export.torchscript import config_of, forward_signature, save_torchscript
 from lstm_export.verification import verify_artifacts
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: parity against float64 (tolerance is a rule, rows carry floors)
 Progress = Callable[[str], None]
 
 
@@ -138,7 +139,8 @@ def build_manifest(
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False)  # strict JSON only
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def _check_float32(model: LSTM) -> None:
@@ -153,13 +155,21 @@ def _check_float32(model: LSTM) -> None:
 
 
 def check_keep_failed(keep_failed: Path | str, out_dir: Path) -> Path:
-    """Where a refused export's files may go: a new folder, not the destination itself."""
+    """Where a refused export's files may go: a new folder that can be made, outside the
+    destination (which a refused export leaves untouched)."""
     keep_failed = Path(keep_failed)
     if keep_failed.exists() or keep_failed.is_symlink():
         raise UsageError(f"{keep_failed} already exists; --keep-failed needs a new folder")
-    if keep_failed.absolute() == out_dir.absolute():
+    kept, destination = keep_failed.resolve(), Path(out_dir).resolve()
+    if kept == destination or destination in kept.parents:
         raise UsageError(
-            f"--keep-failed {keep_failed} is the export's destination; choose another folder"
+            f"--keep-failed {keep_failed} is inside the export's destination {out_dir}; "
+            "choose a folder elsewhere"
+        )
+    parent = next(p for p in kept.parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"--keep-failed {keep_failed} cannot be created: {parent} is not a writable folder"
         )
     return keep_failed
 
@@ -234,8 +244,11 @@ def export(
         if not report.passed:
             kept = ""
             if keep_failed is not None:
-                _keep(staging, keep_failed, report)
-                kept = f"; the artifacts and {PARITY_REPORT_FILE} are in {keep_failed}"
+                try:
+                    _keep(staging, keep_failed, report)
+                    kept = f"; the artifacts and {PARITY_REPORT_FILE} are in {keep_failed}"
+                except UsageError as exc:  # the breach is the news; say why nothing was kept
+                    kept = f"; nothing kept either: {exc}"
             report.raise_if_failed(
                 f"the export to {out_dir}", f"nothing written to {out_dir}{kept}"
             )

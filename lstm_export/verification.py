@@ -132,7 +132,23 @@ def verify(out_dir: Path | str, *, atol: float = ATOL, factor: float = FACTOR) -
         fused_path=fused if fused.is_file() else None,
     )
     report.problems[:0] = problems
+    recorded = _recorded_tolerance(manifest_path)
+    if recorded is not None and recorded != (tolerance.atol, tolerance.factor):
+        report.remarks.append(
+            f"the export was accepted with atol {recorded[0]:g}, factor {recorded[1]:g} "
+            f"(manifest); this check used atol {tolerance.atol:g}, factor {tolerance.factor:g}"
+        )
     return report
+
+
+def _recorded_tolerance(manifest_path: Path) -> tuple[float, float] | None:
+    """The (atol, factor) an export was accepted with, if its manifest says; shown, never used:
+    a manifest is not trusted to loosen the check."""
+    try:
+        recorded = json.loads(manifest_path.read_text(encoding="utf-8"))["parity"]["tolerance"]
+        return float(recorded["atol"]), float(recorded["factor"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_manifest(out_dir: Path) -> list[str]:

@@ -237,3 +237,54 @@ def test_a_passing_report_notes_cases_where_float32_itself_is_far_from_float64()
         "rounding, so float32 answers of this length are only that accurate"
     ]
     assert report.to_dict()["notes"] == report.notes()
+
+
+def test_a_backend_that_raises_fails_its_rows_with_a_problem_not_a_traceback():
+    model = small_model(False, 1)
+
+    def crashes(x, state):
+        raise RuntimeError("onnxruntime: Reshape\nfailed at run time")
+
+    report = check_parity(Reference(model), [Backend("broken", crashes)], [Case(2, 1, False)])
+    assert not report.passed
+    assert report.problems == [
+        "broken raised on case 2x1 zeros: onnxruntime: Reshape failed at run time"
+    ]
+    row = next(r for r in report.results if r.backend == "broken")
+    assert all(math.isnan(e) for e in row.error.values()) and not row.passed
+
+
+def test_nan_rows_are_the_worst_and_json_ready():
+    model = small_model(False, 1)
+    eager = torch_backend("eager", model)
+
+    def nan_y(x, state):
+        y, h, c = eager.run(x, state)
+        return y * np.nan, h, c
+
+    report = check_parity(Reference(model), [Backend("nan", nan_y)], [Case(3, 2, True)])
+    assert math.isnan(report.worst_error) and report.worst.backend == "nan"
+    recorded = report.to_dict()
+    assert recorded["worst_error"] is None and recorded["results"][1]["error"]["y"] is None
+    assert recorded["results"][1]["inputs"] == {
+        "seq": 3, "batch": 2, "initial_state": True, "chunks": [], "seed": 0
+    }  # fmt: skip
+    assert recorded["tolerance"]["realizations"] == 16
+
+
+def test_cases_are_checked_and_an_empty_list_runs_nothing():
+    with pytest.raises(UsageError, match="chunks must be >= 1 and add up to seq=5"):
+        Case(5, 2, False, (2, 2))
+    with pytest.raises(UsageError, match="seq and batch >= 1"):
+        Case(0, 1, False)
+    assert check_parity(Reference(small_model(False, 1)), [], []).results == []
+    with pytest.raises(UsageError, match="realizations must be an integer >= 1"):
+        Reference(small_model(False, 1), realizations=0)
+
+
+def test_numpy_numbers_are_tolerances_too_and_an_overflowing_allowance_fails():
+    assert Tolerance(np.float32(2e-5), np.int64(8)).factor == 8.0
+    assert str(Tolerance(-0.0)).startswith("atol 0,")
+    with pytest.raises(UsageError, match="atol must be a finite number"):
+        Tolerance(10**400)
+    assert math.isnan(Tolerance(1e-5, 1e300).allowed(1e10))  # factor x floor is inf: fails

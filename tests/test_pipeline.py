@@ -185,9 +185,16 @@ def test_keep_failed_must_be_a_new_folder_other_than_the_destination(tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(UsageError, match="already exists; --keep-failed needs a new folder"):
         export(small_model(False, 1), tmp_path / "m", keep_failed=tmp_path / "taken")
-    with pytest.raises(UsageError, match="is the export's destination"):
-        export(small_model(False, 1), tmp_path / "m", keep_failed=tmp_path / "m")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    (tmp_path / "afile").write_text("mine")
+    for keep, message in (
+        (tmp_path / "m", "is inside the export's destination"),
+        (tmp_path / "m" / "kept", "is inside the export's destination"),
+        (tmp_path / "taken" / ".." / "m", "is inside the export's destination"),
+        (tmp_path / "afile" / "kept", "cannot be created: .*afile is not a writable folder"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            export(small_model(False, 1), tmp_path / "m", keep_failed=keep)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "taken"]
 
 
 def test_keep_failed_is_left_alone_when_parity_passes(tmp_path):
