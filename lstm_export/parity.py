@@ -289,30 +289,24 @@ class CaseResult:
     def passed(self) -> bool:
         return all(self.error[o] <= self.allowed[o] for o in OUTPUTS)  # NaN fails
 
-    @property
-    def worst_output(self) -> str:
-        """The output furthest over (or least under) what was allowed; a NaN one first."""
-
-        def score(output: str) -> float:
-            error, allowed = self.error[output], self.allowed[output]
-            if math.isnan(error) or math.isnan(allowed):
-                return math.inf
-            if allowed == 0:
-                return 0.0 if error == 0 else math.inf
-            return error / allowed
-
-        return max(OUTPUTS, key=score)
-
-    @property
-    def ratio(self) -> float:
-        """error / allowed on the worst output: > 1 fails."""
-        output = self.worst_output
+    def _ratio(self, output: str) -> float:
+        """error / allowed for one output: > 1 fails; NaN when either is NaN."""
         error, allowed = self.error[output], self.allowed[output]
         if math.isnan(error) or math.isnan(allowed):
             return math.nan
         if allowed == 0:
             return 0.0 if error == 0 else math.inf
         return error / allowed
+
+    @property
+    def worst_output(self) -> str:
+        """The output furthest over (or least under) what was allowed; a NaN one first."""
+        return max(OUTPUTS, key=lambda o: _nan_first(self._ratio(o)))
+
+    @property
+    def ratio(self) -> float:
+        """error / allowed on the worst output: > 1 fails."""
+        return self._ratio(self.worst_output)
 
     def line(self) -> str:
         """One line naming the backend, case, output, error, allowance and floor."""
@@ -442,8 +436,13 @@ class ParityReport:
         )
 
 
+def _nan_first(ratio: float) -> float:
+    """A sort key under which a NaN ratio (a broken output) comes out worst."""
+    return math.inf if math.isnan(ratio) else ratio
+
+
 def _ratio_key(result: CaseResult) -> float:
-    return math.inf if math.isnan(result.ratio) else result.ratio
+    return _nan_first(result.ratio)
 
 
 def _nan_max(values: Any) -> float:
