@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from lstm_export.artifacts import ONNX_FILE, TORCHSCRIPT_FILE
 from lstm_export.errors import UsageError
 
 
@@ -27,6 +28,15 @@ def artifact(path: Path | str, filename: str) -> Path:
             f"but {path} does not exist"
         )
     return path
+
+
+def check_export_folder(folder: Path) -> None:
+    """Refuse what is not an export folder holding both model.pt and model.onnx."""
+    if not folder.is_dir():
+        raise UsageError(f"expected an export folder, but {folder} is not a directory")
+    missing = [n for n in (TORCHSCRIPT_FILE, ONNX_FILE) if not (folder / n).is_file()]
+    if missing:
+        raise UsageError(f"export folder {folder} lacks {', '.join(missing)}")
 
 
 @contextlib.contextmanager

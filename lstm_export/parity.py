@@ -248,15 +248,8 @@ class Reference:
         for r in range(extra):
             rows = slice(r * batch, (r + 1) * batch)
             errors = max_abs_errors(tuple(o[:, rows] for o in outputs), expected)
-            worst = [_worse(a, b) for a, b in zip(worst, errors, strict=True)]
+            worst = [_nan_max(pair) for pair in zip(worst, errors, strict=True)]
         return worst
-
-
-def _worse(a: float, b: float) -> float:
-    """The larger error, where NaN (a broken run) counts as the worst of all."""
-    if math.isnan(a) or math.isnan(b):
-        return math.nan
-    return max(a, b)
 
 
 def max_abs_errors(got: Sequence[Array], expected: Sequence[Array]) -> list[float]:

@@ -38,7 +38,7 @@ from onnx import TensorProto, helper
 from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
-from lstm_export.files import sha256, staged_folder
+from lstm_export.files import check_export_folder, sha256, staged_folder
 from lstm_export.parity import ATOL, FACTOR, Backend, ParityReport, Tolerance
 from lstm_export.runtime import CONFIG_KEY, LAYOUT_KEY, TIME_MAJOR
 
@@ -583,11 +583,7 @@ def validate_triton_repo(model_dir: Path | str) -> dict:
 
 def _read_export(export_dir: Path) -> tuple[onnx.ModelProto, dict]:
     """The export's time-major graph and manifest; model.pt and model.onnx must match its hashes."""
-    if not export_dir.is_dir():
-        raise UsageError(f"expected an export folder, but {export_dir} is not a directory")
-    missing = [n for n in (TORCHSCRIPT_FILE, ONNX_FILE) if not (export_dir / n).is_file()]
-    if missing:  # model.pt holds the weights of the float64 reference
-        raise UsageError(f"export folder {export_dir} lacks {', '.join(missing)}")
+    check_export_folder(export_dir)  # model.pt too: it holds the float64 reference's weights
     onnx_path = export_dir / ONNX_FILE
     manifest: dict = {}
     manifest_path = export_dir / MANIFEST_FILE

@@ -23,7 +23,7 @@ from lstm_export.artifacts import (
     TORCHSCRIPT_FILE,
 )
 from lstm_export.errors import UsageError
-from lstm_export.files import sha256
+from lstm_export.files import check_export_folder, sha256
 from lstm_export.kernels import KERNEL_LIBRARY
 from lstm_export.parity import (
     ATOL,
@@ -115,11 +115,7 @@ def verify(out_dir: Path | str, *, atol: float = ATOL, factor: float = FACTOR) -
     with the float64 reference within `max(atol, factor x float32 floor)`."""
     tolerance = Tolerance(atol, factor)
     out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise UsageError(f"expected an export folder, but {out_dir} is not a directory")
-    missing = [n for n in (TORCHSCRIPT_FILE, ONNX_FILE) if not (out_dir / n).is_file()]
-    if missing:
-        raise UsageError(f"export folder {out_dir} lacks {', '.join(missing)}")
+    check_export_folder(out_dir)
     manifest_path = out_dir / MANIFEST_FILE
     problems = check_manifest(out_dir) if manifest_path.is_file() else []
     if not manifest_path.is_file():
