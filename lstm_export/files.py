@@ -7,14 +7,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lstm_export.artifacts import ONNX_FILE, TORCHSCRIPT_FILE
+from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE
 from lstm_export.errors import UsageError
+
+# Configs, manifests and metadata we write are a few KiB; 1 MiB is room for any honest one
+# and a bound on what a hostile one (/dev/zero, a 3 GB file) can make us read.
+MAX_TEXT_BYTES = 1 << 20
+# Our JSON nests 5 deep; deeper is not ours, and unbounded nesting is a RecursionError.
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 def artifact(path: Path | str, filename: str) -> Path:
@@ -123,3 +133,83 @@ def _move_into_place(staging: Path, final: Path) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def read_bytes(path: Path, what: str, limit: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of `path`, refused unless it is a regular file of at most `limit` bytes.
+
+    Opened without blocking and checked on the open descriptor, so a FIFO or a device
+    (`/dev/zero` behind a symlink) is refused instead of read until memory runs out.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise UsageError(f"{what} {path} must be a regular file, but it is {_kind(info.st_mode)}")
+    if info.st_size > limit:
+        os.close(fd)
+        raise UsageError(f"{what} {path} is {info.st_size:,} bytes; expected at most {limit:,}")
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            data = handle.read(limit + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:  # grew while we read it
+        raise UsageError(f"{what} {path} is over {limit:,} bytes")
+    return data
+
+
+def read_text(path: Path, what: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """`read_bytes` decoded as UTF-8, refused with one line if it is not."""
+    data = read_bytes(path, what, limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+
+
+def parse_json(text: str, source: str) -> object:
+    """JSON text parsed, refused with one line if malformed or nested beyond MAX_JSON_DEPTH."""
+    depth = deepest = 0
+    for char in _JSON_STRING.sub("", text):
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    if deepest > MAX_JSON_DEPTH:
+        raise UsageError(f"{source} nests {deepest} levels deep; expected at most {MAX_JSON_DEPTH}")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{source} is not valid JSON: {exc}") from None
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """`folder`'s manifest.json as an object, None if the folder has none; refused if unreadable."""
+    path = Path(folder) / MANIFEST_FILE
+    if not (path.exists() or path.is_symlink()):
+        return None
+    manifest = parse_json(read_text(path, "manifest"), str(path))
+    if not isinstance(manifest, dict):
+        raise UsageError(
+            f"{path} is not a valid manifest: expected a JSON object, got {type(manifest).__name__}"
+        )
+    return manifest
