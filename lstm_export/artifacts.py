@@ -6,6 +6,10 @@ help text read these.
 
 from __future__ import annotations
 
+import re
+
+from lstm_export.errors import UsageError
+
 TORCHSCRIPT_FILE = "model.pt"
 """TorchScript for libtorch (plain aten ops)."""
 FUSED_TORCHSCRIPT_FILE = "model.fused.pt"
@@ -21,3 +25,18 @@ ATOL = 1e-5
 """Parity: the absolute error every backend may have against the float64 reference."""
 FACTOR = 8.0
 """Parity: how many times a case's float32 floor a backend may be off (lstm_export.parity)."""
+
+MAX_NAME_LENGTH = 128
+"""A model name is a folder name (models/<name>, a Triton repository's <name>/): kept short."""
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_model_name(name: object, what: str = "the model name") -> str:
+    """`name` if it is a model name export and triton both accept: ASCII letters, digits,
+    '.', '_' and '-', not starting with one of the last three, at most MAX_NAME_LENGTH long."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
+        raise UsageError(
+            f"{what} must be 1-{MAX_NAME_LENGTH} ASCII letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit; got {name!r}"
+        )
+    return name
