@@ -18,6 +18,10 @@ ONNX_FILE = "model.onnx"
 """The time-major ONNX graph for onnxruntime."""
 MANIFEST_FILE = "manifest.json"
 """What the export wrote and vouches for: hashes, config, versions, the parity report."""
+KERNEL_LIBRARY = "lstm_export_kernels.so"
+"""The fused kernel's compiled library, beside model.fused.pt."""
+EXPORT_FILES = (TORCHSCRIPT_FILE, FUSED_TORCHSCRIPT_FILE, ONNX_FILE, KERNEL_LIBRARY)
+"""Every artifact an export can write (with MANIFEST_FILE): `--force` replaces only these."""
 PARITY_REPORT_FILE = "parity.json"
 """The report `export --keep-failed DIR` writes beside artifacts that failed parity."""
 

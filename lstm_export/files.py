@@ -10,13 +10,11 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE
+from lstm_export.artifacts import EXPORT_FILES, MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE
 from lstm_export.errors import UsageError
 
 # Configs, manifests and metadata we write are a few KiB; 1 MiB is room for any honest one
@@ -71,68 +69,6 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def staged_folder(final: Path) -> Iterator[Path]:
-    """Build into a hidden folder beside `final`; move it into place only if the block succeeds.
-
-    An existing `final` is replaced (callers decide whether that is allowed) and
-    survives until the new folder is complete; on any failure the staging folder
-    is removed, and so are the parent folders this call created, so `final` and
-    everything around it are left as they were.
-    """
-    created = _missing_parents(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    except OSError as exc:
-        _remove_empty(created)
-        raise UsageError(f"cannot create {final}: {exc.strerror or exc}") from None
-    try:
-        staging.chmod(0o755)  # mkdtemp's 0o700 would hide the folder from other users
-        yield staging
-        _move_into_place(staging, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(staging)
-        _remove_empty(created)
-        raise
-
-
-def _missing_parents(final: Path) -> list[Path]:
-    """The ancestors of `final` that do not exist yet, deepest first."""
-    missing = []
-    for parent in final.absolute().parents:
-        if parent.exists() or parent.is_symlink():
-            break
-        missing.append(parent)
-    return missing
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove folders deepest first, stopping at the first that is not empty (someone's files)."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
-def _move_into_place(staging: Path, final: Path) -> None:
-    backup = None
-    if final.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        backup.rmdir()
-        os.replace(final, backup)
-    try:
-        os.replace(staging, final)
-    except OSError:
-        if backup is not None:
-            os.replace(backup, final)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _kind(mode: int) -> str:
@@ -213,3 +149,51 @@ def read_manifest(folder: Path) -> dict | None:
             f"{path} is not a valid manifest: expected a JSON object, got {type(manifest).__name__}"
         )
     return manifest
+
+
+def replaceable_export(folder: Path) -> None:
+    """Refuse to replace `folder` unless it is empty or an export holding only what an
+    export writes: siblings, checkpoints and notes of the user's are never deleted."""
+    if folder.is_symlink() or not folder.is_dir():
+        raise UsageError(f"{folder} exists and is not a folder; choose another --out")
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries:
+        return
+    if MANIFEST_FILE not in entries:
+        raise UsageError(
+            f"{folder} is neither empty nor an lstm-export export (no {MANIFEST_FILE}); "
+            "--force replaces only those, so choose another --out"
+        )
+    read_manifest(folder)  # a manifest that does not parse is not one we wrote
+    foreign = [n for n in entries if n not in (*EXPORT_FILES, MANIFEST_FILE)]
+    if foreign:
+        shown = ", ".join(map(repr, foreign[:5]))
+        if len(foreign) > 5:
+            shown += f" and {len(foreign) - 5} more"
+        raise UsageError(
+            f"{folder} holds files an export did not write ({shown}); --force replaces "
+            "only an export's own files: move those out first"
+        )
+
+
+def check_destination(out_dir: Path, force: bool) -> Path:
+    """`out_dir` if an export may be written there: new, or replaceable with `force`.
+
+    The current folder and its ancestors are refused: replacing them would pull the
+    ground from under the shell that ran us.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise UsageError(f"{out_dir} exists and is not a folder; choose another --out")
+    if not out_dir.exists():
+        return out_dir
+    if not force:
+        raise UsageError(f"{out_dir} already exists; pass --force to replace it")
+    here, resolved = Path.cwd().resolve(), out_dir.resolve()
+    if resolved == here or resolved in here.parents:
+        raise UsageError(
+            f"--out {out_dir} is the current folder or holds it; run from elsewhere or "
+            "choose another --out"
+        )
+    replaceable_export(out_dir)
+    return out_dir

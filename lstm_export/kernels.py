@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
+from lstm_export.artifacts import KERNEL_LIBRARY
 from lstm_export.errors import UsageError
 from lstm_export.files import locked_folder, sha256
 
-KERNEL_LIBRARY = "lstm_export_kernels.so"
 OP_NAME = "lstm_export::layer_norm_lstm_layer"
 SOURCE = Path(__file__).parent / "csrc" / "layer_norm_lstm.cpp"
 CACHE_ENV = "LSTM_EXPORT_KERNEL_CACHE"

@@ -8,6 +8,7 @@ console clean of that warning and keep the scripted module self-contained.
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import warnings
 from collections.abc import Iterator
@@ -63,8 +64,12 @@ def save_torchscript(model: LSTM, path: Path, fused_kernel: bool = False) -> tor
     """
     scripted = script(deployable(model, fused_kernel))
     extra = {CONFIG_FILE: config_of(model).to_json()}
+    buffer = io.BytesIO()
     with quiet_torchscript():
-        torch.jit.save(scripted, str(path), _extra_files=extra)
+        torch.jit.save(scripted, buffer, _extra_files=extra)
+    # Written by Python, not by libtorch: on a full disk libtorch's writer aborts the whole
+    # process (c10::Error in a destructor); Python's raises an OSError we can report.
+    path.write_bytes(buffer.getbuffer())
     return scripted
 
 

@@ -38,9 +38,10 @@ from onnx import TensorProto, helper
 from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
-from lstm_export.files import check_export_folder, sha256, staged_folder
+from lstm_export.files import check_export_folder, sha256
 from lstm_export.parity import ATOL, FACTOR, Backend, ParityReport, Tolerance
 from lstm_export.runtime import CONFIG_KEY, LAYOUT_KEY, TIME_MAJOR
+from lstm_export.staging import staged_folder
 
 BATCH_FIRST = "batch_first"
 CONFIG_FILE = "config.pbtxt"
@@ -685,7 +686,11 @@ def write_triton_repo(
         max_idle_seconds=max_idle_seconds,
         expose_state=expose_state,
     )
-    with staged_folder(final) as staging:
+
+    def replaceable(folder: Path) -> None:  # checked again at the swap, under the lock
+        _check_destination(export_dir, repo, folder, force)
+
+    with staged_folder(final, replaceable) as staging:
         (staging / VERSION).mkdir()
         onnx.save(batch_first, str(staging / VERSION / ONNX_FILE))
         (staging / CONFIG_FILE).write_text(text, encoding="utf-8")
