@@ -8,10 +8,11 @@ for torch. Errors the user can fix are one line on stderr with exit code 2
 from __future__ import annotations
 
 import json
-import re
+import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
@@ -41,8 +42,6 @@ app = typer.Typer(
 )
 out = Console(soft_wrap=True)  # long paths stay whole when piped
 err = Console(stderr=True)
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # The parity rule's two numbers, the same on every command that checks parity; the defaults
 # live in lstm_export.artifacts (None here: "not given", so a TOML value is not overridden).
@@ -103,13 +102,21 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# Set by --debug (or LSTM_EXPORT_DEBUG=1): an internal error shows its traceback.
+_debug = {"on": bool(os.environ.get("LSTM_EXPORT_DEBUG"))}
+
+
 @app.callback()
 def _main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="On an internal error, show the whole traceback.")
+    ] = False,
 ) -> None:
     """Export a scratch PyTorch LSTM to TorchScript and ONNX, with proven parity."""
+    _debug["on"] = _debug["on"] or debug
 
 
 def _resolve_model(
@@ -178,10 +185,12 @@ def export(
 
     With no options: the built-in default model (random weights, fixed seed) to models/default/.
     """
+    from lstm_export.artifacts import check_model_name
+
     file_config = read_export_config(config) if config else ExportConfig()
     name = file_config.name if name is None else name
-    if name is not None and not _NAME.match(name):
-        raise UsageError(f"--name must be letters, digits, '.', '_' or '-', got {name!r}")
+    if name is not None:
+        check_model_name(name, "--name")
     overrides = {
         key: value
         for key, value in (
@@ -194,11 +203,20 @@ def export(
     }
     file_config = replace(file_config, checkpoint=checkpoint or file_config.checkpoint)
     destination = out_dir or file_config.out or Path("models") / (name or "default")
-    if destination.exists() and not force:  # fail before any slow work
-        raise UsageError(f"{destination} already exists; pass --force to replace it")
+    from lstm_export.files import check_destination
+
+    check_destination(destination, force)  # fail before any slow work
+    checkpoint_path = file_config.checkpoint
+    if checkpoint_path is not None and destination.resolve() in checkpoint_path.resolve().parents:
+        raise UsageError(
+            f"the checkpoint {checkpoint_path} is inside --out {destination}, which the "
+            "export would replace; export to another folder"
+        )
     # Without a name the export is called after its folder, as the library's export() does.
     if name is None:
-        name = destination.resolve().name or "default"
+        name = check_model_name(
+            destination.resolve().name, f"the model name (from --out {destination}; or pass --name)"
+        )
     tolerance = {
         **_tolerance(file_config.atol, file_config.factor),
         **_tolerance(atol, factor),
@@ -649,28 +667,65 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    """One line on stderr and the exit code: the whole error report, no traceback, no box."""
+def _fail(message: str, code: int, exc: BaseException | None = None) -> NoReturn:
+    """One line on stderr and the exit code: the whole error report, no traceback, no box
+    (with --debug, the traceback first)."""
+    if exc is not None and _debug["on"]:
+        traceback.print_exception(exc)
     line = printable(" ".join(message.split()))
+    if len(line) > MAX_ERROR_LINE:  # a message quoting a hostile file stays one short line
+        line = line[: MAX_ERROR_LINE - 3] + "..."
     err.print(f"[bold red]error[/]: {escape(line)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
+MAX_ERROR_LINE = 2000
+INTERNAL_ERROR = 3
+"""Exit code of a bug of ours, kept apart from 1 (a parity breach) and 2 (bad input)."""
+INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
+def _os_error_line(exc: OSError) -> str:
+    """An OSError about a path the user gave (too long, a full disk, no permission)."""
+    where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    return f"{where}: {exc.strerror or exc}"
+
+
 def main() -> None:
-    """Console-script entry point: our errors and click's usage errors become one line."""
+    """Console-script entry point: every error becomes one line and an exit code.
+
+    2: bad input (ours, click's usage errors, an OSError about a path); 1: a parity breach;
+    3: anything else, a bug, with a hint to rerun with --debug for the traceback.
+    """
     try:
         code = app(prog_name=PROG, standalone_mode=False)
     except LSTMExportError as exc:
-        _fail(str(exc), exc.exit_code)
+        _fail(str(exc), exc.exit_code, exc)
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave
+            _internal(exc)
+        _fail(_os_error_line(exc), UsageError.exit_code, exc)
+    except (typer.Abort, KeyboardInterrupt) as exc:
+        _fail("interrupted", INTERRUPTED, exc)
     except typer.TyperException as exc:  # click's usage errors (typer vendors click)
         if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already shown (typer's test)
             sys.exit(exc.exit_code)
         ctx = getattr(exc, "ctx", None)
         hint = f" (see {ctx.command_path if ctx is not None else PROG} --help)"
-        _fail(exc.format_message() + hint, exc.exit_code)
-    except typer.Abort:
-        _fail("aborted", 1)
+        _fail(exc.format_message() + hint, exc.exit_code, exc)
+    except Exception as exc:  # a bug of ours: one line, the traceback on request
+        _internal(exc)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _internal(exc: BaseException) -> NoReturn:
+    text = " ".join(str(exc).split())[:300]
+    _fail(
+        f"internal error: {type(exc).__name__}: {text}; this is a bug in lstm-export: "
+        f"rerun with `{PROG} --debug ...` for the traceback and report it",
+        INTERNAL_ERROR,
+        exc,
+    )
 
 
 if __name__ == "__main__":

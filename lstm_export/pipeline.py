@@ -25,13 +25,15 @@ from lstm_export.artifacts import (
     ONNX_FILE,
     PARITY_REPORT_FILE,
     TORCHSCRIPT_FILE,
+    check_model_name,
 )
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
-from lstm_export.files import sha256, staged_folder
+from lstm_export.files import check_destination, replaceable_export, sha256
 from lstm_export.model import LSTM
 from lstm_export.onnx_graph import OPSET, build_onnx
 from lstm_export.parity import ATOL, FACTOR, ParityReport, Tolerance
+from lstm_export.staging import staged_folder
 from lstm_export.torchscript import config_of, forward_signature, save_torchscript
 from lstm_export.verification import verify_artifacts
 
@@ -203,7 +205,8 @@ def export(
     `fused_kernel` (LayerNorm models) adds `model.fused.pt`, which runs each layer in
     the fused kernel, and `lstm_export_kernels.so`, the library it needs, both verified.
 
-    Raises `UsageError` if `out_dir` exists and `force` is False, if `model` is
+    Raises `UsageError` if `out_dir` exists and `force` is False (or it is not an
+    export or empty, see `check_destination`), if another export writes there now, if `model` is
     not float32 (it is refused, not converted) or `atol`/`factor` is not a finite
     number >= 0, and `ParityError` (with the report) if the backends disagree;
     in every case nothing is written to `out_dir`. With `keep_failed`, a refused
@@ -213,10 +216,10 @@ def export(
     step = progress or (lambda _message: None)
     tolerance = Tolerance(atol, factor)
     _check_float32(model)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir} exists and is not a folder; choose another --out")
-    if out_dir.exists() and not force:
-        raise UsageError(f"{out_dir} already exists; pass --force to replace it")
+    check_destination(out_dir, force)
+    name = check_model_name(
+        name or out_dir.resolve().name, "the model name (--name, else the --out folder's name)"
+    )
     if keep_failed is not None:
         keep_failed = check_keep_failed(keep_failed, out_dir)
     model = model.eval()
@@ -226,7 +229,7 @@ def export(
             "the fused kernel is for layer_norm=True models; this one is plain, and its "
             "model.pt already runs aten's fused LSTM kernel"
         )
-    with staged_folder(out_dir) as staging:
+    with staged_folder(out_dir, replaceable_export if force else None) as staging:
         step("Scripting model.pt")
         scripted = save_torchscript(model, staging / TORCHSCRIPT_FILE)
         fused_path = None
@@ -253,7 +256,7 @@ def export(
                 f"the export to {out_dir}", f"nothing written to {out_dir}{kept}"
             )
         schema = forward_signature(scripted)
-        manifest = build_manifest(staging, config, onnx_model, schema, report, name or out_dir.name)
+        manifest = build_manifest(staging, config, onnx_model, schema, report, name)
         _write_json(staging / MANIFEST_FILE, manifest)
         step(f"Writing {out_dir}")
     return ExportResult(out_dir, manifest, report)

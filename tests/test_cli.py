@@ -246,8 +246,14 @@ def test_existing_folder_is_only_replaced_with_force(tmp_path, call_main):
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "nan.pt"]
 
-    # With --force: replaced, stale files gone, no .old-/.partial- dirs left.
-    (out / "stale.txt").write_text("from an older export")
+    # With --force but a file the export did not write: refused naming it, nothing deleted.
+    (out / "notes.txt").write_text("the user's")
+    code, _, err = call_main("export", *SMALL, "--hidden-size", "12", "--out", out, "--force")
+    assert "'notes.txt'" in assert_one_line_error(code, err)
+    assert snapshot(out) == {**before, "notes.txt": b"the user's"}
+    (out / "notes.txt").unlink()
+
+    # With --force: replaced, no .old-/.partial- dirs or lock left.
     code, _, err = call_main("export", *SMALL, "--hidden-size", "12", "--out", out, "--force")
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == sorted(ARTIFACTS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import subprocess
@@ -125,13 +126,13 @@ def test_a_failing_step_leaves_nothing_behind_and_the_old_export_intact(tmp_path
     export(small_model(True, 1), out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
+    def broken(model, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(pipeline, "save_onnx", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UsageError, match=r"No space left on device .*model\.onnx"):
         export(small_model(True, 1, seed=3), out, force=True)
-    with pytest.raises(OSError):
+    with pytest.raises(UsageError, match="nothing was changed"):
         export(small_model(True, 1, seed=3), tmp_path / "fresh")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
