@@ -121,8 +121,16 @@ def read_text(path: Path, what: str, limit: int = MAX_TEXT_BYTES) -> str:
         raise UsageError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
 
 
-def parse_json(text: str, source: str) -> object:
-    """JSON text parsed, refused with one line if malformed or nested beyond MAX_JSON_DEPTH."""
+def parse_json(text: str | bytes, source: str) -> object:
+    """JSON text parsed, refused with one line if malformed or nested beyond MAX_JSON_DEPTH.
+
+    Bytes (TorchScript's extra files, ONNX metadata read raw) must be UTF-8.
+    """
+    if isinstance(text, bytes | bytearray):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{source} is not UTF-8 text (byte {exc.start})") from None
     depth = deepest = 0
     for char in _JSON_STRING.sub("", text):
         if char in "[{":
