@@ -102,8 +102,12 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-# Set by --debug (or LSTM_EXPORT_DEBUG=1): an internal error shows its traceback.
-_debug = {"on": bool(os.environ.get("LSTM_EXPORT_DEBUG"))}
+# Set by --debug (or LSTM_EXPORT_DEBUG=1): an error shows its traceback before its line.
+_debug = {"on": False}
+
+
+def _debug_from_environment() -> bool:
+    return os.environ.get("LSTM_EXPORT_DEBUG", "") not in ("", "0")
 
 
 @app.callback()
@@ -116,7 +120,7 @@ def _main(
     ] = False,
 ) -> None:
     """Export a scratch PyTorch LSTM to TorchScript and ONNX, with proven parity."""
-    _debug["on"] = _debug["on"] or debug
+    _debug["on"] = debug or _debug_from_environment()
 
 
 def _resolve_model(
@@ -205,13 +209,13 @@ def export(
     destination = out_dir or file_config.out or Path("models") / (name or "default")
     from lstm_export.files import check_destination
 
-    check_destination(destination, force)  # fail before any slow work
     checkpoint_path = file_config.checkpoint
     if checkpoint_path is not None and destination.resolve() in checkpoint_path.resolve().parents:
         raise UsageError(
             f"the checkpoint {checkpoint_path} is inside --out {destination}, which the "
             "export would replace; export to another folder"
         )
+    check_destination(destination, force)  # fail before any slow work
     # Without a name the export is called after its folder, as the library's export() does.
     if name is None:
         name = check_model_name(
@@ -697,6 +701,7 @@ def main() -> None:
     2: bad input (ours, click's usage errors, an OSError about a path); 1: a parity breach;
     3: anything else, a bug, with a hint to rerun with --debug for the traceback.
     """
+    _debug["on"] = _debug_from_environment()  # until the options are parsed
     try:
         code = app(prog_name=PROG, standalone_mode=False)
     except LSTMExportError as exc:

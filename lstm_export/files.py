@@ -63,6 +63,20 @@ def locked_folder(folder: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def write_file(path: Path, data: bytes | bytearray | memoryview | str) -> None:
+    """Write `data` to `path`; an OSError names the file (a plain write's does not, and
+    "File too large" alone does not say which of an export's files hit the limit)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -29,7 +29,7 @@ from lstm_export.artifacts import (
 )
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
-from lstm_export.files import check_destination, replaceable_export, sha256
+from lstm_export.files import check_destination, replaceable_export, sha256, write_file
 from lstm_export.model import LSTM
 from lstm_export.onnx_graph import OPSET, build_onnx
 from lstm_export.parity import ATOL, FACTOR, ParityReport, Tolerance
@@ -52,7 +52,7 @@ def save_onnx(model: LSTM, path: Path, opset: int = OPSET) -> onnx.ModelProto:
     """Build, check (full_check) and save the ONNX graph of `model`."""
     onnx_model = build_onnx(model, opset)
     onnx.checker.check_model(onnx_model, full_check=True)
-    onnx.save(onnx_model, str(path))
+    write_file(path, onnx_model.SerializeToString())  # onnx.save, with the file named
     return onnx_model
 
 
@@ -142,7 +142,7 @@ def build_manifest(
 
 def _write_json(path: Path, data: dict) -> None:
     text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False)  # strict JSON only
-    path.write_text(text + "\n", encoding="utf-8")
+    write_file(path, text + "\n")
 
 
 def _check_float32(model: LSTM) -> None:

@@ -57,7 +57,7 @@ def staged_folder(final: Path, replaceable: Check | None = None) -> Iterator[Pat
                 try:
                     yield staging
                 except OSError as exc:  # a full disk, a read-only folder: one line, not a trace
-                    where = f" ({exc.filename})" if exc.filename else ""
+                    where = f" ({_shown(exc.filename, staging)})" if exc.filename else ""
                     raise UsageError(
                         f"writing {final} failed: {exc.strerror or exc}{where}; nothing was changed"
                     ) from None
@@ -73,6 +73,12 @@ def staged_folder(final: Path, replaceable: Check | None = None) -> Iterator[Pat
 
 _PARTIAL = ".partial-"  # .NAME.partial-XXXX: a folder being built, or the old one being deleted
 _OLD = ".old-"  # .NAME.old-XXXX: the old folder between two plain renames (no exchange here)
+
+
+def _shown(filename: str | bytes, staging: Path) -> str:
+    """A file inside the staging folder by its name there (model.pt), others in full."""
+    path = Path(os.fsdecode(filename))
+    return str(path.relative_to(staging)) if staging in path.parents else str(path)
 
 
 def _check_replaceable(final: Path, replaceable: Check | None) -> None:

@@ -21,6 +21,7 @@ from lstm_export.deploy import deployable
 from lstm_export.errors import UsageError
 from lstm_export.kernels import OP_NAME, build_kernel, kernel_loaded
 from lstm_export.model import LSTM
+from lstm_export.files import write_file
 
 CONFIG_FILE = "config.json"
 
@@ -69,7 +70,7 @@ def save_torchscript(model: LSTM, path: Path, fused_kernel: bool = False) -> tor
         torch.jit.save(scripted, buffer, _extra_files=extra)
     # Written by Python, not by libtorch: on a full disk libtorch's writer aborts the whole
     # process (c10::Error in a destructor); Python's raises an OSError we can report.
-    path.write_bytes(buffer.getbuffer())
+    write_file(path, buffer.getbuffer())
     return scripted
 
 

@@ -38,7 +38,7 @@ from onnx import TensorProto, helper
 from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
-from lstm_export.files import check_export_folder, sha256
+from lstm_export.files import check_export_folder, sha256, write_file
 from lstm_export.parity import ATOL, FACTOR, Backend, ParityReport, Tolerance
 from lstm_export.runtime import CONFIG_KEY, LAYOUT_KEY, TIME_MAJOR
 from lstm_export.staging import staged_folder
@@ -692,8 +692,8 @@ def write_triton_repo(
 
     with staged_folder(final, replaceable) as staging:
         (staging / VERSION).mkdir()
-        onnx.save(batch_first, str(staging / VERSION / ONNX_FILE))
-        (staging / CONFIG_FILE).write_text(text, encoding="utf-8")
+        write_file(staging / VERSION / ONNX_FILE, batch_first.SerializeToString())
+        write_file(staging / CONFIG_FILE, text)
         if validate:
             _validate(staging, name)
     return final

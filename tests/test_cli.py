@@ -1020,3 +1020,154 @@ def test_text_from_a_checkpoint_is_printed_with_control_characters_escaped(tmp_p
     line = assert_one_line_error(code, err)
     assert "\x1b" not in err and "cells.0.\\x1b[31mred\\x1b[0m" in line, line
     assert not (tmp_path / "m").exists()
+
+
+# --------------------------------------------------------------------------- export folders
+
+
+def _export_small(out: Path, call_main, *extra: object) -> None:
+    code, _, err = call_main("export", *SMALL, "--out", out, *extra)
+    assert code == 0, err
+
+
+def test_force_refuses_a_folder_of_sibling_exports(tmp_path, call_main):
+    models = tmp_path / "models"
+    for name in ("a", "b"):
+        _export_small(models / name, call_main)
+    before = {name: snapshot(models / name) for name in ("a", "b")}
+
+    code, _, err = call_main("export", *SMALL, "--out", models, "--force")
+
+    assert "neither empty nor an lstm-export export" in assert_one_line_error(code, err)
+    assert {name: snapshot(models / name) for name in ("a", "b")} == before
+    assert sorted(p.name for p in models.iterdir()) == ["a", "b"]
+
+
+def test_force_never_deletes_the_checkpoint_being_exported(tmp_path, call_main):
+    out = tmp_path / "m"
+    _export_small(out, call_main)
+    checkpoint = out / "good.pt"
+    torch.save(LSTM(4, 8, 1, False).state_dict(), checkpoint)
+    before = snapshot(out)
+
+    code, _, err = call_main("export", "--checkpoint", checkpoint, "--out", out, "--force")
+
+    assert "is inside --out" in assert_one_line_error(code, err)
+    assert snapshot(out) == before
+
+
+def test_force_replaces_an_empty_folder(tmp_path, call_main):
+    out = tmp_path / "empty"
+    out.mkdir()
+    _export_small(out, call_main, "--force")
+    assert sorted(p.name for p in out.iterdir()) == sorted(ARTIFACTS)
+
+
+def test_force_refuses_the_current_folder(tmp_path, call_main, monkeypatch):
+    out = tmp_path / "m"
+    _export_small(out, call_main)
+    before = snapshot(out)
+    monkeypatch.chdir(out)
+    for where in (".", tmp_path):  # the current folder, and one that holds it
+        code, _, err = call_main("export", *SMALL, "--out", where, "--force")
+        assert "current folder" in assert_one_line_error(code, err)
+    assert snapshot(out) == before
+
+
+def test_a_model_name_triton_would_refuse_is_refused_by_export_first(tmp_path, call_main):
+    for args in (["--out", tmp_path / "modèle"], ["--name", "a\n", "--out", tmp_path / "x"]):
+        code, _, err = call_main("export", *SMALL, *args)
+        assert "model name" in assert_one_line_error(code, err) or "--name" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_two_exports_to_one_folder_at_once_one_wins_the_other_refuses(tmp_path):
+    env = {**os.environ, "COLUMNS": "200"}
+    command = [sys.executable, "-m", "lstm_export.cli", "export", *SMALL, "--out", "m"]
+    procs = [
+        subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refusal = next(err for code, err in results if code == 2)
+    assert "another lstm-export process is writing" in refusal or "already exists" in refusal
+    assert "Traceback" not in refusal
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no lock, no staging left
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["artifacts"]["model.onnx"]["sha256"] == sha256(tmp_path / "m" / "model.onnx")
+
+
+_FULL_DISK = """
+import resource, sys
+from lstm_export import cli
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # every file at most `limit` bytes
+sys.argv = ["lstm-export", *sys.argv[2:]]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("limit", "failing"),
+    [(4_000, "model.pt"), (30_000, "manifest.json")],  # model.pt ~15 kB, manifest ~50 kB
+)
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, limit, failing):
+    parent = tmp_path / "exports"
+    result = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(limit), "export", *SMALL, "--out", parent / "m"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    line = assert_one_line_error(result.returncode, result.stderr)
+    assert "File too large" in line and failing in line, line
+    assert "nothing was changed" in line
+    assert list(tmp_path.iterdir()) == []  # neither the staging folder nor exports/
+
+
+_LONG = "x" * 300  # one path component over the 255 bytes filesystems allow
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["export", *SMALL, "--out", f"{_LONG}/m"],
+        ["export", "--checkpoint", f"{_LONG}.pt"],
+        ["export", "--config", f"{_LONG}.toml"],
+        ["verify", _LONG],
+        ["inspect", f"{_LONG}.onnx"],
+        ["cpp-check", _LONG],
+        ["triton", _LONG],
+        ["serve", _LONG],
+        ["serve-bench", _LONG],
+        ["bench", _LONG, "--no-export-timing", "--no-cpp"],
+    ],
+    ids=lambda args: args[0] + ("-" + args[1].lstrip("-") if args[0] == "export" else ""),
+)
+def test_a_path_component_too_long_is_one_line_exit_2(tmp_path, monkeypatch, call_main, args):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = call_main(*args)
+    assert_one_line_error(code, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_internal_error_is_exit_3_with_a_debug_hint(call_main, monkeypatch):
+    import lstm_export.inspection as inspection
+
+    def bug(path):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(inspection, "inspect", bug)
+    code, _, err = call_main("inspect", "anything")
+    line = assert_one_line_error(code, err, expected_code=3)
+    assert "internal error: ZeroDivisionError: division by zero second line" in line
+    assert "--debug" in line
+
+    code, _, err = call_main("--debug", "inspect", "anything")
+    assert code == 3
+    assert "Traceback" in err and "ZeroDivisionError" in err  # the traceback on request
+    assert err.strip().splitlines()[-1].startswith("error: internal error")
