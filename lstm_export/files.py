@@ -85,7 +85,8 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for an error line ("a named pipe", "a device", ...)."""
     if stat.S_ISDIR(mode):
         return "a folder"
     if stat.S_ISFIFO(mode):
@@ -95,6 +96,25 @@ def _kind(mode: int) -> str:
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "not a regular file"
+
+
+def check_regular_file(path: Path, what: str, *, allow_empty: bool = False) -> os.stat_result:
+    """`path`'s stat (links followed), refused with one line unless it is a regular file
+    (and not empty, unless `allow_empty`): before a reader opens it, a FIFO would block it
+    forever and /dev/zero would feed it without end."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise UsageError(f"{what} {path} does not exist") from None
+    except OSError as exc:  # a name too long, no permission, a link loop
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(
+            f"{what} {path} must be a regular file, but it is {file_kind(info.st_mode)}"
+        )
+    if info.st_size == 0 and not allow_empty:
+        raise UsageError(f"{what} {path} is empty (0 bytes)")
+    return info
 
 
 def read_bytes(path: Path, what: str, limit: int = MAX_TEXT_BYTES) -> bytes:
@@ -112,7 +132,9 @@ def read_bytes(path: Path, what: str, limit: int = MAX_TEXT_BYTES) -> bytes:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise UsageError(f"{what} {path} must be a regular file, but it is {_kind(info.st_mode)}")
+        raise UsageError(
+            f"{what} {path} must be a regular file, but it is {file_kind(info.st_mode)}"
+        )
     if info.st_size > limit:
         os.close(fd)
         raise UsageError(f"{what} {path} is {info.st_size:,} bytes; expected at most {limit:,}")
