@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lstm_export.errors import UsageError
+from lstm_export.files import parse_json, read_text
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,12 @@ class LSTMConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = "config") -> LSTMConfig:
-        """Parse and check a config stored as JSON text (ONNX metadata, TorchScript extra file)."""
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise UsageError(f"{source} is not valid JSON ({exc}): {_shorten(text)}") from None
-        return cls.from_dict(data, source)
+        """Parse and check a config stored as JSON text (ONNX metadata, TorchScript extra file).
+
+        Parsed with a depth limit: the text comes from a file, and `[[[...` is a RecursionError
+        for plain `json.loads`.
+        """
+        return cls.from_dict(parse_json(text, source), source)
 
 
 def finite_number(name: str, value: object) -> float:
@@ -116,14 +117,14 @@ def read_export_config(path: Path) -> ExportConfig:
     Relative paths are taken relative to the TOML file, so a config can sit beside
     its checkpoint.
     """
+    path = Path(path)
+    text = read_text(path, "config file")  # a regular file of at most 1 MiB, UTF-8
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read config file {path}: {exc}") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise UsageError(f"config file {path} nests arrays or tables too deeply") from None
     allowed = {"name", "checkpoint", "out", "model", "fused_kernel", "parity"}
     unknown = sorted(set(data) - allowed)
     if unknown:
