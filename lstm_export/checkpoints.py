@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lstm_export.config import LSTMConfig
+from lstm_export.config import DEFAULT_LIMITS, LSTMConfig, SizeLimits, check_size
 from lstm_export.errors import UsageError
 from lstm_export.model import LSTM
 
@@ -227,41 +227,54 @@ def _describe_model(model: LSTM) -> str:
     )
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], LSTMConfig]:
-    """A checkpoint's state dict in this model's layout, and the config its shapes imply."""
+def read_checkpoint(
+    path: Path, limits: SizeLimits = DEFAULT_LIMITS
+) -> tuple[dict[str, Tensor], LSTMConfig]:
+    """A checkpoint's state dict in this model's layout, and the config its shapes imply,
+    refused unless that config is within `limits`."""
     source = f"checkpoint {path}"
     state = read_state_dict(path)
     if is_nn_lstm_state_dict(state):
         state = from_nn_lstm_state_dict(state, source)
-    return state, infer_config(state, source)
+    config = infer_config(state, source)
+    check_size(config, limits, source)
+    return state, config
 
 
 def model_from_state_dict(
-    state: Mapping[str, Tensor], config: LSTMConfig, source: str = "checkpoint"
+    state: Mapping[str, Tensor],
+    config: LSTMConfig,
+    source: str = "checkpoint",
+    limits: SizeLimits = DEFAULT_LIMITS,
 ) -> LSTM:
-    """An `LSTM` of `config` holding `state`, refused with every misfit key listed."""
+    """An `LSTM` of `config` holding `state`, refused with every misfit key listed, and
+    refused before it is built if `config` is beyond `limits` (`check_size`)."""
+    check_size(config, limits, source)
     model = LSTM(config.input_size, config.hidden_size, config.num_layers, config.layer_norm)
     check_state_dict(model, state, source)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     return model.eval()
 
 
-def load_checkpoint(path: Path, config: LSTMConfig | None = None) -> LSTM:
+def load_checkpoint(
+    path: Path, config: LSTMConfig | None = None, limits: SizeLimits = DEFAULT_LIMITS
+) -> LSTM:
     """Build an `LSTM` from a checkpoint of this model or of `nn.LSTM`.
 
     Without `config`, the sizes are read off the weights; with one, the
-    checkpoint must fit it exactly.
+    checkpoint must fit it exactly. Either must be within `limits`.
     """
-    state, inferred = read_checkpoint(path)
-    return model_from_state_dict(state, config or inferred, f"checkpoint {path}")
+    state, inferred = read_checkpoint(path, limits)
+    return model_from_state_dict(state, config or inferred, f"checkpoint {path}", limits)
 
 
-def build_model(config: LSTMConfig, seed: int = 0) -> LSTM:
+def build_model(config: LSTMConfig, seed: int = 0, limits: SizeLimits = DEFAULT_LIMITS) -> LSTM:
     """A model with random weights from a fixed seed (the built-in default model).
 
     LayerNorm scales and shifts are drawn at random too, away from their 1/0
-    initial values, so that parity checks exercise them.
+    initial values, so that parity checks exercise them. Refused beyond `limits`.
     """
+    check_size(config, limits)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LSTM(config.input_size, config.hidden_size, config.num_layers, config.layer_norm)

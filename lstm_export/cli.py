@@ -28,7 +28,17 @@ from typer.core import TyperArgument, TyperCommand
 
 from lstm_export import __version__
 from lstm_export.artifacts import ATOL, FACTOR
-from lstm_export.config import ExportConfig, LSTMConfig, read_export_config
+from lstm_export.config import (
+    DEFAULT_LIMITS,
+    MAX_LAYERS,
+    MAX_PARAMETERS,
+    MAX_SIZE,
+    ExportConfig,
+    LSTMConfig,
+    SizeLimits,
+    check_size,
+    read_export_config,
+)
 from lstm_export.errors import LSTMExportError, ParityError, UsageError
 
 PROG = "lstm-export"
@@ -124,20 +134,29 @@ def _main(
 
 
 def _resolve_model(
-    file_config: ExportConfig, checkpoint: Path | None, overrides: dict[str, Any]
+    file_config: ExportConfig,
+    checkpoint: Path | None,
+    overrides: dict[str, Any],
+    limits: SizeLimits = DEFAULT_LIMITS,
 ) -> tuple[Any, str]:
-    """config -> model: from a checkpoint (sizes read off it) or random from a fixed seed."""
+    """config -> model: from a checkpoint (sizes read off it) or random from a fixed seed.
+
+    Either way the size is checked against `limits` before a model is built; for random
+    weights even before torch is imported, so an oversized config is refused at once.
+    """
+    if checkpoint is None:
+        base = file_config.model or LSTMConfig()
+        config = LSTMConfig(**{**base.to_dict(), **overrides})
+        check_size(config, limits)
     from lstm_export.checkpoints import build_model, model_from_state_dict, read_checkpoint
 
     if checkpoint is not None:
-        state, inferred = read_checkpoint(checkpoint)
+        state, inferred = read_checkpoint(checkpoint, limits)
         base = file_config.model or inferred
         config = LSTMConfig(**{**base.to_dict(), **overrides})
-        model = model_from_state_dict(state, config, f"checkpoint {checkpoint}")
+        model = model_from_state_dict(state, config, f"checkpoint {checkpoint}", limits)
         return model, f"checkpoint {checkpoint}"
-    base = file_config.model or LSTMConfig()
-    config = LSTMConfig(**{**base.to_dict(), **overrides})
-    return build_model(config), "random weights (seed 0)"
+    return build_model(config, limits=limits), "random weights (seed 0)"
 
 
 @app.command()
@@ -183,6 +202,22 @@ def export(
             help="If parity fails: write the artifacts and parity.json to this new folder.",
         ),
     ] = None,
+    max_parameters: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help=f"Refuse a model of more weights (default {MAX_PARAMETERS:,}: 1 GiB of float32).",
+        ),
+    ] = MAX_PARAMETERS,
+    max_layers: Annotated[
+        int, typer.Option(min=1, help=f"Refuse more stacked layers (default {MAX_LAYERS}).")
+    ] = MAX_LAYERS,
+    max_size: Annotated[
+        int,
+        typer.Option(
+            min=1, help=f"Refuse a larger input_size or hidden_size (default {MAX_SIZE:,})."
+        ),
+    ] = MAX_SIZE,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Export model.pt (TorchScript) and model.onnx, verify their parity, write a manifest.
@@ -234,9 +269,9 @@ def export(
         check_keep_failed(keep_failed, destination)
 
     with _status("Loading torch"):
+        limits = SizeLimits(max_parameters, max_layers, max_size)
+        model, origin = _resolve_model(file_config, file_config.checkpoint, overrides, limits)
         from lstm_export.pipeline import export as run_export
-
-        model, origin = _resolve_model(file_config, file_config.checkpoint, overrides)
     with _sigterm_exits(), _status("Exporting") as status:
 
         def progress(message: str) -> None:

@@ -17,6 +17,16 @@ from typing import Any
 from lstm_export.errors import UsageError
 from lstm_export.files import parse_json, read_text
 
+# Stated limits on a model's size, checked from its config before any model is built (so
+# before any memory is spent on one); `lstm-export export --max-parameters/--max-layers/
+# --max-size` raise them.
+MAX_PARAMETERS = 1 << 28
+"""268,435,456 parameters: 1 GiB of float32 weights, half of ONNX's 2 GiB protobuf limit."""
+MAX_LAYERS = 64
+"""Stacked layers; each is a module, a time loop and a graph section of its own."""
+MAX_SIZE = 1 << 16
+"""input_size and hidden_size, each: 65,536 (the parity inputs are seq x batch x input_size)."""
+
 
 @dataclass(frozen=True)
 class LSTMConfig:
@@ -75,6 +85,75 @@ class LSTMConfig:
         for plain `json.loads`.
         """
         return cls.from_dict(parse_json(text, source), source)
+
+    def describe(self) -> str:
+        """`LSTM(input_size=4, hidden_size=8, num_layers=1, layer_norm=False)`, for messages."""
+        return (
+            f"LSTM(input_size={self.input_size}, hidden_size={self.hidden_size}, "
+            f"num_layers={self.num_layers}, layer_norm={self.layer_norm})"
+        )
+
+    def parameter_count(self) -> int:
+        """The number of weights this config's LSTM holds, computed without building it."""
+        hidden = self.hidden_size
+        gates = 4 * hidden
+        first = gates * (self.input_size + hidden + 1)  # input_lin, hidden_lin and its bias
+        others = (self.num_layers - 1) * gates * (2 * hidden + 1)
+        norms = self.num_layers * 5 * 2 * hidden if self.layer_norm else 0  # 5 LayerNorms
+        return first + others + norms
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    """The largest model lstm-export builds; the defaults are MAX_PARAMETERS, MAX_LAYERS and
+    MAX_SIZE, and any of them can be raised (or lowered) for one call."""
+
+    max_parameters: int = MAX_PARAMETERS
+    max_layers: int = MAX_LAYERS
+    max_size: int = MAX_SIZE
+
+    def __post_init__(self) -> None:
+        for name in ("max_parameters", "max_layers", "max_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+DEFAULT_LIMITS = SizeLimits()
+
+
+def check_size(
+    config: LSTMConfig, limits: SizeLimits = DEFAULT_LIMITS, source: str = "the model"
+) -> int:
+    """Refuse a config beyond `limits` before anything is allocated; its parameter count if not.
+
+    Pure arithmetic on Python ints (no torch, no overflow): a `hidden_size` of 2**63 - 1
+    is refused in microseconds instead of failing inside a 160 GB allocation.
+    """
+    if config.num_layers > limits.max_layers:
+        raise UsageError(
+            f"{source}: num_layers={config.num_layers:,} is over the limit of "
+            f"{limits.max_layers:,} layers (--max-layers raises it)"
+        )
+    for name in ("input_size", "hidden_size"):
+        value = getattr(config, name)
+        if value > limits.max_size:
+            raise UsageError(
+                f"{source}: {name}={value:,} is over the limit of {limits.max_size:,} "
+                f"(--max-size raises it)"
+            )
+    count = config.parameter_count()
+    if count > limits.max_parameters:
+        raise UsageError(
+            f"{source}: {config.describe()} has {count:,} parameters "
+            f"({_mib(count)} of float32), over the limit of {limits.max_parameters:,} "
+            f"({_mib(limits.max_parameters)}; --max-parameters raises it)"
+        )
+    return count
+
+
+def _mib(parameters: int) -> str:
+    return f"{parameters * 4 >> 20:,} MiB"  # integer arithmetic: no float overflow
 
 
 def finite_number(name: str, value: object) -> float:

@@ -30,7 +30,7 @@ from lstm_export.checkpoints import (
     to_nn_lstm_state_dict,
 )
 from lstm_export.cli import app
-from lstm_export.config import LSTMConfig
+from lstm_export.config import LSTMConfig, SizeLimits
 
 ATOL = 1e-5
 
@@ -604,3 +604,71 @@ def test_cli_checkpoint_mismatch_is_one_line_exit_2_and_writes_nothing(tmp_path)
     assert "missing: " in lines[0] and "cells.0.layer_norm_c.weight" in lines[0]
     assert "wrongly shaped: " in lines[0] and "cells.0.hidden_lin.weight" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
+
+
+# --------------------------------------------------------------------------- sizes before work
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building any LSTM fails the test: each refusal below must come before that work."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("an LSTM was built before the checkpoint was refused")
+
+    monkeypatch.setattr(LSTM, "__init__", refuse)
+
+
+def _layers_of_tiny_tensors(layers: int, nn_layout: bool) -> dict[str, torch.Tensor]:
+    """`layers` complete layers of a 1-in, 1-hidden LSTM (small tensors, a quick torch.save)."""
+    weight, bias = torch.zeros(4, 1), torch.zeros(4)
+    state = {}
+    for k in range(layers):
+        if nn_layout:
+            state.update({f"weight_ih_l{k}": weight, f"weight_hh_l{k}": weight})
+            state.update({f"bias_ih_l{k}": bias, f"bias_hh_l{k}": bias})
+        else:
+            state[f"cells.{k}.input_lin.weight"] = weight
+            state[f"cells.{k}.hidden_lin.weight"] = weight
+            state[f"cells.{k}.hidden_lin.bias"] = bias
+    return state
+
+
+@pytest.mark.parametrize("nn_layout", [False, True], ids=["ours", "nn.LSTM"])
+def test_twenty_thousand_real_layers_are_refused_by_the_layer_limit_before_building(
+    tmp_path, no_model, nn_layout
+):
+    """All 20,000 layers present (no gap): once 36 s and 1.16 GB, then an 8 MB error line."""
+    path = tmp_path / "deep.pt"
+    torch.save(_layers_of_tiny_tensors(20_000, nn_layout), path)
+
+    with pytest.raises(UsageError) as error:
+        load_checkpoint(path)
+
+    assert str(error.value) == (
+        f"checkpoint {path}: num_layers=20,000 is over the limit of 64 layers "
+        "(--max-layers raises it)"
+    )
+
+
+def test_cli_refuses_twenty_thousand_layers_in_one_line(tmp_path, no_model, call_main):
+    torch.save(_layers_of_tiny_tensors(20_000, False), tmp_path / "deep.pt")
+    code, _, err = call_main(
+        "export", "--checkpoint", tmp_path / "deep.pt", "--out", tmp_path / "o"
+    )
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "num_layers=20,000 is over" in err, err
+    assert len(err) < 300
+
+
+def test_size_limits_apply_to_checkpoints_and_can_be_raised(tmp_path):
+    path = tmp_path / "three.pt"
+    torch.save(_seeded_lstm(17, 4, 8, num_layers=3).state_dict(), path)
+    with pytest.raises(UsageError, match=r"num_layers=3 is over the limit of 2 layers"):
+        load_checkpoint(path, limits=SizeLimits(max_layers=2))
+    with pytest.raises(UsageError, match=r"has 1,\d{3} parameters .* over the limit of 100 "):
+        read_checkpoint(path, SizeLimits(max_parameters=100))
+    # A config given with the checkpoint is checked too (it decides what gets built).
+    with pytest.raises(UsageError, match=r"hidden_size=9 is over the limit of 8"):
+        load_checkpoint(path, LSTMConfig(4, 9, 3, False), limits=SizeLimits(max_size=8))
+    assert load_checkpoint(path, limits=SizeLimits(max_layers=3)).num_layers == 3

@@ -1,13 +1,26 @@
-"""LSTMConfig from untrusted data: refused with one line naming what was expected and what came."""
+"""LSTMConfig from untrusted data: refused with one line naming what was expected and what came.
+
+Also the size limits (check_size, the export flags that raise them) and export TOML files.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
-from lstm_export.config import LSTMConfig, read_export_config
+from lstm_export.config import (
+    DEFAULT_LIMITS,
+    MAX_LAYERS,
+    MAX_PARAMETERS,
+    MAX_SIZE,
+    LSTMConfig,
+    SizeLimits,
+    check_size,
+    read_export_config,
+)
 from lstm_export.errors import UsageError
 from lstm_export.files import MAX_TEXT_BYTES
 
@@ -65,6 +78,172 @@ def test_from_json_refuses_deep_nesting_in_one_line():
     message = str(error.value)
     assert message.startswith("m.onnx lstm_export.config metadata nests 100000 levels deep")
     assert len(message) < 200
+
+
+# --------------------------------------------------------------------------- size limits
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LSTMConfig(5, 6, 3, True),
+        LSTMConfig(5, 6, 1, False),
+        LSTMConfig(1, 1, 1, True),
+        LSTMConfig(64, 256, 2, True),
+    ],
+    ids=str,
+)
+def test_parameter_count_is_the_built_models_without_building_it(config):
+    from lstm_export.model import LSTM
+
+    model = LSTM(config.input_size, config.hidden_size, config.num_layers, config.layer_norm)
+    assert config.parameter_count() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        pytest.param(
+            LSTMConfig(num_layers=65),
+            "the model: num_layers=65 is over the limit of 64 layers (--max-layers raises it)",
+            id="layers",
+        ),
+        pytest.param(
+            LSTMConfig(hidden_size=100_000),
+            "the model: hidden_size=100,000 is over the limit of 65,536 (--max-size raises it)",
+            id="hidden-100000",
+        ),
+        pytest.param(
+            LSTMConfig(hidden_size=2**63 - 1),
+            "the model: hidden_size=9,223,372,036,854,775,807 is over the limit of 65,536 "
+            "(--max-size raises it)",
+            id="hidden-int64-max",
+        ),
+        pytest.param(
+            LSTMConfig(input_size=70_000, hidden_size=4, num_layers=1),
+            "the model: input_size=70,000 is over the limit of 65,536 (--max-size raises it)",
+            id="input",
+        ),
+        pytest.param(
+            LSTMConfig(hidden_size=9000),
+            "the model: LSTM(input_size=64, hidden_size=9000, num_layers=2, layer_norm=True) "
+            "has 974,556,000 parameters (3,717 MiB of float32), over the limit of 268,435,456 "
+            "(1,024 MiB; --max-parameters raises it)",
+            id="parameters",
+        ),
+    ],
+)
+def test_check_size_refuses_each_limit_naming_the_value_the_limit_and_the_flag(config, expected):
+    with pytest.raises(UsageError) as error:
+        check_size(config)
+    assert str(error.value) == expected
+
+
+def test_limits_can_be_raised_or_lowered_and_must_be_positive_integers():
+    big = LSTMConfig(hidden_size=9000, num_layers=70)
+    limits = SizeLimits(max_parameters=10**12, max_layers=70, max_size=9000)
+    assert check_size(big, limits) == big.parameter_count()
+    assert check_size(LSTMConfig()) == LSTMConfig().parameter_count()  # the default fits
+    with pytest.raises(UsageError, match="num_layers=2 is over the limit of 1 layers"):
+        check_size(LSTMConfig(), SizeLimits(max_layers=1))
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(UsageError, match=r"^max_parameters must be an integer >= 1"):
+            SizeLimits(max_parameters=bad)
+    assert (MAX_PARAMETERS, MAX_LAYERS, MAX_SIZE) == (2**28, 64, 2**16)
+
+
+def _no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building any LSTM fails the test: a refusal must come before the work."""
+    from lstm_export.model import LSTM
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("an LSTM was built before the size was checked")
+
+    monkeypatch.setattr(LSTM, "__init__", refuse)
+
+
+def test_build_model_refuses_an_oversized_config_before_allocating(monkeypatch):
+    """`--hidden-size 100000` was a 160 GB allocation (RuntimeError), 20000 ran 83 s."""
+    from lstm_export.checkpoints import build_model
+
+    _no_model(monkeypatch)
+    with pytest.raises(UsageError, match=r"has 4,805,680,000 parameters"):
+        build_model(LSTMConfig(hidden_size=20_000))
+
+
+@pytest.mark.parametrize(
+    ("hidden", "expected"),
+    [
+        ("100000", "hidden_size=100,000 is over the limit of 65,536 (--max-size raises it)"),
+        ("20000", "has 4,805,680,000 parameters"),  # under --max-size, over --max-parameters
+    ],
+)
+def test_cli_oversized_hidden_size_is_one_line_exit_2_before_torch_is_imported(
+    tmp_path, hidden, expected
+):
+    """Was a RuntimeError traceback (100000: a 160 GB allocation), or 83 s then MemoryError."""
+    script = (
+        "import sys\n"
+        "from lstm_export import cli\n"
+        f"sys.argv = ['lstm-export', 'export', '--hidden-size', '{hidden}', '--out', 'out']\n"
+        "try:\n"
+        "    cli.main()\n"
+        "except SystemExit as exc:\n"
+        "    print(exc.code, 'torch' in sys.modules)\n"
+    )
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert time.monotonic() - start < 5  # a generous bound: the work itself is never started
+    assert proc.stdout.split() == ["2", "False"], (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert expected in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_toml_hidden_size_of_int64_max_is_one_line_exit_2(tmp_path, monkeypatch, call_main):
+    """Was an OverflowError traceback from inside torch."""
+    _no_model(monkeypatch)
+    toml = tmp_path / "export.toml"
+    toml.write_text('out = "out"\n[model]\nhidden_size = 9223372036854775807\n')
+    code, _, err = call_main("export", "--config", toml)
+    assert code == 2, err
+    assert err.strip().splitlines() == [
+        "error: the model: hidden_size=9,223,372,036,854,775,807 is over the limit of 65,536 "
+        "(--max-size raises it)"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.toml"]
+
+
+def test_cli_max_flags_raise_and_lower_the_limits(tmp_path, monkeypatch, call_main):
+    from lstm_export import checkpoints
+
+    built = []
+
+    def fake_build(config: LSTMConfig, seed: int = 0, limits: SizeLimits = DEFAULT_LIMITS):
+        built.append((config, limits))
+        raise UsageError("stop: the size check passed")
+
+    monkeypatch.setattr(checkpoints, "build_model", fake_build)
+    out = tmp_path / "out"
+    code, _, err = call_main("export", "--hidden-size", "9000", "--out", out)
+    assert code == 2 and "--max-parameters raises it" in err and built == [], err
+
+    code, _, err = call_main(
+        "export", "--hidden-size", "9000", "--max-parameters", 10**9, "--out", out
+    )
+    assert code == 2 and "stop: the size check passed" in err, err
+    assert built == [(LSTMConfig(hidden_size=9000), SizeLimits(max_parameters=10**9))]
+
+    code, _, err = call_main("export", "--num-layers", "3", "--max-layers", "2", "--out", out)
+    assert code == 2 and "num_layers=3 is over the limit of 2 layers" in err, err
+    code, _, err = call_main("export", "--input-size", "300", "--max-size", "256", "--out", out)
+    assert code == 2 and "input_size=300 is over the limit of 256" in err, err
+    code, _, err = call_main("export", "--max-parameters", "0", "--out", out)
+    assert code == 2 and "--max-parameters" in err, err
+    assert len(built) == 1 and not out.exists()
 
 
 # --------------------------------------------------------------------------- export TOML files
