@@ -7,16 +7,22 @@ Files are read with `torch.load(weights_only=True)`: a checkpoint is data, never
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+import sys
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
 
-from lstm_export.config import DEFAULT_LIMITS, LSTMConfig, SizeLimits, check_size
+from lstm_export.config import DEFAULT_LIMITS, LSTMConfig, SizeLimits, check_size, printable
 from lstm_export.errors import UsageError
+from lstm_export.files import file_kind
 from lstm_export.model import LSTM
 
 # Wrappers training scripts commonly put around the state dict.
@@ -24,31 +30,46 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 # Prefixes DataParallel and torch.compile add to every key.
 _KEY_PREFIXES = ("module.", "_orig_mod.")
 _NN_LSTM_KEY = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
+_KEY_CHARS = 80  # a name from the file longer than this is cut in an error line
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Load a state dict from `path` without unpickling arbitrary objects."""
+    """Load a state dict from `path` without unpickling arbitrary objects.
+
+    Only a regular file is read (a FIFO would block, /dev/zero never end): the file is
+    opened without blocking and its type checked on the open descriptor, then torch reads
+    that same descriptor. No size limit: checkpoints are as large as their weights.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist or is not a file")
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(2)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        raise UsageError(f"checkpoint {path} does not exist") from None
     except OSError as exc:
         raise UsageError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
-    # torch.save writes a zip archive ("PK") or, in its legacy format, a pickle (PROTO, 0x80).
-    if head != b"PK" and not head.startswith(b"\x80"):
-        what = "it is empty" if not head else "neither a zip archive nor a pickle"
-        raise UsageError(
-            f"checkpoint {path} is not a torch.save file ({what}); "
-            f"save one with torch.save(model.state_dict(), path)"
-        )
-    try:
-        with warnings.catch_warnings():  # torch warns about old pickle protocols; we refuse anyway
-            warnings.simplefilter("ignore")
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file; all mean the same here
-        raise UsageError(_refusal(path, exc)) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UsageError(f"checkpoint {path} must be a regular file, but it is {file_kind(mode)}")
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            head = handle.read(2)
+            handle.seek(0)
+        except OSError as exc:
+            raise UsageError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+        # torch.save writes a zip archive ("PK") or, in its legacy format, a pickle (0x80).
+        if head != b"PK" and not head.startswith(b"\x80"):
+            what = "it is empty" if not head else "neither a zip archive nor a pickle"
+            raise UsageError(
+                f"checkpoint {path} is not a torch.save file ({what}); "
+                f"save one with torch.save(model.state_dict(), path)"
+            )
+        try:
+            with warnings.catch_warnings():  # torch warns about old pickle protocols
+                warnings.simplefilter("ignore")
+                data = torch.load(handle, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a bad file; all mean the same
+            raise UsageError(_refusal(path, exc, zipped=head == b"PK", handle=handle)) from None
     return _unwrap(data, str(path))
 
 
@@ -59,10 +80,26 @@ _ADVICE = re.compile(r"weights.only|safe_globals|trust|documentation|file an iss
 _MODULE_PREFIXES = ("torch.nn.", "lstm_export.")
 
 
-def _refusal(path: Path, exc: Exception) -> str:
+_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+# What a pickle cut short makes the unpickler say (the legacy, non-zip format).
+_CUT_SHORT = re.compile(r"EOF|unpack requires a buffer|index out of range|truncated", re.I)
+
+
+def _refusal(
+    path: Path, exc: Exception, *, zipped: bool = False, handle: BinaryIO | None = None
+) -> str:
     """One line on why torch's safe loader refused `path`, and what to save instead."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    found = re.search(r"GLOBAL\s+([A-Za-z_][\w.]*)", text)
+    # A zip archive's directory is at its very end: a cut-short copy has none, and torch
+    # then reports anything from "failed finding central directory" to "[Errno 22]".
+    if zipped and handle is not None and not _has_zip_end(handle):
+        return _truncated(path, "a zip archive without its end record")
+    if not zipped and (isinstance(exc, EOFError) or _CUT_SHORT.search(text)):
+        return _truncated(path, "its pickle ends early")
+    found = re.search(r"GLOBAL\s+(\S*)", text)
+    if found and not _could_be_real(found.group(1)):  # a name cut short: "collections.Order"
+        name = printable(found.group(1), _KEY_CHARS)
+        return _truncated(path, f"its pickle names {name!r}, which does not exist")
     if found and found.group(1).startswith(_MODULE_PREFIXES):
         return (
             f"checkpoint {path} holds a whole pickled model ({found.group(1)}), "
@@ -84,7 +121,36 @@ def _refusal(path: Path, exc: Exception) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     reasons = [line.split(". ")[0].rstrip(".") for line in lines if not _ADVICE.search(line)]
     reason = reasons[0] if reasons else type(exc).__name__
-    return f"checkpoint {path} is not a readable torch.save file of a state dict: {reason}"
+    return (
+        f"checkpoint {path} is not a readable torch.save file of a state dict: "
+        f"{printable(reason, 200)}"
+    )
+
+
+def _truncated(path: Path, why: str) -> str:
+    return (
+        f"checkpoint {path} is truncated or corrupt: {why} (an interrupted save or copy?); "
+        f"save or copy it again"
+    )
+
+
+def _could_be_real(name: str) -> bool:
+    """False for a dotted name that cannot be a real class: an empty part, or a name missing
+    from a module already loaded. Nothing is imported for this (the name is from the file)."""
+    if not _DOTTED_NAME.fullmatch(name):
+        return False
+    module, _, attr = name.rpartition(".")
+    loaded = sys.modules.get(module)
+    return loaded is None or attr in vars(loaded)
+
+
+def _has_zip_end(handle: BinaryIO) -> bool:
+    """Whether the open file ends with a zip archive's end record, as a whole one does."""
+    try:
+        handle.seek(0)
+        return zipfile.is_zipfile(handle)
+    except (OSError, ValueError):
+        return False
 
 
 def _unwrap(data: object, source: str) -> dict[str, Tensor]:

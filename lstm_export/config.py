@@ -176,6 +176,17 @@ def _shorten(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def printable(text: str, limit: int | None = None) -> str:
+    """`text` with control characters escaped as a repr writes them (`\\x1b`), cut to `limit`.
+
+    For text from files (checkpoint keys) in error messages: it must not recolour or
+    rewrite the terminal of whoever prints the message, from the CLI or from Python.
+    """
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """What `lstm-export export --config FILE.toml` reads; CLI flags override it."""

@@ -672,3 +672,62 @@ def test_size_limits_apply_to_checkpoints_and_can_be_raised(tmp_path):
     with pytest.raises(UsageError, match=r"hidden_size=9 is over the limit of 8"):
         load_checkpoint(path, LSTMConfig(4, 9, 3, False), limits=SizeLimits(max_size=8))
     assert load_checkpoint(path, limits=SizeLimits(max_layers=3)).num_layers == 3
+
+
+def _tiny_state() -> dict[str, torch.Tensor]:
+    return _layers_of_tiny_tensors(1, nn_layout=False)
+
+
+def _saved(tmp_path: Path, state: dict, name: str = "ck.pt") -> Path:
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+# --------------------------------------------------------------------------- the file itself
+
+
+def _kinds_of_not_a_file(tmp_path: Path) -> list[tuple[Path, str]]:
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.pt"
+    zero.symlink_to("/dev/zero")
+    return [(fifo, "a named pipe"), (zero, "a device"), (tmp_path, "a folder")]
+
+
+def test_a_fifo_a_device_or_a_folder_is_refused_as_not_a_regular_file(tmp_path):
+    """Were "does not exist or is not a file" (/dev/zero exists) or, opened, a hang."""
+    for path, kind in _kinds_of_not_a_file(tmp_path):
+        with pytest.raises(UsageError) as error:
+            read_state_dict(path)
+        assert str(error.value) == f"checkpoint {path} must be a regular file, but it is {kind}"
+    with pytest.raises(UsageError) as error:
+        read_state_dict(tmp_path / "missing.pt")
+    assert str(error.value) == f"checkpoint {tmp_path / 'missing.pt'} does not exist"
+
+
+def test_every_cut_of_a_zip_checkpoint_is_said_to_be_truncated(tmp_path):
+    """A cut-short copy said "[Errno 22] Invalid argument" or "failed finding central directory"."""
+    whole = _saved(tmp_path, _seeded_lstm(20, 4, 8, num_layers=2, layer_norm=True).state_dict())
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.pt"
+    for size in [*range(3, len(data), 211), len(data) - 1]:
+        cut.write_bytes(data[:size])
+        with pytest.raises(UsageError) as error:
+            read_state_dict(cut)
+        assert str(error.value) == (
+            f"checkpoint {cut} is truncated or corrupt: a zip archive without its end record "
+            "(an interrupted save or copy?); save or copy it again"
+        ), size
+
+
+def test_every_cut_of_a_legacy_pickle_checkpoint_is_one_line_saying_so(tmp_path):
+    path = tmp_path / "legacy.pt"
+    torch.save(_tiny_state(), path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.pt"
+    for size in range(2, len(data), 7):
+        cut.write_bytes(data[:size])
+        with pytest.raises(UsageError) as error:
+            read_state_dict(cut)
+        assert f"checkpoint {cut} is truncated or corrupt: " in str(error.value), (size, error)
