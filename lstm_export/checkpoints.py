@@ -3,6 +3,12 @@
 Two layouts are understood: this model's own keys (`cells.{k}.input_lin.weight`, ...,
 as the original notebook code wrote them) and `torch.nn.LSTM`'s (`weight_ih_l{k}`, ...).
 Files are read with `torch.load(weights_only=True)`: a checkpoint is data, never code.
+
+Everything about a checkpoint is checked before a model is built from it, in the order of
+what it costs: the file's type, its keys and the layer indices they name, the size those
+imply (`lstm_export.config.check_size`), every tensor's kind, dtype and shape, and last
+its values (finite, at most MAX_ABS_WEIGHT). A refusal is one line naming the checkpoint,
+and at most MAX_LISTED keys, escaped: key names come from the file.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import stat
 import sys
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,7 +36,36 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 # Prefixes DataParallel and torch.compile add to every key.
 _KEY_PREFIXES = ("module.", "_orig_mod.")
 _NN_LSTM_KEY = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
-_KEY_CHARS = 80  # a name from the file longer than this is cut in an error line
+_OUR_LAYER = re.compile(r"^cells\.(\d+)")
+
+# float16, bfloat16 and float64 weights are converted to float32 (what the artifacts run);
+# anything else (integers, bool, complex, float8) is refused, for either layout alike.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_ABS_WEIGHT = 1e6
+"""The largest |weight| accepted. Trained LSTMs' weights are O(1), rarely beyond 100; far
+larger ones only overflow float32: the pre-activation Wx + Wh + b grows with them, and
+LayerNorm squares it (weights of 1e19 make every parity row NaN). 1e6 leaves that overflow
+out of reach for inputs up to about 1e6 at the largest sizes (MAX_SIZE)."""
+MAX_LISTED = 5
+"""Keys an error line names before "and N more": 20,000 stray keys are one short line."""
+_KEY_CHARS = 80  # a key longer than this is cut in an error line
+
+
+def _key(key: str) -> str:
+    """A key from the file as an error line shows it: escaped, and cut if very long."""
+    return printable(key, _KEY_CHARS)
+
+
+def _listing(items: Iterable[str], limit: int = MAX_LISTED) -> str:
+    """`a, b, c and 19,997 more`: at most `limit` items (already formatted) in one line."""
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit:,} more" if len(items) > limit else "")
+
+
+def _index(digits: str) -> int:
+    """A layer index off a key; a huge one (int() refuses > 4300 digits) counts as huge."""
+    return int(digits) if len(digits) <= 18 else 10**18
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -70,7 +105,9 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
                 data = torch.load(handle, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a bad file; all mean the same
             raise UsageError(_refusal(path, exc, zipped=head == b"PK", handle=handle)) from None
-    return _unwrap(data, str(path))
+    state = _unwrap(data, str(path))
+    check_tensor_kinds(state, f"checkpoint {path}")
+    return state
 
 
 # torch's load errors advise unpickling anyway (weights_only=False, add_safe_globals): never
@@ -182,6 +219,57 @@ def _describe(data: object) -> str:
     return f"a {type(data).__name__}"
 
 
+def check_tensor_kinds(state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Refuse tensors that hold no plain dense data: meta (a shape without numbers),
+    sparse (COO, CSR, ...) and quantized ones. They claim shapes they do not store, and
+    everything downstream (shapes, sums, load_state_dict) assumes dense numbers."""
+    for key, tensor in state.items():
+        if tensor.is_meta or tensor.device.type == "meta":
+            what = "a meta tensor (a shape without data)"
+        elif tensor.layout != torch.strided:
+            what = f"a sparse tensor ({str(tensor.layout).removeprefix('torch.')})"
+        elif tensor.is_quantized:
+            what = "a quantized tensor"
+        else:
+            continue
+        raise UsageError(
+            f"{source}: {_key(key)} is {what}; expected a dense tensor of numbers "
+            f"(save the model's own state_dict())"
+        )
+
+
+def _not_float(state: Mapping[str, Tensor], keys: Iterable[str]) -> list[str]:
+    """The keys (formatted, with their dtype) whose tensors are not float16/32/64 or bfloat16."""
+    return [
+        f"{_key(k)} ({str(state[k].dtype).removeprefix('torch.')})"
+        for k in keys
+        if k in state and state[k].dtype not in FLOAT_DTYPES
+    ]
+
+
+def check_weights(state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Refuse NaN, inf and |w| > MAX_ABS_WEIGHT, naming the first bad key and its value.
+
+    One `aminmax` pass per tensor (NaN propagates through it): no copy of the weights.
+    Tensors of other dtypes than FLOAT_DTYPES are left to the dtype check, which refuses them.
+    """
+    for key, tensor in state.items():
+        if tensor.numel() == 0 or tensor.dtype not in FLOAT_DTYPES:
+            continue
+        low, high = (float(v) for v in torch.aminmax(tensor.detach()))
+        if low != low or high != high:  # NaN
+            raise UsageError(f"{source}: weights must be finite; {_key(key)} holds NaN")
+        largest = max(-low, high)
+        if largest == float("inf"):
+            raise UsageError(f"{source}: weights must be finite; {_key(key)} holds inf")
+        if largest > MAX_ABS_WEIGHT:
+            raise UsageError(
+                f"{source}: weights must be at most {MAX_ABS_WEIGHT:g} in magnitude; "
+                f"{_key(key)} holds {largest:.3g} (float32 overflows long before trained "
+                f"weights get there; see README 'Checkpoints')"
+            )
+
+
 def is_nn_lstm_state_dict(state: Mapping[str, Tensor]) -> bool:
     return any(_NN_LSTM_KEY.match(k) for k in state)
 
@@ -195,17 +283,18 @@ def infer_config(state: Mapping[str, Tensor], source: str = "checkpoint") -> LST
         first, prefix = "cells.0.input_lin.weight", "cells."
         layer_norm = any(".layer_norm" in k for k in state)
     weight = state.get(first)
-    if weight is None or weight.dim() != 2 or weight.size(0) % 4:
+    if weight is None or weight.dim() != 2 or weight.size(0) % 4 or 0 in weight.shape:
         shown = list(weight.shape) if weight is not None else "missing"
         raise UsageError(
             f"{source}: cannot infer sizes: expected {first} of shape [4*hidden_size, input_size], "
-            f"got {shown}; keys: {sorted(state)[:8]}"
+            f"got {shown}; keys: {_listing(map(_key, sorted(state)))}"
         )
-    layers = sorted(
-        {int(m.group(1)) for k in state if (m := re.match(rf"^{re.escape(prefix)}(\d+)", k))}
-    )
+    pattern = _NN_LSTM_KEY if prefix == "weight_ih_l" else _OUR_LAYER
+    group = 3 if prefix == "weight_ih_l" else 1
+    layers = sorted({_index(m.group(group)) for k in state if (m := pattern.match(k))})
     # Checked before any model is built: one stray key cells.1000000.* must not make
-    # a million layers to find out that it does not fit.
+    # a million layers to find out that it does not fit. A set of the indices the keys
+    # name: nothing here is sized by an index's value.
     if layers != list(range(len(layers))):
         shown = ", ".join(map(str, layers[:6])) + (", ..." if len(layers) > 6 else "")
         raise UsageError(
@@ -220,18 +309,65 @@ def infer_config(state: Mapping[str, Tensor], source: str = "checkpoint") -> LST
     )
 
 
-def from_nn_lstm_state_dict(state: Mapping[str, Tensor], source: str = "checkpoint") -> dict:
-    """Translate nn.LSTM keys to ours: same gate order (i, f, g, o), biases summed."""
+def _check_nn_lstm_keys(state: Mapping[str, Tensor], source: str) -> None:
+    """Refuse nn.LSTM variants we do not run, and keys that are not nn.LSTM's."""
     bad = sorted(
         k for k in state if (m := _NN_LSTM_KEY.match(k)) and (m.group(4) or m.group(2) == "hr")
     )
     if bad:
         raise UsageError(
-            f"{source}: only unidirectional nn.LSTM with proj_size=0 is supported; found {bad[:4]}"
+            f"{source}: only unidirectional nn.LSTM with proj_size=0 is supported; "
+            f"found {_listing(bad, 4)}"
         )
     unexpected = sorted(k for k in state if not _NN_LSTM_KEY.match(k))
     if unexpected:
-        raise UsageError(f"{source}: unexpected keys for an nn.LSTM state dict: {unexpected}")
+        raise UsageError(
+            f"{source}: unexpected keys for an nn.LSTM state dict: "
+            f"{_listing(map(_key, unexpected))}"
+        )
+
+
+def nn_lstm_shapes(config: LSTMConfig) -> dict[str, tuple[int, ...]]:
+    """nn.LSTM(config)'s keys and shapes (its biases may be absent: bias=False)."""
+    gates, hidden = 4 * config.hidden_size, config.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k in range(config.num_layers):
+        shapes[f"weight_ih_l{k}"] = (gates, config.input_size if k == 0 else hidden)
+        shapes[f"weight_hh_l{k}"] = (gates, hidden)
+        shapes[f"bias_ih_l{k}"] = (gates,)
+        shapes[f"bias_hh_l{k}"] = (gates,)
+    return shapes
+
+
+def _check_nn_lstm(state: Mapping[str, Tensor], source: str, limits: SizeLimits) -> LSTMConfig:
+    """Every check an nn.LSTM state dict gets before it is translated (and biases summed)."""
+    check_tensor_kinds(state, source)
+    _check_nn_lstm_keys(state, source)
+    config = infer_config(state, source)
+    check_size(config, limits, source)
+    expected = nn_lstm_shapes(config)
+    optional = {k for k in expected if k.startswith("bias_")}
+    problems = _fit_problems(state, expected, optional)
+    if problems:
+        described = (
+            f"nn.LSTM(input_size={config.input_size}, hidden_size={config.hidden_size}, "
+            f"num_layers={config.num_layers})"
+        )
+        raise UsageError(f"{source} does not fit {described}: " + "; ".join(problems))
+    return config
+
+
+def from_nn_lstm_state_dict(state: Mapping[str, Tensor], source: str = "checkpoint") -> dict:
+    """Translate nn.LSTM keys to ours: same gate order (i, f, g, o), biases summed.
+
+    The state dict is checked first (keys, layer indices, sizes within the default
+    limits, shapes and dtypes), so the sum never meets two biases of different shapes.
+    """
+    _check_nn_lstm(state, source, DEFAULT_LIMITS)
+    return _translate_nn_lstm(state)
+
+
+def _translate_nn_lstm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     ours: dict[str, Tensor] = {}
     layers = {int(_NN_LSTM_KEY.match(k).group(3)) for k in state}
     for k in sorted(layers):
@@ -241,7 +377,11 @@ def from_nn_lstm_state_dict(state: Mapping[str, Tensor], source: str = "checkpoi
                 ours[prefix + mine] = state[f"{theirs}_l{k}"]
         biases = [state[b] for b in (f"bias_ih_l{k}", f"bias_hh_l{k}") if b in state]
         if biases:
-            ours[prefix + "hidden_lin.bias"] = sum(biases[1:], biases[0].clone())
+            # Summed in float32 or wider, as the model will run: a float16 sum rounds once more.
+            dtype = torch.promote_types(biases[0].dtype, torch.float32)
+            ours[prefix + "hidden_lin.bias"] = sum(
+                (b.to(dtype) for b in biases[1:]), biases[0].to(dtype, copy=True)
+            )
         elif f"weight_hh_l{k}" in state:  # nn.LSTM(bias=False): our bias is zero
             weight = state[f"weight_hh_l{k}"]
             ours[prefix + "hidden_lin.bias"] = torch.zeros(weight.size(0), dtype=weight.dtype)
@@ -262,48 +402,99 @@ def to_nn_lstm_state_dict(model: LSTM) -> dict[str, Tensor]:
     return state
 
 
-def check_state_dict(model: LSTM, state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
-    """Refuse a state dict that does not fit `model`, listing every key that is off."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        f"{k} (expected {list(expected[k].shape)}, got {list(state[k].shape)})"
-        for k in set(expected) & set(state)
-        if state[k].shape != expected[k].shape
-    )
-    not_float = sorted(k for k in set(expected) & set(state) if not state[k].is_floating_point())
+def expected_shapes(config: LSTMConfig) -> dict[str, tuple[int, ...]]:
+    """`LSTM(config).state_dict()`'s keys and shapes, without building the model."""
+    gates, hidden = 4 * config.hidden_size, config.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k in range(config.num_layers):
+        prefix = f"cells.{k}."
+        shapes[prefix + "input_lin.weight"] = (gates, config.input_size if k == 0 else hidden)
+        shapes[prefix + "hidden_lin.weight"] = (gates, hidden)
+        shapes[prefix + "hidden_lin.bias"] = (gates,)
+        if config.layer_norm:
+            for part in ("weight", "bias"):
+                for gate in range(4):
+                    shapes[f"{prefix}layer_norm.{gate}.{part}"] = (hidden,)
+                shapes[f"{prefix}layer_norm_c.{part}"] = (hidden,)
+    return shapes
+
+
+def _fit_problems(
+    state: Mapping[str, Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    optional: Iterable[str] = (),
+) -> list[str]:
+    """What is off between `state` and the expected keys and shapes, each list bounded."""
+    optional = set(optional)
+    missing = sorted(k for k in expected if k not in state and k not in optional)
+    unexpected = sorted(k for k in state if k not in expected)
+    both = sorted(k for k in expected if k in state)
+    wrong = [
+        f"{k} (expected {list(expected[k])}, got {list(state[k].shape)})"
+        for k in both
+        if tuple(state[k].shape) != tuple(expected[k])
+    ]
     problems = []
     for label, keys in (
         ("missing", missing),
-        ("unexpected", unexpected),
+        ("unexpected", [_key(k) for k in unexpected]),
         ("wrongly shaped", wrong),
-        ("not floating point", not_float),
+        ("wrong dtype (expected float32, float16, bfloat16 or float64)", _not_float(state, both)),
     ):
         if keys:
-            problems.append(f"{label}: {', '.join(keys)}")
+            problems.append(f"{label}: {_listing(keys)}")
+    return problems
+
+
+def check_state(
+    state: Mapping[str, Tensor],
+    config: LSTMConfig,
+    source: str = "checkpoint",
+    limits: SizeLimits = DEFAULT_LIMITS,
+) -> None:
+    """Refuse a state dict (our layout) that does not fit `config`, before any model exists:
+    a config within `limits`, dense tensors only, the expected keys, shapes and dtypes."""
+    check_size(config, limits, source)  # first: the expected keys are as many as the layers
+    _check_fit(state, config, source)
+
+
+def check_state_dict(model: LSTM, state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """Refuse a state dict that does not fit `model`, naming the keys that are off."""
+    config = LSTMConfig(model.input_size, model.hidden_size, model.num_layers, model.layer_norm)
+    _check_fit(state, config, source)  # the model exists: its size is not in question
+
+
+def _check_fit(state: Mapping[str, Tensor], config: LSTMConfig, source: str) -> None:
+    check_tensor_kinds(state, source)
+    problems = _fit_problems(state, expected_shapes(config))
+    # The likeliest misfit, a flag away: say so, since only the first keys are listed.
+    has_norms = any(".layer_norm" in k for k in state)
+    if problems and config.layer_norm != has_norms:
+        problems.append(
+            f"the state dict {'has' if has_norms else 'has no'} LayerNorm weights "
+            f"(a layer_norm={has_norms} model?)"
+        )
     if problems:
-        raise UsageError(f"{source} does not fit {_describe_model(model)}: " + "; ".join(problems))
-
-
-def _describe_model(model: LSTM) -> str:
-    return (
-        f"LSTM(input_size={model.input_size}, hidden_size={model.hidden_size}, "
-        f"num_layers={model.num_layers}, layer_norm={model.layer_norm})"
-    )
+        raise UsageError(f"{source} does not fit {config.describe()}: " + "; ".join(problems))
 
 
 def read_checkpoint(
     path: Path, limits: SizeLimits = DEFAULT_LIMITS
 ) -> tuple[dict[str, Tensor], LSTMConfig]:
-    """A checkpoint's state dict in this model's layout, and the config its shapes imply,
-    refused unless that config is within `limits`."""
+    """A checkpoint's state dict in this model's layout, and the config its shapes imply.
+
+    Refused unless that config is within `limits`, and its weights are finite and at most
+    MAX_ABS_WEIGHT (checked under the file's own key names, before any translation).
+    """
     source = f"checkpoint {path}"
     state = read_state_dict(path)
     if is_nn_lstm_state_dict(state):
-        state = from_nn_lstm_state_dict(state, source)
+        config = _check_nn_lstm(state, source, limits)
+        check_weights(state, source)
+        return _translate_nn_lstm(state), config
     config = infer_config(state, source)
     check_size(config, limits, source)
+    check_weights(state, source)
     return state, config
 
 
@@ -313,11 +504,15 @@ def model_from_state_dict(
     source: str = "checkpoint",
     limits: SizeLimits = DEFAULT_LIMITS,
 ) -> LSTM:
-    """An `LSTM` of `config` holding `state`, refused with every misfit key listed, and
-    refused before it is built if `config` is beyond `limits` (`check_size`)."""
-    check_size(config, limits, source)
+    """An `LSTM` of `config` holding `state`, refused with the misfit keys named.
+
+    Everything is checked before the model is built: the size (`check_size`), the keys,
+    shapes and dtypes (`check_state`), and the values (`check_weights`). float16, bfloat16
+    and float64 weights are converted to float32.
+    """
+    check_state(state, config, source, limits)
+    check_weights(state, source)
     model = LSTM(config.input_size, config.hidden_size, config.num_layers, config.layer_norm)
-    check_state_dict(model, state, source)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     return model.eval()
 

@@ -7,8 +7,10 @@ nn.LSTM checkpoint, and the eager `lstm_export.LSTM` that was saved for a scratc
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +24,13 @@ from typer.testing import CliRunner
 
 from lstm_export import LSTM, UsageError
 from lstm_export.checkpoints import (
+    MAX_ABS_WEIGHT,
+    expected_shapes,
     from_nn_lstm_state_dict,
     infer_config,
     load_checkpoint,
+    model_from_state_dict,
+    nn_lstm_shapes,
     read_checkpoint,
     read_state_dict,
     to_nn_lstm_state_dict,
@@ -33,6 +39,7 @@ from lstm_export.cli import app
 from lstm_export.config import LSTMConfig, SizeLimits
 
 ATOL = 1e-5
+ONE = torch.zeros(1)  # one tensor under many keys: a quick torch.save of a huge state dict
 
 # torch.jit.load warns that TorchScript is deprecated; that is torch's business, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning")
@@ -194,20 +201,23 @@ def test_mismatch_lists_missing_unexpected_and_wrongly_shaped_keys(tmp_path):
     assert "\n" not in message
 
 
-def test_checkpoint_without_layer_norm_against_a_layer_norm_config_lists_every_missing_key(
-    tmp_path,
+@pytest.mark.parametrize("saved_with_norms", [False, True])
+def test_a_layer_norm_misfit_names_the_first_keys_counts_the_rest_and_says_why(
+    tmp_path, saved_with_norms
 ):
     path = tmp_path / "ck.pt"
-    torch.save(_seeded_lstm(5, 4, 8, num_layers=1).state_dict(), path)
+    torch.save(_seeded_lstm(5, 4, 8, num_layers=1, layer_norm=saved_with_norms).state_dict(), path)
 
     with pytest.raises(UsageError) as info:
-        load_checkpoint(path, LSTMConfig(4, 8, 1, True))
+        load_checkpoint(path, LSTMConfig(4, 8, 1, not saved_with_norms))
 
-    message = str(info.value)
-    for part in ("weight", "bias"):
-        assert f"cells.0.layer_norm_c.{part}" in message
-        for gate in range(4):
-            assert f"cells.0.layer_norm.{gate}.{part}" in message
+    keys = ", ".join(f"cells.0.layer_norm.{n // 2}.{('bias', 'weight')[n % 2]}" for n in range(5))
+    label = "unexpected" if saved_with_norms else "missing"
+    has = "has" if saved_with_norms else "has no"
+    assert str(info.value).endswith(
+        f"{label}: {keys} and 5 more; "
+        f"the state dict {has} LayerNorm weights (a layer_norm={saved_with_norms} model?)"
+    )
 
 
 def test_integer_tensors_are_refused(tmp_path):
@@ -601,8 +611,9 @@ def test_cli_checkpoint_mismatch_is_one_line_exit_2_and_writes_nothing(tmp_path)
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert "missing: " in lines[0] and "cells.0.layer_norm_c.weight" in lines[0]
-    assert "wrongly shaped: " in lines[0] and "cells.0.hidden_lin.weight" in lines[0]
+    assert "missing: cells.0.layer_norm.0.bias, cells.0.layer_norm.0.weight, " in lines[0]
+    assert "wrongly shaped: cells.0.hidden_lin.bias (expected [48], got [32]), " in lines[0]
+    assert lines[0].endswith("the state dict has no LayerNorm weights (a layer_norm=False model?)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
 
 
@@ -674,14 +685,277 @@ def test_size_limits_apply_to_checkpoints_and_can_be_raised(tmp_path):
     assert load_checkpoint(path, limits=SizeLimits(max_layers=3)).num_layers == 3
 
 
+def test_a_config_that_does_not_fit_is_refused_before_the_model_is_built(tmp_path, no_model):
+    """A small checkpoint and `--hidden-size 4096` once built the big model to compare keys."""
+    path = tmp_path / "small.pt"
+    torch.save(_tiny_state(), path)
+    with pytest.raises(UsageError, match=r"wrongly shaped: cells\.0\.hidden_lin\.bias"):
+        load_checkpoint(path, LSTMConfig(1, 4096, 1, False))
+
+
 def _tiny_state() -> dict[str, torch.Tensor]:
     return _layers_of_tiny_tensors(1, nn_layout=False)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_expected_shapes_are_the_models_state_dict_without_building_it(layer_norm):
+    config = LSTMConfig(5, 6, 3, layer_norm)
+    model = LSTM(5, 6, num_layers=3, layer_norm=layer_norm)
+    assert expected_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert nn_lstm_shapes(LSTMConfig(5, 6, 3, False)) == {
+        k: tuple(v.shape) for k, v in nn.LSTM(5, 6, num_layers=3).state_dict().items()
+    }
+
+
+def test_a_layer_index_of_five_thousand_digits_is_refused_in_one_line(tmp_path):
+    """int() refuses over 4,300 digits: that was a ValueError traceback."""
+    for stray in (f"cells.{'9' * 5000}.input_lin.weight", f"weight_hh_l{'9' * 5000}"):
+        state = dict(nn.LSTM(4, 8).state_dict() if stray.startswith("w") else _tiny_state())
+        state[stray] = torch.zeros(4, 1)
+        with pytest.raises(
+            UsageError, match=r"layer indices must run 0\.\.1 without gaps"
+        ) as error:
+            read_checkpoint(_saved(tmp_path, state))
+        assert len(str(error.value)) < 200
 
 
 def _saved(tmp_path: Path, state: dict, name: str = "ck.pt") -> Path:
     path = tmp_path / name
     torch.save(state, path)
     return path
+
+
+# --------------------------------------------------------------------------- bounded error lines
+
+
+@pytest.mark.parametrize(
+    ("make", "config", "expected"),
+    [
+        pytest.param(
+            lambda: {
+                **_tiny_state(),
+                **dict.fromkeys((f"extra.{i:05}" for i in range(20_000)), ONE),
+            },
+            None,
+            "unexpected: extra.00000, extra.00001, extra.00002, extra.00003, extra.00004 "
+            "and 19,995 more",
+            id="unexpected",
+        ),
+        pytest.param(
+            _tiny_state,
+            LSTMConfig(1, 1, 64, True),
+            "missing: cells.0.layer_norm.0.bias, cells.0.layer_norm.0.weight, "
+            "cells.0.layer_norm.1.bias, cells.0.layer_norm.1.weight, "
+            "cells.0.layer_norm.2.bias and 824 more",
+            id="missing",
+        ),
+        pytest.param(
+            lambda: _layers_of_tiny_tensors(64, nn_layout=False),
+            LSTMConfig(1, 2, 64, False),
+            "wrongly shaped: cells.0.hidden_lin.bias (expected [8], got [4]), "
+            "cells.0.hidden_lin.weight (expected [8, 2], got [4, 1]), "
+            "cells.0.input_lin.weight (expected [8, 1], got [4, 1]), "
+            "cells.1.hidden_lin.bias (expected [8], got [4]), "
+            "cells.1.hidden_lin.weight (expected [8, 2], got [4, 1]) and 187 more",
+            id="wrongly-shaped",
+        ),
+        pytest.param(
+            lambda: {
+                **nn.LSTM(1, 1).state_dict(),
+                **{f"fc.{i:05}": torch.zeros(1) for i in range(9)},
+            },
+            None,
+            "unexpected keys for an nn.LSTM state dict: fc.00000, fc.00001, fc.00002, fc.00003, "
+            "fc.00004 and 4 more",
+            id="nn.LSTM-unexpected",
+        ),
+    ],
+)
+def test_error_lines_name_the_first_keys_and_count_the_rest(tmp_path, make, config, expected):
+    """20,000 unexpected keys were a 260 KB error line."""
+    path = _saved(tmp_path, make())
+    with pytest.raises(UsageError) as error:
+        load_checkpoint(path, config)
+    message = str(error.value)
+    assert expected in message, message
+    assert len(message) < 600
+
+
+def test_a_key_holding_terminal_escapes_is_shown_escaped(tmp_path):
+    """A key from the file must not recolour the terminal of whoever prints the error."""
+    evil = "cells.0.x\x1b[31mred\x1b]0;title\x07"
+    for state in (
+        {**_tiny_state(), evil: torch.zeros(1)},  # unexpected, in our layout
+        {**nn.LSTM(1, 1).state_dict(), evil: torch.zeros(1)},  # in nn.LSTM's
+        {evil: torch.zeros(1)},  # no layer 0 at all: the keys are listed
+        {**_tiny_state(), evil: torch.zeros(1, dtype=torch.int8)},  # a dtype misfit
+    ):
+        with pytest.raises(UsageError) as error:
+            load_checkpoint(_saved(tmp_path, state))
+        message = str(error.value)
+        assert "\x1b" not in message and "\x07" not in message, message
+        assert r"cells.0.x\x1b[31mred\x1b]0;title\x07" in message, message
+
+
+def test_a_very_long_key_is_cut_in_the_error_line(tmp_path):
+    state = {**_tiny_state(), "k" * 1_000_000: torch.zeros(1)}
+    with pytest.raises(UsageError) as error:
+        load_checkpoint(_saved(tmp_path, state))
+    assert "unexpected: kkkk" in str(error.value) and len(str(error.value)) < 300
+
+
+# --------------------------------------------------------------------------- tensor kinds, dtypes
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        pytest.param(
+            lambda: torch.empty(4, device="meta"),
+            "a meta tensor (a shape without data)",
+            id="meta",
+        ),
+        pytest.param(lambda: torch.zeros(4).to_sparse(), "a sparse tensor (sparse_coo)", id="coo"),
+        pytest.param(
+            lambda: torch.zeros(2, 2).to_sparse_csr(), "a sparse tensor (sparse_csr)", id="csr"
+        ),
+        pytest.param(
+            lambda: torch.quantize_per_tensor(torch.zeros(4), 0.1, 0, torch.qint8),
+            "a quantized tensor",
+            id="quantized",
+        ),
+    ],
+)
+@pytest.mark.parametrize("nn_layout", [False, True], ids=["ours", "nn.LSTM"])
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_tensors_without_dense_data_are_refused_naming_the_key(tmp_path, make, what, nn_layout):
+    """Were RuntimeError tracebacks from load_state_dict (or from summing nn.LSTM's biases)."""
+    state = dict(nn.LSTM(1, 1).state_dict() if nn_layout else _tiny_state())
+    key = "bias_ih_l0" if nn_layout else "cells.0.hidden_lin.bias"
+    state[key] = make()
+    path = _saved(tmp_path, state)
+    with pytest.raises(UsageError) as error:
+        load_checkpoint(path)
+    assert str(error.value) == (
+        f"checkpoint {path}: {key} is {what}; expected a dense tensor of numbers "
+        "(save the model's own state_dict())"
+    )
+    with pytest.raises(UsageError, match=f"{key} is {re.escape(what)}"):  # also from Python
+        model_from_state_dict(state, LSTMConfig(1, 1, 1, False))
+
+
+def test_a_wrongly_shaped_nn_lstm_bias_is_refused_before_the_biases_are_summed():
+    state = nn.LSTM(4, 8).state_dict()
+    state["bias_ih_l0"] = torch.zeros(3)
+    with pytest.raises(UsageError) as error:
+        from_nn_lstm_state_dict(state, "checkpoint nn.pt")
+    assert str(error.value) == (
+        "checkpoint nn.pt does not fit nn.LSTM(input_size=4, hidden_size=8, num_layers=1): "
+        "wrongly shaped: bias_ih_l0 (expected [32], got [3])"
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.int32, torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn]
+)
+@pytest.mark.parametrize("nn_layout", [False, True], ids=["ours", "nn.LSTM"])
+def test_both_layouts_refuse_the_same_dtypes_with_the_same_words(tmp_path, dtype, nn_layout):
+    """An int32 bias was accepted in an nn.LSTM checkpoint (summed into a float one)."""
+    state = dict(nn.LSTM(1, 1).state_dict() if nn_layout else _tiny_state())
+    key = "bias_ih_l0" if nn_layout else "cells.0.hidden_lin.bias"
+    state[key] = torch.zeros(4).to(dtype)
+    with pytest.raises(UsageError) as error:
+        load_checkpoint(_saved(tmp_path, state))
+    name = str(dtype).removeprefix("torch.")
+    expected = f"wrong dtype (expected float32, float16, bfloat16 or float64): {key} ({name})"
+    assert str(error.value).endswith(expected), error.value
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("nn_layout", [False, True], ids=["ours", "nn.LSTM"])
+def test_both_layouts_accept_half_bfloat16_and_double_as_float32(tmp_path, dtype, nn_layout):
+    source = _seeded_nn_lstm(18, 3, 4) if nn_layout else _seeded_lstm(18, 3, 4, num_layers=1)
+    state = {k: v.to(dtype) for k, v in source.state_dict().items()}
+    model = load_checkpoint(_saved(tmp_path, state))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    x, h0, c0 = _inputs(5, 2, 3, 1, 4)
+    reference = source.to(dtype).float()  # the same rounding, then compared in float32
+    _assert_close(_run(model, x, h0, c0), _run(reference, x, h0, c0))
+
+
+# --------------------------------------------------------------------------- weight values
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [(math.nan, "NaN"), (math.inf, "inf"), (-math.inf, "inf")]
+)
+@pytest.mark.parametrize("nn_layout", [False, True], ids=["ours", "nn.LSTM"])
+def test_non_finite_weights_are_refused_at_read_time_naming_the_first_bad_key(
+    tmp_path, no_model, value, shown, nn_layout
+):
+    """Were refused only after 15-79 s of export, as "h0 must hold only finite numbers"."""
+    state = dict(nn.LSTM(1, 1).state_dict() if nn_layout else _tiny_state())
+    first, second = list(state)[1], list(state)[2]
+    state[first] = state[first].clone().fill_(value)
+    state[second] = state[second].clone().fill_(math.nan)
+    path = _saved(tmp_path, state)
+    with pytest.raises(UsageError) as error:
+        read_checkpoint(path)
+    assert str(error.value) == f"checkpoint {path}: weights must be finite; {first} holds {shown}"
+
+
+def test_non_finite_weights_are_refused_from_python_too(no_model):
+    state = _tiny_state()
+    state["cells.0.hidden_lin.bias"] = torch.tensor([0.0, 1.0, math.nan, 2.0])
+    with pytest.raises(UsageError) as error:
+        model_from_state_dict(state, LSTMConfig(1, 1, 1, False), "my weights")
+    assert (
+        str(error.value) == "my weights: weights must be finite; cells.0.hidden_lin.bias holds NaN"
+    )
+
+
+def test_cli_refuses_nan_weights_in_one_line_naming_the_checkpoint(tmp_path, no_model, call_main):
+    state = _tiny_state()
+    state["cells.0.input_lin.weight"] = torch.full((4, 1), math.nan)
+    path = _saved(tmp_path, state)
+    code, _, err = call_main("export", "--checkpoint", path, "--out", tmp_path / "out")
+    assert code == 2, err
+    assert err.strip().splitlines() == [
+        f"error: checkpoint {path}: weights must be finite; cells.0.input_lin.weight holds NaN"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("nn_layout", [False, True], ids=["ours", "nn.LSTM"])
+def test_weights_beyond_max_abs_weight_are_refused_naming_key_and_magnitude(tmp_path, nn_layout):
+    """Weights of 1e30 got as far as "parity failed (nan)"."""
+    state = dict(nn.LSTM(1, 1).state_dict() if nn_layout else _tiny_state())
+    key = next(iter(state))
+    state[key] = torch.full_like(state[key], 0.5)
+    state[key][0] = -1e30
+    path = _saved(tmp_path, state)
+    with pytest.raises(UsageError) as error:
+        read_checkpoint(path)
+    assert str(error.value).startswith(
+        f"checkpoint {path}: weights must be at most 1e+06 in magnitude; {key} holds 1e+30 "
+    )
+    state[key][0] = -MAX_ABS_WEIGHT  # the bound itself is accepted
+    assert load_checkpoint(_saved(tmp_path, state)).num_layers == 1
+
+
+def test_max_abs_weight_is_where_float32_is_still_finite_and_1e19_is_not():
+    """Why the bound: a LayerNorm LSTM at MAX_ABS_WEIGHT (every weight, largest sizes' worth
+    of fan-in) stays finite in float32; at 1e19 LayerNorm squares the pre-activations into
+    inf, and the outputs are NaN: what "parity failed (nan)" reported."""
+    x, h0, c0 = _inputs(3, 2, 64, 1, 16)
+    for scale, finite in ((MAX_ABS_WEIGHT, True), (1e19, False)):
+        model = _seeded_lstm(19, 64, 16, num_layers=1, layer_norm=True)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(torch.sign(param) * scale)
+        outputs = _run(model, 100 * x, h0, c0)  # inputs 100x the parity matrix's
+        assert all(bool(torch.isfinite(t).all()) for t in outputs) is finite, scale
 
 
 # --------------------------------------------------------------------------- the file itself
@@ -731,3 +1005,43 @@ def test_every_cut_of_a_legacy_pickle_checkpoint_is_one_line_saying_so(tmp_path)
         with pytest.raises(UsageError) as error:
             read_state_dict(cut)
         assert f"checkpoint {cut} is truncated or corrupt: " in str(error.value), (size, error)
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("fifo", "must be a regular file, but it is a named pipe"),
+        ("device", "must be a regular file, but it is a device"),
+        ("folder", "must be a regular file, but it is a folder"),
+        ("truncated", "is truncated or corrupt: a zip archive without its end record"),
+        ("meta", "cells.0.hidden_lin.bias is a meta tensor"),
+        ("int32-bias", "wrong dtype (expected float32, float16, bfloat16 or float64)"),
+        ("inf", "weights must be finite; cells.0.hidden_lin.bias holds inf"),
+        ("ansi-key", r"unexpected: \x1b[31mred"),
+    ],
+)
+def test_cli_refuses_each_bad_checkpoint_with_one_line_and_exit_2(
+    tmp_path, call_main, no_model, kind, expected
+):
+    state = _tiny_state()
+    not_files = dict(zip(("fifo", "device", "folder"), _kinds_of_not_a_file(tmp_path), strict=True))
+    if kind in not_files:
+        path = not_files[kind][0]
+    elif kind == "truncated":
+        path = _saved(tmp_path, state)
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        key = {"ansi-key": "\x1b[31mred"}.get(kind, "cells.0.hidden_lin.bias")
+        state[key] = {
+            "meta": torch.empty(4, device="meta"),
+            "int32-bias": torch.zeros(4, dtype=torch.int32),
+            "inf": torch.full((4,), math.inf),
+            "ansi-key": torch.zeros(1),
+        }[kind]
+        path = _saved(tmp_path, state)
+    code, out, err = call_main("export", "--checkpoint", path, "--out", tmp_path / "out")
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: checkpoint {path}"), err
+    assert expected in err, err
+    assert "Traceback" not in err and "\x1b[31m" not in err and out == "", err
+    assert not (tmp_path / "out").exists()
