@@ -37,6 +37,7 @@ from lstm_export.config import (
     LSTMConfig,
     SizeLimits,
     check_size,
+    printable,
     read_export_config,
 )
 from lstm_export.errors import LSTMExportError, ParityError, UsageError
@@ -268,6 +269,10 @@ def export(
 
         check_keep_failed(keep_failed, destination)
 
+    if file_config.checkpoint is not None:  # a FIFO or a folder: said before torch loads
+        from lstm_export.files import check_regular_file
+
+        check_regular_file(file_config.checkpoint, "checkpoint", allow_empty=True)
     with _status("Loading torch"):
         limits = SizeLimits(max_parameters, max_layers, max_size)
         model, origin = _resolve_model(file_config, file_config.checkpoint, overrides, limits)
@@ -286,6 +291,7 @@ def export(
                 force=force,
                 fused_kernel=file_config.fused_kernel if fused_kernel is None else fused_kernel,
                 keep_failed=keep_failed,
+                limits=limits,
                 progress=progress,
                 **tolerance,
             )
@@ -697,23 +703,12 @@ for _info in app.registered_commands:  # every command, without touching each de
         _info.cls = _Command
 
 
-def printable(text: str) -> str:
-    """`text` with control characters escaped (`\\x1b`), as Python writes them in a repr.
-
-    Error lines quote checkpoint keys, manifest entries and paths: text from files, which
-    must not recolour or rewrite the user's terminal.
-    """
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _fail(message: str, code: int, exc: BaseException | None = None) -> NoReturn:
     """One line on stderr and the exit code: the whole error report, no traceback, no box
     (with --debug, the traceback first)."""
     if exc is not None and _debug["on"]:
         traceback.print_exception(exc)
-    line = printable(" ".join(message.split()))
-    if len(line) > MAX_ERROR_LINE:  # a message quoting a hostile file stays one short line
-        line = line[: MAX_ERROR_LINE - 3] + "..."
+    line = printable(" ".join(message.split()), MAX_ERROR_LINE)  # short, even quoting a file
     err.print(f"[bold red]error[/]: {escape(line)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 

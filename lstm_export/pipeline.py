@@ -27,7 +27,7 @@ from lstm_export.artifacts import (
     TORCHSCRIPT_FILE,
     check_model_name,
 )
-from lstm_export.config import LSTMConfig
+from lstm_export.config import DEFAULT_LIMITS, LSTMConfig, SizeLimits, check_size
 from lstm_export.errors import UsageError
 from lstm_export.files import check_destination, replaceable_export, sha256, write_file
 from lstm_export.model import LSTM
@@ -196,6 +196,7 @@ def export(
     factor: float = FACTOR,
     fused_kernel: bool = False,
     keep_failed: Path | str | None = None,
+    limits: SizeLimits = DEFAULT_LIMITS,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Write model.pt, model.onnx and manifest.json into `out_dir`, verified.
@@ -206,11 +207,12 @@ def export(
     the fused kernel, and `lstm_export_kernels.so`, the library it needs, both verified.
 
     Raises `UsageError` if `out_dir` exists and `force` is False (or it is not an
-    export or empty, see `check_destination`), if another export writes there now, if `model` is
-    not float32 (it is refused, not converted) or `atol`/`factor` is not a finite
-    number >= 0, and `ParityError` (with the report) if the backends disagree;
-    in every case nothing is written to `out_dir`. With `keep_failed`, a refused
-    export's artifacts and its parity report (`parity.json`) go to that new folder.
+    export or empty, see `check_destination`), if another export writes there now, if
+    `model` is not float32 (it is refused, not converted) or beyond `limits`
+    (`lstm_export.config.SizeLimits`), or if `atol`/`factor` is not a finite number >= 0;
+    and `ParityError` (with the report) if the backends disagree. In every case nothing
+    is written to `out_dir`. With `keep_failed`, a refused export's artifacts and its
+    parity report (`parity.json`) go to that new folder.
     """
     out_dir = Path(out_dir)
     step = progress or (lambda _message: None)
@@ -224,6 +226,7 @@ def export(
         keep_failed = check_keep_failed(keep_failed, out_dir)
     model = model.eval()
     config = config_of(model)
+    check_size(config, limits, "the model")  # bounds the artifacts and the parity work
     if fused_kernel and not config.layer_norm:
         raise UsageError(
             "the fused kernel is for layer_norm=True models; this one is plain, and its "

@@ -17,6 +17,7 @@ import torch
 import lstm_export.pipeline as pipeline
 import parity_corpus as corpus
 from conftest import small_model
+from lstm_export.config import SizeLimits
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.pipeline import export
 
@@ -254,3 +255,14 @@ def test_sound_models_export_with_every_artifact_within_float32s_noise(sound, tm
     for row in report.results:
         for output in ("y", "h", "c"):
             assert row.error[output] <= max(1e-5, 8 * row.floor[output]), row.line()
+
+
+def test_a_model_beyond_the_size_limits_is_refused_before_any_artifact(tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("scripting started for a model beyond the limits")
+
+    monkeypatch.setattr(pipeline, "save_torchscript", never)
+    model = small_model(False, 2)
+    with pytest.raises(UsageError, match="num_layers"):
+        export(model, tmp_path / "m", limits=SizeLimits(max_layers=1))
+    assert list(tmp_path.iterdir()) == []
