@@ -846,8 +846,9 @@ def test_inspect_folder_with_a_manifest_that_is_not_an_object(small_export, tmp_
 
 def test_export_summary_shows_bracketed_text_verbatim(tmp_path):
     # Rich would swallow "[batch, 4, hidden]" and "[x]" paths as markup.
-    out = tmp_path / "odd [x]"
-    done = run_cli("export", "--input-size", "3", "--hidden-size", "4", "--out", out, cwd=tmp_path)
+    out = tmp_path / "odd [x]"  # a folder name no model name may be: --name gives one
+    args = ("--input-size", "3", "--hidden-size", "4", "--name", "odd", "--out", out)
+    done = run_cli("export", *args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "one layer_norm over [batch, 4, hidden] per step" in done.stdout
     assert f"{out / 'model.onnx'}" in done.stdout
