@@ -57,7 +57,7 @@ import numpy as np
 
 from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE
 from lstm_export.errors import UsageError
-from lstm_export.files import sha256
+from lstm_export.files import read_manifest, sha256
 from lstm_export.runtime import OnnxLSTM, Stream
 
 try:  # the `serve` extra
@@ -243,13 +243,12 @@ def describe_model(runtime: OnnxLSTM, limits: ServerLimits) -> dict[str, Any]:
     path = runtime.path
     digest = sha256(path)
     manifest_path = path.parent / MANIFEST_FILE
-    manifest = None
-    if path.name == ONNX_FILE and manifest_path.is_file():
+    # Bounded: a regular file under the size limit, JSON of limited depth; None when absent.
+    manifest = read_manifest(path.parent) if path.name == ONNX_FILE else None
+    if manifest is not None:
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            artifacts = manifest["artifacts"]
-            recorded = artifacts[path.name]["sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
+            recorded = manifest["artifacts"][path.name]["sha256"]
+        except (KeyError, TypeError):
             raise UsageError(f"{manifest_path} is not a readable lstm-export manifest") from None
         if recorded != digest:
             raise UsageError(

@@ -882,3 +882,24 @@ def test_setup_errors_are_usage_errors(exported, tmp_path):
         taken.listen()
         with pytest.raises(UsageError, match="cannot listen on"):
             serve(exported.folder, LOOPBACK, taken.getsockname()[1])
+
+
+def serve_cli(folder: Path, *options: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "lstm_export.cli", "serve", str(folder), "--port", "0"]
+    return subprocess.run([*command, *options], capture_output=True, text=True, timeout=60)
+
+
+def test_a_manifest_is_read_bounded(exported, tmp_path):
+    # The manifest beside model.onnx is read as a regular file of limited size and depth.
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes((exported.folder / "model.onnx").read_bytes())
+    (folder / "manifest.json").write_text("[" * 100_000)
+    with pytest.raises(UsageError, match="nests 100000 levels deep"):
+        create_app(folder)
+    done = serve_cli(folder)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    (folder / "manifest.json").unlink()
+    (folder / "manifest.json").mkdir()  # not a regular file: refused, not skipped
+    with pytest.raises(UsageError, match="manifest"):
+        create_app(folder)
