@@ -491,9 +491,30 @@ def serve(
     ] = 8192,
     max_streams: Annotated[int, typer.Option(min=1, help="Most open streams.")] = 256,
     stream_ttl: Annotated[float, typer.Option(help="Seconds an idle stream lives.")] = 300.0,
-    threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per request.")] = 1,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds for a request's line and headers to arrive.")
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds for a request's body to arrive after its headers.")
+    ] = 30.0,
+    write_timeout: Annotated[
+        float, typer.Option(help="Seconds for an answer backed up in the server to drain.")
+    ] = 30.0,
+    max_connections: Annotated[
+        int, typer.Option(min=1, help="Connections open at once (then 503).")
+    ] = 256,
+    max_bytes_in_flight: Annotated[
+        int, typer.Option(min=1, help="Request bodies plus unsent answers held (then 503).")
+    ] = 256 << 20,
+    shutdown_timeout: Annotated[
+        float, typer.Option(help="Seconds requests in flight get after SIGINT/SIGTERM.")
+    ] = 1.0,
+    threads: Annotated[
+        int, typer.Option(min=1, help="onnxruntime threads per request; at most CPU count.")
+    ] = 1,
     workers: Annotated[
-        int | None, typer.Option(min=1, help="Requests computed at once; default CPU count.")
+        int | None,
+        typer.Option(min=1, help="Requests computed at once; default CPU count, at most 4x."),
     ] = None,
     optimization: Annotated[
         str, typer.Option(help="Graph optimization: disable, basic, extended, all.")
@@ -514,6 +535,12 @@ def serve(
         max_elements=max_elements,
         max_streams=max_streams,
         stream_ttl=stream_ttl,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        write_timeout=write_timeout,
+        max_connections=max_connections,
+        max_bytes_in_flight=max_bytes_in_flight,
+        shutdown_timeout=shutdown_timeout,
     )
     run_serve(
         folder,

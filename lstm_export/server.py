@@ -22,6 +22,24 @@ DELETE carrying `Origin` is refused too: other sites cannot drive the server.
 Each request's steps x batch is capped (`max_elements`), so that one request's
 work and answer stay bounded however its shape splits between the two.
 
+Connections are bounded below the app, in a subclass of uvicorn's h11 protocol
+(`serve` always uses it): uvicorn itself has no deadline for receiving a request
+(its keep-alive timer restarts on every byte), its `limit_concurrency` answers
+plain text and does not bound open sockets, and its parser errors are plain
+text. Here a request's line and headers must arrive within `header_timeout`
+(counted from the connection's opening, or from the request's first byte on a
+kept-alive connection) and its body within `body_timeout` of the headers, else
+a JSON 408; an answer that backs up in the server (a client that does not read)
+must drain within `write_timeout`, else the connection is dropped. Past
+`max_connections`, a new connection is answered a JSON 503 (GET /healthz is
+still answered); past `spare_connections` more it is closed at once. Request
+bodies (by Content-Length) and answers not yet handed to the kernel count
+against `max_bytes_in_flight`: a request or answer that would pass it gets a
+JSON 503 with `Retry-After`. On SIGINT/SIGTERM requests in flight get
+`shutdown_timeout`; connections still open then are answered 503 (or dropped).
+onnxruntime's memory arena is off and glibc is asked to return freed memory, so
+that the process shrinks back once abusive clients are gone.
+
 Importing this module never imports torch, and works without the extra:
 `ServerLimits` and `load_test` (a stdlib-only load generator) need nothing
 more; `create_app` and `serve` say which extra to install.
@@ -31,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import http.client
 import json
@@ -49,6 +68,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -58,9 +78,10 @@ import numpy as np
 from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE
 from lstm_export.errors import UsageError
 from lstm_export.files import read_manifest, sha256
-from lstm_export.runtime import OnnxLSTM, Stream
+from lstm_export.runtime import OnnxLSTM, Stream, session_options
 
 try:  # the `serve` extra
+    import h11
     import orjson
     import uvicorn
     from starlette.applications import Starlette
@@ -68,6 +89,7 @@ try:  # the `serve` extra
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import Response
     from starlette.routing import Route
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError:  # pragma: no cover - exercised only without the extra
     HAVE_FRAMEWORK = False
 else:
@@ -84,7 +106,11 @@ log = logging.getLogger("uvicorn.error")  # uvicorn's own log: configured, shown
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """What one request and the whole server may hold; over a limit is a 413 (streams: 429)."""
+    """What one request, one connection and the whole server may hold or take.
+
+    Over a request's limit is a 413 (streams: 429); a request too slow to arrive is a 408;
+    past the connection cap or the bytes in flight, a 503 with Retry-After.
+    """
 
     max_body_bytes: int = 8 * MiB  # request body, checked before parsing
     max_seq_len: int = 4096  # time steps in one predict request or one stream chunk
@@ -94,6 +120,14 @@ class ServerLimits:
     max_elements: int = 8192
     max_streams: int = 256  # open streams at once
     stream_ttl: float = 300.0  # seconds a stream may stay idle before it expires
+    # Connections (see the module docstring).
+    header_timeout: float = 10.0  # seconds for a request's line and headers to arrive
+    body_timeout: float = 30.0  # seconds for its body to arrive, counted from its headers
+    write_timeout: float = 30.0  # seconds for an answer backed up in the server to drain
+    max_connections: int = 256  # connections open at once (and spare_connections more)
+    # Request bodies (by Content-Length) plus answers not yet handed to the kernel.
+    max_bytes_in_flight: int = 256 * MiB
+    shutdown_timeout: float = 1.0  # seconds requests in flight get after SIGINT/SIGTERM
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -101,8 +135,13 @@ class ServerLimits:
             number = isinstance(value, int | float) and not isinstance(value, bool)
             if not number or not math.isfinite(value) or value <= 0:
                 raise UsageError(f"{f.name} must be a positive number, got {value!r}")
-            if f.name != "stream_ttl" and not isinstance(value, int):
+            if f.type != "float" and not isinstance(value, int):
                 raise UsageError(f"{f.name} must be an integer, got {value!r}")
+        if self.max_bytes_in_flight < self.max_body_bytes:
+            raise UsageError(
+                f"max_bytes_in_flight ({self.max_bytes_in_flight}) must be at least "
+                f"max_body_bytes ({self.max_body_bytes}): a largest body would never fit"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -349,6 +388,96 @@ class StreamStore:
         return entry
 
 
+# --------------------------------------------------------------------------- load and memory
+
+SMALL_ANSWER = 64 * 1024  # answers this small (errors, /healthz) are counted, never refused
+TRIM_AFTER = 16 * MiB  # bytes in flight after which memory is handed back once they are gone
+
+
+class Load:
+    """What the server holds now: connections and bytes in flight (request bodies, answers).
+
+    Used from the event loop thread only. `take` refuses what would pass the budget; `add`
+    counts what is let through anyway (small answers); `peak` is the most held since memory
+    was last trimmed.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.peak = 0
+        self.connections = 0
+        self.shutting_down = False
+
+    def take(self, size: int) -> bool:
+        if self.bytes + size > self.max_bytes:
+            return False
+        self.add(size)
+        return True
+
+    def add(self, size: int) -> None:
+        self.bytes += size
+        self.peak = max(self.peak, self.bytes)
+
+    def give(self, size: int) -> None:
+        self.bytes -= size
+
+    def busy_message(self, size: int, what: str) -> str:
+        return (
+            f"the server is busy: {self.bytes} bytes of requests and answers are in flight, and "
+            f"{what} of {size} bytes would pass its limit of {self.max_bytes} "
+            "(--max-bytes-in-flight); retry shortly"
+        )
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (mallopt, malloc_trim), else None (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+
+
+M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc() -> None:
+    """Serve large blocks (answers, bodies, arrays) from their own mappings, which free()
+    returns to the OS at once: glibc otherwise raises its mmap threshold to the largest block
+    freed (up to 32 MiB), and 24 MB answers then stay in the heap after they are freed."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, MiB)
+
+
+def trim_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; elsewhere nothing)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+class _Notices:
+    """Warnings about abusive clients, at most one line per kind every `every` seconds (with
+    the count since the last line), so that a flood of bad connections cannot flood the log."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._count: dict[str, int] = {}
+
+    def __call__(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        self._count[kind] = self._count.get(kind, 0) + 1
+        if now - self._last.get(kind, -math.inf) >= self.every:
+            count = self._count.pop(kind)
+            self._last[kind] = now
+            more = f" ({count} times in the last {self.every:g} s)" if count > 1 else ""
+            log.warning("%s%s", message, more)
+
+
 # --------------------------------------------------------------------------- the service
 
 
@@ -361,6 +490,8 @@ class Service:
         self.info = describe_model(runtime, limits)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="lstm-serve")
         self.store = StreamStore(limits.max_streams, limits.stream_ttl)
+        self.load = Load(limits.max_bytes_in_flight)
+        self.notice = _Notices()
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -372,6 +503,14 @@ class Service:
             closed = self.store.sweep()
             if closed:
                 log.info("closed %d idle stream(s)", closed)
+
+    async def trim_forever(self, interval: float = 0.5) -> None:
+        """Once a burst of large requests is over (nothing in flight), return its memory."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.load.peak >= TRIM_AFTER and self.load.bytes == 0:
+                self.load.peak = 0
+                await self.call(trim_memory)
 
     async def body(self, request: Request) -> bytes:
         """The request body, refused with 413 as soon as it is known to exceed the limit.
@@ -493,7 +632,9 @@ class Service:
     # ---- endpoints
 
     async def healthz(self, request: Request) -> Response:
-        return _json(200, {"status": "ok", "streams": len(self.store)})
+        load = self.load
+        answer = {"status": "ok", "streams": len(self.store), "connections": load.connections}
+        return _json(200, answer | {"bytes_in_flight": load.bytes})
 
     async def model(self, request: Request) -> Response:
         return _json(200, self.info)
@@ -623,28 +764,42 @@ def create_app(
     """The ASGI app over an export folder or .onnx file.
 
     `threads` is onnxruntime's intra-op threads per request (1: requests run in parallel
-    instead); `workers` the size of the thread pool that runs requests (default: CPU count).
-    Pass `runtime` to share an already-loaded `OnnxLSTM` (then `export_dir` is ignored).
+    instead), at most the CPU count; `workers` the size of the thread pool that runs requests
+    (default: CPU count, at least 2), at most 4 x the CPU count. Pass `runtime` to share an
+    already-loaded `OnnxLSTM` (then `export_dir` is ignored). onnxruntime's memory arena is
+    off in the session built here: it would keep the peak of every burst for good.
     """
     _require_framework()
     limits = limits or ServerLimits()
-    if workers is not None and (isinstance(workers, bool) or workers < 1):
-        raise UsageError(f"workers must be an integer >= 1, got {workers!r}")
+    cpus = cpu_count()
+    for name, value, most in (("threads", threads, cpus), ("workers", workers, 4 * cpus)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
+        if value > most:
+            rule = "the CPU count" if name == "threads" else "4 x the CPU count"
+            raise UsageError(f"{name} must be at most {most} ({rule}, {cpus} here), got {value}")
     if runtime is None:
-        runtime = OnnxLSTM(
-            export_dir, threads=threads, optimization=optimization, providers=providers
-        )
-    service = Service(runtime, limits, workers or max(2, os.cpu_count() or 1))
+        options = session_options(threads, optimization)
+        options.enable_cpu_mem_arena = False
+        runtime = OnnxLSTM(export_dir, options=options, providers=providers)
+    service = Service(runtime, limits, workers or max(2, cpus))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        sweeper = asyncio.create_task(service.sweep_forever())
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(functools.partial(_loop_error, service.notice))
+        tasks = [asyncio.create_task(service.sweep_forever())]
+        tasks.append(asyncio.create_task(service.trim_forever()))
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             service.pool.shutdown(wait=False, cancel_futures=True)
 
     routes = [
@@ -671,7 +826,409 @@ def create_app(
     return app
 
 
-def _listen(host: str, port: int) -> socket.socket:
+# --------------------------------------------------------------------------- connections
+
+HEAD_LIMIT = 16 * 1024  # request line + headers: h11's own bound on an incomplete head
+OVER_CAP_HEAD_SECONDS = 1.0  # a connection past the cap has this long to send its head
+FD_RESERVE = 64  # file descriptors kept for the model, the log, the pool, the listener
+# The listen backlog, which is also how many connections asyncio accepts in one go (each
+# open until it is handled, and a few such batches can overlap): uvicorn's default, or a
+# quarter of the files the limit leaves.
+MAX_BACKLOG, MIN_BACKLOG, BATCHES = 2048, 16, 4
+
+
+def spare_connections(max_connections: int) -> int:
+    """Connections past the cap that are still read (and answered 503, or /healthz)."""
+    return max(16, max_connections // 4)
+
+
+def _raw_json(status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """A whole `Connection: close` answer as bytes, for where h11 cannot send one."""
+    body = encode({"error": message})
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"content-type: {JSON}"]
+    lines += [f"content-length: {len(body)}", "connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _json_start(status: int, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> dict:
+    pairs = [("content-type", JSON), ("content-length", str(len(body))), *headers]
+    return {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in pairs],
+    }
+
+
+def protocol_class(service: Service) -> type:
+    """uvicorn's h11 protocol with this server's deadlines, caps and budget (see the module
+    docstring). A class per server: its instances share `service`'s limits and load."""
+    _require_framework()
+    limits, load = service.limits, service.load
+    spare = spare_connections(limits.max_connections)
+    notice = service.notice
+    retry = [("retry-after", "1")]
+    close = [("connection", "close")]
+
+    class LimitedH11Protocol(H11Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.inner_app, self.app = self.app, self.guarded_app
+            self.dropped = False  # closed at accept, past the cap and its spare
+            self.over_cap = False
+            self.lost = False
+            self.timer: asyncio.TimerHandle | None = None
+            self.timer_kind: str | None = None  # "head" or "body"
+            self.write_timer: asyncio.TimerHandle | None = None
+            self.answer_bytes = 0  # this connection's answers not yet handed to the kernel
+            self.answered: object = None  # the cycle this protocol answered itself
+            self.jobs: set[asyncio.Task] = set()
+
+        # ---- the connection's life
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            open_now = len(self.server_state.connections)
+            if open_now >= limits.max_connections + spare:
+                self.dropped = True
+                transport.abort()
+                notice(
+                    "dropped",
+                    f"closed a new connection unanswered: {open_now} are open, the cap "
+                    f"(--max-connections {limits.max_connections}) and {spare} spare",
+                )
+                return
+            super().connection_made(transport)
+            load.connections = len(self.connections)
+            # Told when the write buffer is empty (resume_writing): answers are counted until
+            # then, and one that does not drain in write_timeout drops the connection.
+            transport.set_write_buffer_limits(high=0)
+            self.over_cap = open_now >= limits.max_connections
+            self.update_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.dropped:
+                return
+            self.lost = True
+            self.cancel_timer()
+            self.cancel_write_timer()
+            self.release_answers()
+            super().connection_lost(exc)
+            load.connections = len(self.connections)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self.update_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.update_timer()
+
+        # ---- deadlines for receiving a request
+
+        def update_timer(self) -> None:
+            """Head deadline while a request's head is awaited (on a fresh connection, or once a
+            kept-alive one has sent a byte of it); body deadline while its body is awaited."""
+            state = self.conn.their_state
+            if self.transport.is_closing():
+                kind = None
+            elif state is h11.SEND_BODY:
+                kind = "body"
+            elif state is h11.IDLE and (self.cycle is None or self.conn.trailing_data[0]):
+                kind = "head"
+            else:
+                kind = None
+            if kind == self.timer_kind:
+                return
+            self.cancel_timer()
+            if kind is not None:
+                if kind == "body":
+                    seconds = limits.body_timeout
+                elif self.over_cap:
+                    seconds = min(limits.header_timeout, OVER_CAP_HEAD_SECONDS)
+                else:
+                    seconds = limits.header_timeout
+                self.timer = self.loop.call_later(seconds, self.timed_out, kind)
+                self.timer_kind = kind
+
+        def cancel_timer(self) -> None:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.timer_kind = None
+
+        def timed_out(self, kind: str) -> None:
+            self.timer = self.timer_kind = None
+            if self.transport.is_closing():
+                return
+            if kind == "head" and self.over_cap:
+                self.refuse_raw(503, self.over_cap_message(), retry)
+            elif kind == "head":
+                notice("head", f"cut off a request head slower than {limits.header_timeout:g} s")
+                self.refuse_raw(
+                    408,
+                    f"the request line and headers did not arrive within "
+                    f"{limits.header_timeout:g} s (--header-timeout)",
+                )
+            elif self.cycle is not None and not self.cycle.response_started:
+                notice("body", f"cut off a request body slower than {limits.body_timeout:g} s")
+                self.answer(
+                    self.cycle,
+                    408,
+                    f"the request body did not arrive within {limits.body_timeout:g} s of its "
+                    "headers (--body-timeout)",
+                )
+            else:  # answered already; the rest of the body is late
+                self.transport.close()
+
+        def over_cap_message(self) -> str:
+            return (
+                f"the server has too many connections open (limit {limits.max_connections}, "
+                "--max-connections); retry shortly"
+            )
+
+        def refuse_raw(
+            self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()
+        ) -> None:
+            """Answer outside h11 (which sends a response only to a request it has parsed)."""
+            self.transport.write(_raw_json(status, message, headers))
+            self.transport.close()
+
+        def answer(
+            self, cycle: Any, status: int, message: str, headers: Sequence[tuple[str, str]] = ()
+        ) -> None:
+            """Answer the request of `cycle` now, with Connection: close; the app's own answer,
+            if it ever comes, is dropped."""
+            self.answered = cycle
+            cycle.keep_alive = False
+
+            async def send() -> None:
+                body = encode({"error": message})
+                try:
+                    await cycle.send(_json_start(status, body, [*headers, *close]))
+                    await cycle.send({"type": "http.response.body", "body": body})
+                except (h11.LocalProtocolError, RuntimeError):  # h11 cannot answer now
+                    self.transport.abort()
+
+            job = self.loop.create_task(send())
+            self.jobs.add(job)
+            job.add_done_callback(self.jobs.discard)
+
+        def send_400_response(self, msg: str) -> None:
+            """A request h11 cannot parse: JSON with h11's reason (called while handling its
+            RemoteProtocolError) and its status hint (400, or 431 for a head too large)."""
+            exc = sys.exc_info()[1]
+            status = getattr(exc, "error_status_hint", 400)
+            # h11's reason without the raw bytes it quotes ("illegal header line: bytearray(...)")
+            reason = str(exc or "").split(": bytearray(")[0][:200] or "it could not be parsed"
+            message = f"the request is not valid HTTP/1.1: {reason}"
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                if cycle.response_started:  # mid-answer: nothing can be said any more
+                    self.transport.abort()
+                else:  # a bad chunk in a body the app is reading
+                    self.answer(cycle, status, message)
+                return
+            self.refuse_raw(status, message)
+
+        # ---- answers leaving the server
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self.write_timer is None:
+                self.write_timer = self.loop.call_later(limits.write_timeout, self.write_timed_out)
+
+        def resume_writing(self) -> None:  # the write buffer is empty (high water 0)
+            super().resume_writing()
+            self.cancel_write_timer()
+            self.release_answers()
+
+        def cancel_write_timer(self) -> None:
+            if self.write_timer is not None:
+                self.write_timer.cancel()
+                self.write_timer = None
+
+        def release_answers(self) -> None:
+            load.give(self.answer_bytes)
+            self.answer_bytes = 0
+
+        def write_timed_out(self) -> None:
+            self.write_timer = None
+            notice(
+                "write",
+                f"dropped a connection whose answer was not read within {limits.write_timeout:g} s",
+            )
+            self.transport.abort()  # close() would wait for the buffer to drain
+
+        # ---- shutdown
+
+        def shutdown(self) -> None:
+            load.shutting_down = True
+            try:
+                super().shutdown()
+            except h11.LocalProtocolError:  # answered and closing already
+                self.transport.abort()
+            self.loop.call_later(limits.shutdown_timeout, self.force_close)
+
+        def force_close(self) -> None:
+            """shutdown_timeout after SIGINT/SIGTERM: answer 503 to a request not yet answered,
+            drop anything else still open (a client not reading, a slow body)."""
+            if self.lost:
+                return
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_started and self.answered is not cycle:
+                self.answer(cycle, 503, "the server is shutting down; retry later")
+                self.loop.call_later(0.2, self.transport.abort)
+            else:
+                self.transport.abort()
+
+        # ---- the app, guarded: admission, the budget, answers counted
+
+        async def guarded_app(self, scope: Any, receive: Callable, send: Callable) -> None:
+            if scope["type"] != "http":
+                return await self.inner_app(scope, receive, send)
+            cycle = self.cycle
+            refusal = self.admit(scope)
+            if refusal is not None:
+                status, message, headers = refusal
+                body = encode({"error": message})
+                await send(_json_start(status, body, [*headers, *close]))
+                await send({"type": "http.response.body", "body": body})
+                return
+            reserved = self.request_bytes(scope)
+            if reserved and not load.take(reserved):
+                notice("budget", load.busy_message(reserved, "a request body"))
+                message = load.busy_message(reserved, "this request's body")
+                body = encode({"error": message})
+                await send(_json_start(503, body, [*retry, *close]))
+                await send({"type": "http.response.body", "body": body})
+                return
+            start: dict | None = None
+
+            async def counted_send(message: Any) -> None:
+                nonlocal start
+                if self.answered is cycle:
+                    return
+                if message["type"] == "http.response.start":
+                    start = message  # held until the body's size is known
+                    return
+                if message["type"] == "http.response.body":
+                    size = len(message.get("body", b""))
+                    if start is not None:
+                        head, start = start, None
+                        if size > SMALL_ANSWER and not load.take(size):
+                            notice("budget", load.busy_message(size, "an answer"))
+                            status = 413 if size > load.max_bytes else 503
+                            text = load.busy_message(size, "this answer")
+                            if status == 413:
+                                text = (
+                                    f"the answer would be {size} bytes, more than this "
+                                    f"server's limit of {load.max_bytes} bytes in flight; "
+                                    "send fewer steps or a smaller batch"
+                                )
+                            body = encode({"error": text})
+                            await send(_json_start(status, body, retry if status == 503 else []))
+                            await send({"type": "http.response.body", "body": body})
+                            return
+                        if size <= SMALL_ANSWER:
+                            load.add(size)
+                        self.answer_bytes += size
+                        if self.over_cap:  # /healthz past the cap: then closed
+                            head = {
+                                **head,
+                                "headers": [*head["headers"], (b"connection", b"close")],
+                            }
+                        await send(head)
+                    else:
+                        load.add(size)
+                        self.answer_bytes += size
+                    await send(message)
+                    if self.transport.get_write_buffer_size() == 0:
+                        self.release_answers()  # all handed to the kernel already
+                    return
+                await send(message)
+
+            try:
+                await self.inner_app(scope, receive, counted_send)
+            except asyncio.CancelledError:
+                if not load.shutting_down:
+                    raise
+                # uvicorn cancels what still runs past its graceful timeout: end quietly.
+                notice("cancelled", "cancelled a request still running at shutdown")
+                cycle.disconnected = True
+                self.transport.abort()
+            finally:
+                if reserved:
+                    load.give(reserved)
+
+        def admit(self, scope: Any) -> tuple[int, str, list] | None:
+            """Why this request is refused before the app sees it, or None."""
+            head = len(scope["raw_path"]) + len(scope["query_string"])
+            head += sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if head > HEAD_LIMIT:
+                return (
+                    431,
+                    f"the request line and headers are {head} bytes; this server takes at "
+                    f"most {HEAD_LIMIT}",
+                    [],
+                )
+            if self.over_cap:
+                if scope["path"] == "/healthz" and scope["method"] in ("GET", "HEAD"):
+                    return None  # answered, then closed
+                notice("cap", self.over_cap_message())
+                return 503, self.over_cap_message(), retry
+            return None
+
+        def request_bytes(self, scope: Any) -> int:
+            """What a request's body counts against the budget: its Content-Length (at most the
+            body limit, beyond which it is refused unread), or the body limit when chunked."""
+            length = chunked = None
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"transfer-encoding":
+                    chunked = True
+            if chunked:
+                return limits.max_body_bytes
+            return min(length or 0, limits.max_body_bytes)
+
+    return LimitedH11Protocol
+
+
+class _QuietParserLines(logging.Filter):
+    """uvicorn's warning for each request its parser refuses (or an upgrade it cannot do), as
+    one line per 10 s: a client sending garbage in a loop must not grow the log by a line each."""
+
+    LINES = ("Invalid HTTP request received.", "Unsupported upgrade request.")
+
+    def __init__(self, notice: _Notices) -> None:
+        super().__init__()
+        self.notice = notice
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.LINES:
+            self.notice(message, f"uvicorn: {message}")
+            return False
+        return True
+
+
+def _loop_error(notice: _Notices, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """asyncio's errors, but out of file descriptors in accept() (asyncio retries it every
+    second) as one line at most every 10 s, not a traceback each time."""
+    if context.get("message") == "socket.accept() out of system resource":
+        notice("accept", f"cannot accept connections: {context.get('exception')}; retrying")
+    else:
+        loop.default_exception_handler(context)
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _listen(host: str, port: int, backlog: int = MAX_BACKLOG) -> socket.socket:
     """A listening socket, or a UsageError saying why not (port taken, unknown host)."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise UsageError(f"port must be an integer from 0 to 65535, got {port!r}")
@@ -683,7 +1240,7 @@ def _listen(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(1024)
+        sock.listen(backlog)
     except OSError as exc:
         if sock is not None:
             sock.close()
@@ -692,6 +1249,45 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 KEEP_ALIVE_SECONDS = 60
+SHUTDOWN_MARGIN = 0.5  # after shutdown_timeout, for the requests answered 503 to end
+
+
+def _files_needed(max_connections: int) -> int:
+    """Open files for the cap, its spare, FD_RESERVE and batches of the smallest backlog."""
+    fixed = max_connections + spare_connections(max_connections) + FD_RESERVE
+    return fixed + BATCHES * MIN_BACKLOG
+
+
+def _backlog(max_connections: int) -> int:
+    """The accept backlog the file limit leaves room for, after raising the soft limit (up to
+    the hard one); UsageError, naming the flag to lower, if that is not even MIN_BACKLOG.
+    Past the limit, accept() fails and the server stops answering new connections."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit to raise
+        return MAX_BACKLOG
+    needed = _files_needed(max_connections)
+    fixed = needed - BATCHES * MIN_BACKLOG
+    wanted = fixed + BATCHES * MAX_BACKLOG
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(raised, soft), hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return MAX_BACKLOG
+    if soft < needed:
+        most = max_connections
+        while most and _files_needed(most) > soft:
+            most -= 1
+        hint = f"lower --max-connections to {most}" if most else "raise it"
+        raise UsageError(
+            f"--max-connections {max_connections} needs {needed} open files (the cap, "
+            f"{spare_connections(max_connections)} spare, {needed - fixed + FD_RESERVE} "
+            f"more), but this process may open only {soft} (ulimit -n); {hint}"
+        )
+    return min(MAX_BACKLOG, (soft - fixed) // BATCHES)
 
 
 def serve(
@@ -709,31 +1305,44 @@ def serve(
 ) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully and return (exit code 0).
 
-    Everything that can fail for a user reason (export folder, port, options) fails with
-    `UsageError` before the server starts. `on_ready` gets the URL once the port is
-    listening (default: one line on stderr); port 0 picks a free port.
+    Everything that can fail for a user reason (export folder, port, options, too low a file
+    limit for `max_connections`) fails with `UsageError` before the server starts. `on_ready`
+    gets the URL once the port is listening (default: one line on stderr); port 0 picks a
+    free port. Sets glibc's mmap threshold for the process (see `tune_malloc`).
     """
     _require_framework()
     if log_level not in LOG_LEVELS:
         raise UsageError(f"log_level must be one of {list(LOG_LEVELS)}, got {log_level!r}")
+    limits = limits or ServerLimits()
+    backlog = _backlog(limits.max_connections)
     app = create_app(
         export_dir, limits, threads=threads, workers=workers, optimization=optimization
     )
-    sock = _listen(host, port)
+    tune_malloc()
+    sock = _listen(host, port, backlog)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"http://{shown}:{bound_port}"
     config = uvicorn.Config(
         app,
+        # Our h11 subclass: deadlines, the connection cap, the byte budget, JSON errors.
+        http=protocol_class(app.state.service),
+        ws="none",
+        h11_max_incomplete_event_size=HEAD_LIMIT,
+        backlog=backlog,
         log_level=log_level,
         access_log=access_log,
         lifespan="on",
-        timeout_graceful_shutdown=10,
+        # The protocol ends what is still open after shutdown_timeout; uvicorn cancels what
+        # still runs after this (a computation; the request is answered 503 already).
+        timeout_graceful_shutdown=limits.shutdown_timeout + SHUTDOWN_MARGIN,
         # uvicorn's 5 s default closes a keep-alive connection under a client that pauses
         # between requests on a busy machine; its next request then dies mid-send.
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
     server = uvicorn.Server(config)
+    quiet = _QuietParserLines(app.state.service.notice)
+    log.addFilter(quiet)
     name = app.state.service.info["name"]
     if on_ready is not None:
         on_ready(url)
@@ -755,6 +1364,7 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        log.removeFilter(quiet)
         sock.close()
 
 

@@ -6,10 +6,13 @@ count, and every server is stopped by the test that started it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import re
+import resource
+import select
 import signal
 import socket
 import subprocess
@@ -29,7 +32,7 @@ from conftest import small_model
 from lstm_export.errors import UsageError
 from lstm_export.pipeline import export
 from lstm_export.runtime import OnnxLSTM
-from lstm_export.server import ServerLimits, create_app, load_test, serve
+from lstm_export.server import ServerLimits, cpu_count, create_app, load_test, serve
 
 LOOPBACK = "127.0.0.1"
 TIMEOUT = 30  # seconds, per request
@@ -40,6 +43,12 @@ LIMITS = {
     "max_elements": 200,  # under max_seq_len x max_batch, so that it is the limit that bites
     "max_streams": 64,
     "stream_ttl": 120.0,
+    "header_timeout": 10.0,
+    "body_timeout": 30.0,
+    "write_timeout": 30.0,
+    "max_connections": 64,
+    "max_bytes_in_flight": 64 * 1024 * 1024,
+    "shutdown_timeout": 1.0,
 }
 
 
@@ -70,7 +79,9 @@ def eager(model, x, state=None):
 class Server:
     """`lstm-export serve DIR --port 0` in a subprocess; its port read off its log."""
 
-    def __init__(self, folder: Path, log_path: Path, **limits: float) -> None:
+    def __init__(
+        self, folder: Path, log_path: Path, *, files: int | None = None, **limits: float
+    ) -> None:
         options = []
         for key, value in {**LIMITS, **limits}.items():
             options += [f"--{key.replace('_', '-')}", str(value)]
@@ -79,7 +90,11 @@ class Server:
         command = [sys.executable, "-m", "lstm_export.cli", "serve", str(folder)]
         command += ["--host", LOOPBACK, "--port", "0", *options]
         self.proc = subprocess.Popen(
-            command, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=None if files is None else lambda: file_limit(files),
         )
         self.port = self._wait_for_port()
 
@@ -115,6 +130,11 @@ class Server:
                 self.proc.wait(timeout=10)
         self.log_file.close()
         return self.proc.returncode
+
+
+def file_limit(files: int) -> None:
+    """In a child before exec: at most `files` open files, soft and hard (ulimit -n)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
 
 
 @dataclass
@@ -595,6 +615,94 @@ def test_body_limit_is_enforced_before_the_body_is_read(server, exported):
         client.close()
 
 
+# Requests uvicorn's parser (h11) refuses before the app sees them, and heads over 16 KiB.
+MALFORMED = [
+    ("garbage request line", b"HELLO\r\n\r\n", 400),
+    ("no HTTP version", b"GET /healthz\r\n\r\n", 400),
+    ("TLS hello", bytes.fromhex("16030100a5010000a10303") + b"\x00" * 40, 400),
+    ("leading CRLF only", b"\r\n\r\n", 400),
+    ("space in target", b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("non-ASCII target", b"GET /h\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("missing Host", b"GET /healthz HTTP/1.1\r\n\r\n", 400),
+    ("two Hosts", b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    ("space before colon", b"GET /healthz HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+    ("bad header name", b"GET /healthz HTTP/1.1\r\nHost: x\r\nBa(d: 1\r\n\r\n", 400),
+    ("tab in header name", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX\tY: 1\r\n\r\n", 400),
+    ("empty header name", b"GET /healthz HTTP/1.1\r\nHost: x\r\n: v\r\n\r\n", 400),
+    ("NUL in a value", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n", 400),
+    ("header without colon", b"GET /healthz HTTP/1.1\r\nHost: x\r\nnocolon\r\n\r\n", 400),
+    (
+        "Content-Length abc",
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        400,
+    ),
+    (
+        "Content-Length -1",
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        400,
+    ),
+    (
+        "two Content-Lengths",
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        400,
+    ),
+    (
+        "Transfer-Encoding gzip",
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+        501,
+    ),
+    (
+        "bad chunk size",
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+        400,
+    ),
+    (
+        "head over 16 KiB",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n",
+        431,
+    ),
+    ("path over 16 KiB", b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431),
+]
+
+
+@pytest.mark.parametrize("raw,status", [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+def test_malformed_http_is_answered_with_json(server, exported, raw, status):
+    with socket.create_connection((LOOPBACK, server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(raw)
+        answer = read_answer(sock)
+    assert answer is not None, "closed without an answer"
+    got, headers, data = answer
+    assert (got, headers["content-type"]) == (status, "application/json"), answer
+    assert list(data) == ["error"] and data["error"], data
+    assert "bytearray" not in data["error"], data  # h11's quote of the raw bytes is cut
+    assert headers["connection"] == "close"
+    assert_fresh_client_predicts(server, exported)
+
+
+def read_answer(sock: socket.socket, wait: float = TIMEOUT) -> tuple[int, dict, dict] | None:
+    """One JSON answer off a raw socket: (status, lower-case headers, body), or None when the
+    server closed the connection without answering. Waits at most `wait` s for each read."""
+    sock.settimeout(wait)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            assert not received, f"a partial answer: {received[:300]!r}"
+            return None
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines)}
+    length = int(headers["content-length"])
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return int(status_line.split()[1]), headers, json.loads(body[:length])
+
+
 # --------------------------------------------------------------------------- concurrency
 
 
@@ -789,6 +897,244 @@ def test_idle_streams_expire_and_open_streams_are_capped(exported, tmp_path):
         assert server.stop() == 0, server.log()
 
 
+# --------------------------------------------------------------------------- connections
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection((LOOPBACK, port), timeout=TIMEOUT)
+
+
+def predict_head(length: int) -> bytes:
+    return (
+        f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def healthz(port: int) -> tuple[int, dict, dict] | None:
+    """GET /healthz on a new connection: the answer, or None if closed unanswered."""
+    try:
+        with connect(port) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            return read_answer(sock, wait=5)
+    except (ConnectionResetError, BrokenPipeError):
+        return None
+
+
+def assert_quiet_log(server: Server) -> None:
+    log = server.log()
+    assert "Traceback" not in log and "Too many open files" not in log, log[-4000:]
+    assert len(log) < 20_000, f"the log grew to {len(log)} characters"
+
+
+def test_slow_heads_and_bodies_get_a_json_408_after_their_timeout(exported, tmp_path):
+    server = Server(exported.folder, tmp_path / "slow.log", header_timeout=1.0, body_timeout=1.0)
+
+    def silent() -> socket.socket:  # connects, never sends a byte
+        return connect(server.port)
+
+    def trickling_head() -> socket.socket:  # a header byte every 0.2 s, never the blank line
+        sock = connect(server.port)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        for _ in range(50):
+            if select.select([sock], [], [], 0.2)[0]:  # answered
+                break
+            sock.sendall(b"a")
+        return sock
+
+    def short_body() -> socket.socket:  # 10 of the 100 bytes its Content-Length promises
+        sock = connect(server.port)
+        sock.sendall(predict_head(100) + b'{"x": [[[0')
+        return sock
+
+    def timed(opener) -> tuple[float, tuple | None]:
+        began = time.monotonic()
+        with opener() as sock:
+            answer = read_answer(sock, wait=8)
+        return time.monotonic() - began, answer
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(timed, (silent, trickling_head, short_body)))
+        for (seconds, answer), flag in zip(results, ("header", "header", "body"), strict=True):
+            assert answer is not None, "closed without an answer"
+            status, headers, data = answer
+            assert status == 408 and headers["connection"] == "close", answer
+            assert "within 1 s" in data["error"] and f"--{flag}-timeout" in data["error"], data
+            assert 0.9 <= seconds < 3.0, seconds
+        # A kept-alive connection may idle past the header timeout: its clock starts with the
+        # next request's first byte (the idle time is --keep-alive's, 60 s).
+        client = server.client()
+        try:
+            assert client.call("GET", "/healthz").status == 200
+            time.sleep(1.5)
+            assert_predict_works(client, exported)
+        finally:
+            client.close()
+    finally:
+        assert server.stop() == 0, server.log()
+    assert_quiet_log(server)
+
+
+def test_connection_cap_answers_extra_connections_fast_and_healthz_stays_up(exported, tmp_path):
+    # Under a 256-file limit, as in the report: 8 slow connections fill the cap, then 300 more
+    # arrive. The cap's 16 spare connections are read and answered (503, or /healthz); the
+    # rest are closed at once, and the accept backlog is sized to the files left.
+    server = Server(
+        exported.folder, tmp_path / "cap.log", files=256, max_connections=8, header_timeout=20.0
+    )
+    held = [connect(server.port) for _ in range(8)]  # they send nothing: held till 20 s
+    flood: list[socket.socket] = []
+    try:
+        status, headers, data = healthz(server.port)  # past the cap, /healthz still answers
+        assert status == 200 and data["connections"] == 9 and headers["connection"] == "close"
+        began = time.monotonic()
+        with connect(server.port) as sock:
+            body = js({"x": X})
+            sock.sendall(predict_head(len(body)) + body)
+            status, headers, data = read_answer(sock, wait=5)
+        assert time.monotonic() - began < 1.0
+        assert status == 503 and headers["retry-after"] == "1", data
+        assert "too many connections open (limit 8, --max-connections)" in data["error"]
+
+        flooding = threading.Thread(
+            target=lambda: flood.extend(connect(server.port) for _ in range(300))
+        )
+        flood_began = time.monotonic()
+        flooding.start()
+        # /healthz on new connections every 0.2 s: while the spare is full, closed at once
+        # (None); answered again within 2.5 s of the flood's end, the cap still full.
+        answers: list[tuple[float, int | None]] = []
+        ended = None
+        while ended is None or time.monotonic() < ended + 2.5:
+            answer = healthz(server.port)
+            answers.append((round(time.monotonic() - flood_began, 2), answer and answer[0]))
+            if ended is None and not flooding.is_alive():
+                ended = time.monotonic()
+            elif ended is not None and answers[-1][1] == 200:
+                break
+            time.sleep(0.2)
+        flooding.join(TIMEOUT)
+        print(f"/healthz during and after the flood (seconds, status): {answers}")
+        assert answers[-1][1] == 200, answers
+        outcomes = [read_answer(sock, wait=5) for sock in flood]  # none left hanging
+        refused = [a for a in outcomes if a is not None]
+        assert len(outcomes) == 300 and len(outcomes) - len(refused) >= 200, len(refused)
+        assert all(a[0] == 503 and a[1]["retry-after"] == "1" for a in refused), refused[:3]
+        status, _, data = healthz(server.port)
+        assert status == 200 and data["connections"] == 9, data  # the 8 held, and this one
+    finally:
+        for sock in held + flood:
+            sock.close()
+        assert server.stop() == 0, server.log()
+    log = server.log()
+    assert "Traceback" not in log and len(log) < 20_000, log[-4000:]
+    assert log.count("Too many open files") <= 1, log  # at most one line per 10 s, if any
+
+
+def rss_mib(pid: int) -> float:
+    """The resident memory of a process, from /proc (Linux)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+# Requests of 2,000 steps x batch 64: a body of 2.6 MB and an answer of about 10 MB, more
+# than the kernel's socket buffers take (4 MB here), so that most of it waits in the server.
+BIG = {"max_seq_len": 2000, "max_batch": 64, "max_elements": 128000, "max_body_bytes": 4 << 20}
+BIG_X = np.zeros((2000, 64, 5)).tolist()
+
+
+def never_reading(port: int, body: bytes) -> tuple[socket.socket, int, bytes, bytes]:
+    """Send a predict and read only the head of its answer (all of it for a small 503), with
+    a 4 KiB receive buffer: (socket, status, head, body read)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(TIMEOUT)
+    sock.connect((LOOPBACK, port))
+    sock.sendall(predict_head(len(body)) + body)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(256)
+    head, _, rest = received.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    while status != 200 and not rest.endswith(b"}"):
+        rest += sock.recv(4096)
+    return sock, status, head, rest
+
+
+def test_never_reading_clients_are_bounded_and_memory_returns(exported, tmp_path):
+    # Answers of 11.7 MiB to bodies of 3.3 MiB: three answers fit 48 MiB in flight, then the
+    # fourth would pass it (35 held + 3.3 + 11.7) and is answered 503 instead.
+    budget = 48 * 1024 * 1024
+    server = Server(exported.folder, tmp_path / "never-read.log", max_bytes_in_flight=budget, **BIG)
+    body = js({"x": BIG_X})
+    sockets: list[socket.socket] = []
+    try:
+        client = server.client()
+        try:  # warm up: one whole answer read, so that the baseline holds what a read one costs
+            reply = client.call("POST", "/v1/predict", {"x": BIG_X})
+            assert reply.status == 200 and len(reply.data["y"]) == 2000
+        finally:
+            client.close()
+        time.sleep(1.0)
+        baseline = rss_mib(server.proc.pid)
+        statuses = []
+        for _ in range(5):  # one after another: each sends, then never reads
+            sock, status, head, rest = never_reading(server.port, body)
+            sockets.append(sock)
+            statuses.append(status)
+            if status == 503:
+                assert b"\r\nretry-after: 1\r\n" in head.lower() + b"\r\n", head
+                assert b"content-type: application/json" in head.lower(), head
+                assert "--max-bytes-in-flight" in json.loads(rest)["error"], rest
+            _, _, data = healthz(server.port)
+            assert 0 < data["bytes_in_flight"] <= budget, data
+        peak = rss_mib(server.proc.pid)
+        assert statuses == [200, 200, 200, 503, 503], statuses
+        assert healthz(server.port)[0] == 200
+        for sock in sockets:  # the abusive clients leave
+            sock.close()
+        deadline = time.monotonic() + 10
+        while healthz(server.port)[2]["bytes_in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert healthz(server.port)[2]["bytes_in_flight"] == 0
+        while rss_mib(server.proc.pid) > baseline + 16 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        after = rss_mib(server.proc.pid)
+        print(f"RSS: baseline {baseline:.0f} MiB, peak {peak:.0f}, after {after:.0f}")
+        assert after <= baseline + 16, (baseline, peak, after)
+    finally:
+        for sock in sockets:
+            sock.close()
+        assert server.stop() == 0, server.log()
+    assert_quiet_log(server)
+
+
+def test_an_answer_nobody_reads_is_dropped_after_the_write_timeout(exported, tmp_path):
+    server = Server(exported.folder, tmp_path / "write-timeout.log", write_timeout=1.0, **BIG)
+    try:
+        sock, status, _, _ = never_reading(server.port, js({"x": BIG_X}))
+        with sock:
+            assert status == 200
+            began = time.monotonic()
+            assert healthz(server.port)[2]["bytes_in_flight"] > 8 * 1024 * 1024
+            while healthz(server.port)[2]["bytes_in_flight"] and time.monotonic() < began + 10:
+                time.sleep(0.1)
+            seconds = time.monotonic() - began
+            assert healthz(server.port)[2]["bytes_in_flight"] == 0  # the client still there
+            assert seconds < 3.0, seconds
+            sock.settimeout(10)
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(1 << 20):  # what the kernel had, then the end
+                    received += len(chunk)
+            assert received < 8 * 1024 * 1024, received  # not the whole 11.7 MiB answer
+    finally:
+        assert server.stop() == 0, server.log()
+    assert "dropped a connection whose answer was not read within 1 s" in server.log()
+    assert_quiet_log(server)
+
+
 # --------------------------------------------------------------------------- shutdown
 
 
@@ -848,6 +1194,33 @@ def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(exported, tmp_path
     assert "Traceback" not in server.log(), server.log()
 
 
+def test_sigterm_with_slow_clients_exits_within_2_s_without_a_traceback(exported, tmp_path):
+    server = Server(exported.folder, tmp_path / "slow-stop.log")
+    slow_head = connect(server.port)
+    slow_body = connect(server.port)
+    idle = server.client()
+    try:
+        slow_head.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        slow_body.sendall(predict_head(1000) + b'{"x": [')
+        assert idle.call("GET", "/healthz").data["connections"] == 3
+        began = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=20)
+        seconds = time.monotonic() - began
+        print(f"SIGTERM to exit: {seconds:.2f} s")
+        assert code == 0 and seconds < 2.0, (code, seconds)
+        status, _, data = read_answer(slow_body, wait=5)
+        assert status == 503 and "shutting down" in data["error"], data
+    finally:
+        for sock in (slow_head, slow_body):
+            sock.close()
+        idle.close()
+        server.stop()
+    log = server.log()
+    assert "Finished server process" in log
+    assert "Traceback" not in log and "CancelledError" not in log, log
+
+
 # --------------------------------------------------------------------------- setup errors
 
 
@@ -877,6 +1250,8 @@ def test_setup_errors_are_usage_errors(exported, tmp_path):
     app.state.service.pool.shutdown()
     with pytest.raises(UsageError, match="log_level must be one of"):
         serve(exported.folder, LOOPBACK, 0, log_level="loud")
+    with pytest.raises(UsageError, match=r"max_bytes_in_flight \(100\) must be at least"):
+        ServerLimits(max_body_bytes=200, max_bytes_in_flight=100)
     with socket.socket() as taken:
         taken.bind((LOOPBACK, 0))
         taken.listen()
@@ -884,9 +1259,34 @@ def test_setup_errors_are_usage_errors(exported, tmp_path):
             serve(exported.folder, LOOPBACK, taken.getsockname()[1])
 
 
-def serve_cli(folder: Path, *options: str) -> subprocess.CompletedProcess:
+def serve_cli(folder: Path, *options: str, files: int | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "lstm_export.cli", "serve", str(folder), "--port", "0"]
-    return subprocess.run([*command, *options], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [*command, *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=None if files is None else lambda: file_limit(files),
+    )
+
+
+def test_threads_workers_and_connections_beyond_the_machine_are_refused(exported):
+    cpus = cpu_count()
+    cases = [
+        (["--threads", "20000"], f"threads must be at most {cpus} (the CPU count, {cpus} here)"),
+        (["--threads", str(cpus + 1)], f"threads must be at most {cpus} "),
+        (["--workers", str(4 * cpus + 1)], f"workers must be at most {4 * cpus} (4 x the CPU"),
+    ]
+    for options, message in cases:
+        done = serve_cli(exported.folder, *options)
+        assert done.returncode == 2, (options, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    done = serve_cli(exported.folder, "--max-connections", "1000", files=256)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "only 256 (ulimit -n)" in lines[0], lines
+    assert "lower --max-connections to 103" in lines[0], lines
 
 
 def test_a_manifest_is_read_bounded(exported, tmp_path):
