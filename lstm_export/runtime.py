@@ -10,10 +10,11 @@ serialize instead of corrupting it.
 
 from __future__ import annotations
 
-import json
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -21,12 +22,17 @@ import onnxruntime as ort
 from lstm_export.artifacts import ONNX_FILE
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
-from lstm_export.files import artifact
+from lstm_export.files import check_regular_file, read_bytes
+
+if TYPE_CHECKING:
+    import onnx
 
 CONFIG_KEY = "lstm_export.config"
 LAYOUT_KEY = "lstm_export.layout"
 """metadata_props key marking a derived graph's axis layout; absent means time-major."""
 TIME_MAJOR = "time_major"
+MAX_ONNX_BYTES = (1 << 31) - 1
+"""A .onnx file is one protobuf message, and protobuf cannot hold one of 2 GiB or more."""
 
 Array = np.ndarray
 State = tuple[Array, Array]
@@ -39,6 +45,59 @@ OPTIMIZATION_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+
+def onnx_file(path: Path | str) -> Path:
+    """`path`, or `path/model.onnx` when `path` is a folder; refused only if nothing is there
+    (what is there, a FIFO or an empty file, is judged by `read_onnx`, which says why)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            path = path / ONNX_FILE
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise UsageError(
+            f"expected an export folder or a .onnx file, but {path} does not exist"
+        ) from None
+    except OSError as exc:  # a name too long, no permission
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def read_onnx(path: Path) -> bytes:
+    """The bytes of a .onnx file, refused before anything is read unless it is a regular,
+    non-empty file protobuf can hold: /dev/zero, a FIFO or a sparse 3 GB file is one line,
+    not a hang or gigabytes read for nothing."""
+    info = check_regular_file(path, "ONNX model")
+    if info.st_size > MAX_ONNX_BYTES:
+        raise UsageError(
+            f"ONNX model {path} is {info.st_size:,} bytes; an ONNX model is one protobuf "
+            f"message, which holds at most {MAX_ONNX_BYTES:,} bytes (2 GiB)"
+        )
+    data = read_bytes(path, "ONNX model", MAX_ONNX_BYTES)  # checked again on the open file
+    if not data:  # emptied since
+        raise UsageError(f"ONNX model {path} is empty (0 bytes)")
+    return data
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """`read_onnx`, parsed; external data is never followed (an export has none)."""
+    import onnx
+
+    data = read_onnx(path)
+    try:
+        return onnx.load_from_string(data)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{path} is not an ONNX file: {first}") from None
+
+
+def config_from_metadata(meta: Mapping[str, str], source: str) -> LSTMConfig:
+    """The config an ONNX graph's metadata records, parsed as every config is
+    (`LSTMConfig.from_json`: depth-limited JSON, every key checked)."""
+    if CONFIG_KEY not in meta:
+        raise UsageError(f"{source} has no {CONFIG_KEY} metadata: not an lstm-export model")
+    return LSTMConfig.from_json(meta[CONFIG_KEY], source=f"{source} {CONFIG_KEY} metadata")
 
 
 def session_options(
@@ -83,7 +142,7 @@ class OnnxLSTM:
         optimization: ort.GraphOptimizationLevel | str = "all",
         options: ort.SessionOptions | None = None,
     ) -> None:
-        self.path = artifact(path, ONNX_FILE)
+        self.path = onnx_file(path)
         if options is None:
             options = session_options(threads, optimization)
         providers = list(providers)
@@ -93,23 +152,15 @@ class OnnxLSTM:
             raise UsageError(
                 f"providers must be some of this onnxruntime's {available}, got {providers}"
             )
+        data = read_onnx(self.path)
         try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=providers
-            )
+            self.session = ort.InferenceSession(data, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"{self.path} is not a loadable ONNX model: {first}") from None
+        del data
         meta = self.session.get_modelmeta().custom_metadata_map
-        if CONFIG_KEY not in meta:
-            raise UsageError(f"{self.path} has no {CONFIG_KEY} metadata: not an lstm-export model")
-        try:
-            config = json.loads(meta[CONFIG_KEY])
-        except ValueError:
-            raise UsageError(f"{self.path}: {CONFIG_KEY} metadata is not valid JSON") from None
-        if not isinstance(config, dict):
-            raise UsageError(f"{self.path}: {CONFIG_KEY} metadata is not a JSON object")
-        self.config = LSTMConfig.from_dict(config, source=str(self.path))
+        self.config = config_from_metadata(meta, str(self.path))
         layout = meta.get(LAYOUT_KEY, TIME_MAJOR)
         if layout != TIME_MAJOR:  # same names, other axes: it would run, silently wrong
             raise UsageError(
@@ -123,6 +174,26 @@ class OnnxLSTM:
         }
         if found != names:
             raise UsageError(f"{self.path}: expected {names}, found {found}")
+        self._check_dims()
+
+    def _check_dims(self) -> None:
+        """The graph's fixed dims must be the ones its metadata config implies: a metadata
+        config that lies would pass our input checks and fail inside onnxruntime."""
+        cfg = self.config
+        layers, hidden = cfg.num_layers, cfg.hidden_size
+        expected = {"x": [None, None, cfg.input_size], "y": [None, None, hidden]}
+        expected.update({n: [layers, None, hidden] for n in ("h0", "c0", "hn", "cn")})
+        for value in (*self.session.get_inputs(), *self.session.get_outputs()):
+            want, got = expected[value.name], list(value.shape)
+            pairs = zip(got, want, strict=False)
+            fixed_ok = all(w is None or not isinstance(g, int) or g == w for g, w in pairs)
+            fits = len(got) == len(want) and fixed_ok
+            if not fits:
+                shown = ["?" if w is None else w for w in want]
+                raise UsageError(
+                    f"{self.path}: its {CONFIG_KEY} metadata {cfg.to_dict()} does not fit its "
+                    f"graph: {value.name} has shape {got}, the config implies {shown}"
+                )
 
     @property
     def providers(self) -> list[str]:

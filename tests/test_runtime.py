@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import resource
 import subprocess
 import sys
 import threading
@@ -281,3 +284,70 @@ def test_runtime_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# --- files that are not what they claim (issue 11) ---------------------------------------
+
+
+def _with_config(model_proto: onnx.ModelProto, path, text: str):
+    entry = next(p for p in model_proto.metadata_props if p.key == "lstm_export.config")
+    entry.value = text
+    onnx.save(model_proto, str(path))
+    return path
+
+
+def test_config_metadata_nested_100000_deep_is_one_usage_error(tmp_path):
+    path = _with_config(build_onnx(small_model(True, 2)), tmp_path / "model.onnx", "[" * 100000)
+    with pytest.raises(UsageError) as error:
+        OnnxLSTM(path)
+    assert str(error.value) == (
+        f"{path} lstm_export.config metadata nests 100000 levels deep; expected at most 32"
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "tensor"),
+    [
+        ({"input_size": 6, "hidden_size": 8, "num_layers": 2}, "x has shape ['seq', 'batch', 5]"),
+        ({"input_size": 5, "hidden_size": 16, "num_layers": 2}, "h0 has shape [2, 'batch', 8]"),
+        ({"input_size": 5, "hidden_size": 8, "num_layers": 3}, "h0 has shape [2, 'batch', 8]"),
+    ],
+    ids=["input_size", "hidden_size", "num_layers"],
+)
+def test_a_metadata_config_that_does_not_fit_the_graph_is_refused(tmp_path, config, tensor):
+    # Believed, it would pass our input checks and fail inside onnxruntime on every request.
+    text = json.dumps({**config, "layer_norm": True})
+    path = _with_config(build_onnx(small_model(True, 2)), tmp_path / "model.onnx", text)
+    with pytest.raises(UsageError) as error:
+        OnnxLSTM(path)
+    assert "lstm_export.config metadata" in str(error.value)
+    assert f"does not fit its graph: {tensor}" in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        pytest.param(
+            lambda p: subprocess.run(["truncate", "-s", "2500M", str(p)], check=True),
+            "is 2,621,440,000 bytes; an ONNX model is one protobuf message, which holds at most "
+            "2,147,483,647 bytes (2 GiB)",
+            id="2500M-sparse",
+        ),
+        pytest.param(lambda p: p.write_bytes(b""), "is empty (0 bytes)", id="empty"),
+        pytest.param(
+            lambda p: p.symlink_to("/dev/zero"),
+            "must be a regular file, but it is a device",
+            id="dev-zero",
+        ),
+        pytest.param(os.mkfifo, "must be a regular file, but it is a named pipe", id="fifo"),
+    ],
+)
+def test_what_is_not_an_onnx_file_is_refused_before_it_is_read(tmp_path, make, reason):
+    path = tmp_path / "model.onnx"
+    make(path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for given in (path, tmp_path):  # the file, or the folder holding it
+        with pytest.raises(UsageError) as error:
+            OnnxLSTM(given)
+        assert str(error.value) == f"ONNX model {path} {reason}"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB
