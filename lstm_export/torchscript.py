@@ -19,9 +19,9 @@ import torch
 from lstm_export.config import LSTMConfig
 from lstm_export.deploy import deployable
 from lstm_export.errors import UsageError
+from lstm_export.files import check_regular_file, write_file
 from lstm_export.kernels import OP_NAME, build_kernel, kernel_loaded
 from lstm_export.model import LSTM
-from lstm_export.files import write_file
 
 CONFIG_FILE = "config.json"
 
@@ -86,8 +86,7 @@ def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, LSTMConfig]:
     kernel is built from the packaged source (never taken from the file's folder).
     """
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"expected a TorchScript model.pt, but {path} does not exist")
+    check_regular_file(path, "TorchScript model")  # a FIFO would block libtorch forever
     extra = {CONFIG_FILE: ""}
     try:
         try:
@@ -107,11 +106,59 @@ def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, LSTMConfig]:
             f"{path} is TorchScript but not an lstm-export LSTM: expected the attributes "
             f"{', '.join(wanted)}, it lacks {', '.join(lacking)}"
         )
+    try:
+        config = config_of(module)
+    except (TypeError, ValueError, RuntimeError) as exc:  # attributes that are not numbers
+        raise UsageError(f"{path}: its config attributes are not usable: {exc}") from None
     if extra[CONFIG_FILE]:
-        config = LSTMConfig.from_json(extra[CONFIG_FILE], source=f"{path} {CONFIG_FILE}")
-    else:
-        try:
-            config = config_of(module)
-        except (TypeError, ValueError, RuntimeError) as exc:  # attributes that are not numbers
-            raise UsageError(f"{path}: its config attributes are not usable: {exc}") from None
+        recorded = LSTMConfig.from_json(extra[CONFIG_FILE], source=f"{path} {CONFIG_FILE}")
+        if recorded != config:  # one file, two configs: neither can be believed
+            raise UsageError(
+                f"{path}: its {CONFIG_FILE} says {recorded.to_dict()}, but its attributes "
+                f"say {config.to_dict()}"
+            )
+    check_weights(module, config, str(path))
     return module.eval(), config
+
+
+def _names(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(k if len(k) <= 60 else k[:57] + "..." for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_weights(module: torch.nn.Module, config: LSTMConfig, source: str) -> None:
+    """Refuse a module whose tensors are not the ones an lstm-export LSTM of `config` holds
+    (names and shapes): the parity reference is rebuilt from them, so a module without
+    them, or with another model's, proves nothing. The expected shapes come from the model
+    built on the meta device, which allocates nothing."""
+    state = module.state_dict()
+    problems = []
+    if config.num_layers > len(state):  # a layer holds 3 tensors or more; build no more
+        problems.append(
+            f"it holds {len(state)} tensors, a {config.num_layers}-layer LSTM at least "
+            f"{3 * config.num_layers}"
+        )
+    else:
+        with torch.device("meta"):
+            expected = LSTM(
+                config.input_size, config.hidden_size, config.num_layers, config.layer_norm
+            ).state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        wrong = [
+            f"{k} {list(state[k].shape)} (expected {list(expected[k].shape)})"
+            for k in expected
+            if k in state and state[k].shape != expected[k].shape
+        ]
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrongly shaped", wrong),
+        ):
+            if keys:
+                problems.append(f"{len(keys)} {label}: {_names(keys)}")
+    if problems:
+        raise UsageError(
+            f"{source} does not hold the weights of the lstm-export LSTM its config describes "
+            f"({config.to_dict()}): " + "; ".join(problems)
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -45,3 +47,72 @@ def test_a_bad_config_json_extra_file_is_refused(tmp_path, text, expected):
     with pytest.raises(UsageError, match=expected) as error:
         load_torchscript(path)
     assert str(path) in str(error.value)
+
+
+def test_a_config_json_that_contradicts_the_attributes_is_refused(tmp_path):
+    # One file, two configs: neither can be believed, and parity would use the wrong one.
+    path = tmp_path / "model.pt"
+    scripted = save_torchscript(small_model(False, 1), tmp_path / "good.pt")
+    text = '{"input_size": 5, "hidden_size": 16, "num_layers": 1, "layer_norm": false}'
+    torch.jit.save(scripted, str(path), _extra_files={"config.json": text})
+
+    with pytest.raises(UsageError) as error:
+        load_torchscript(path)
+
+    assert str(error.value) == (
+        f"{path}: its config.json says {{'input_size': 5, 'hidden_size': 16, 'num_layers': 1, "
+        "'layer_norm': False}, but its attributes say {'input_size': 5, 'hidden_size': 8, "
+        "'num_layers': 1, 'layer_norm': False}"
+    )
+
+
+class SizesOnly(torch.nn.Module):
+    """All four config attributes, no weights: what `torch.jit.script` makes of a stub."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size, self.num_layers, self.layer_norm = 5, 8, 1, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_a_module_without_the_weights_its_config_describes_is_refused(tmp_path):
+    path = tmp_path / "stub.pt"
+    torch.jit.save(torch.jit.script(SizesOnly()), str(path))
+    with pytest.raises(UsageError) as error:
+        load_torchscript(path)
+    assert str(error.value) == (
+        f"{path} does not hold the weights of the lstm-export LSTM its config describes "
+        "({'input_size': 5, 'hidden_size': 8, 'num_layers': 1, 'layer_norm': False}): it holds "
+        "0 tensors, a 1-layer LSTM at least 3"
+    )
+
+    # Our module with its attributes edited: every name is right, the shapes are not.
+    scripted = torch.jit.script(small_model(False, 1))
+    scripted.hidden_size = 4
+    torch.jit.save(scripted, str(path))
+    with pytest.raises(
+        UsageError, match=r"3 wrongly shaped: cells\.0\.input_lin\.weight \[32, 5\]"
+    ):
+        load_torchscript(path)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        pytest.param(lambda p: p.write_bytes(b""), "is empty (0 bytes)", id="empty"),
+        pytest.param(
+            lambda p: p.symlink_to("/dev/zero"),
+            "must be a regular file, but it is a device",
+            id="dev-zero",
+        ),
+        pytest.param(os.mkfifo, "must be a regular file, but it is a named pipe", id="fifo"),
+    ],
+)
+def test_what_is_not_a_file_is_refused_before_libtorch_opens_it(tmp_path, make, reason):
+    path = tmp_path / "model.pt"
+    make(path)  # a FIFO would block torch.jit.load forever
+    with pytest.raises(UsageError) as error:
+        load_torchscript(path)
+    assert str(error.value) == f"TorchScript model {path} {reason}"
