@@ -351,7 +351,8 @@ def verify(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Re-run the parity matrix on an export folder; exit code 1 on any breach."""
+    """Re-run the parity matrix on an export folder and check what its manifest claims
+    (hashes, config, name); exit code 1 on any breach, 2 if it cannot be read as an export."""
     with _status("Verifying parity"):
         from lstm_export.verification import verify as run_verify
 
@@ -362,10 +363,10 @@ def verify(
         if not out.is_terminal and out.width < 100:  # rich pipes 80 columns; the table needs 100
             out.width = 100
         out.print(_report_table(report, every_case))
-        for problem in report.problems:
-            out.print(f"[bold red]problem[/]: {escape(problem)}")
-        for note in report.notes():
-            out.print(f"[bold yellow]note[/]: {escape(note)}")
+        for problem in report.problems:  # may quote the manifest: escaped
+            out.print(f"[bold red]problem[/]: {escape(printable(problem))}")
+        for note in report.notes():  # prose: wrapped to the table's width, unlike paths
+            out.print(f"[bold yellow]note[/]: {escape(printable(note))}", soft_wrap=False)
     given = "".join(f" --{k} {v:g}" for k, v in _tolerance(atol, factor).items())
     report.raise_if_failed(
         str(folder), f"run `lstm-export verify {folder}{given} --json` for the whole table"
@@ -387,11 +388,18 @@ def inspect(
         _print_json(info)
         return
     described = info["files"].values() if info["kind"] == "export folder" else [info]
-    if "manifest" in info:
+    if "manifest" in info:  # a record anyone could have written: labelled, clipped, escaped
         manifest = info["manifest"]
-        out.print(f"[bold]{escape(info['path'])}[/]: export {escape(repr(manifest.get('name')))}")
-        out.print(f"  parity at export: {manifest.get('parity')}", markup=False)
-        out.print(f"  versions: {manifest.get('versions')}", markup=False)
+        out.print(f"[bold]{escape(info['path'])}[/]: export folder; its manifest.json says")
+        out.print(f"  ({manifest['note']}):", markup=False, highlight=False)
+        for key in ("name", "config", "parity", "versions"):
+            value = manifest.get(key)
+            text = printable(repr(value) if isinstance(value, str) else str(value))
+            text = text if len(text) <= 300 else text[:297] + "..."
+            label = "parity at export" if key == "parity" else key
+            out.print(f"  {label} (recorded): {text}", markup=False, highlight=False)
+        for warning in manifest["warnings"]:
+            out.print(f"[bold yellow]warning[/]: {escape(printable(warning))}", highlight=False)
     for entry in described:
         table = Table(title=f"{entry['path']} ({entry['kind']})", show_header=False)
         table.add_column("key", style="bold")

@@ -1,14 +1,31 @@
-"""Describe a model.pt, a model.onnx or a whole export folder: config, signature, opset, sizes."""
+"""Describe a model.pt, a model.onnx or a whole export folder: config, signature, opset, sizes.
+
+What is described comes from the files themselves. A folder's manifest is shown as what it
+is, a record written at export that nothing here checks (`lstm-export verify` checks its
+hashes, config and name and recomputes parity): labelled so, and with a warning where it
+contradicts the files.
+"""
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from pathlib import Path
 
-from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE
+from lstm_export.artifacts import (
+    FUSED_TORCHSCRIPT_FILE,
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+    check_model_name,
+)
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
+from lstm_export.files import read_manifest
+
+RECORDED = (
+    "recorded at export, not verified here: `lstm-export verify` checks the config, the "
+    "hashes and the name, and recomputes parity"
+)
 
 
 def inspect_torchscript(path: Path) -> dict:
@@ -26,19 +43,12 @@ def inspect_torchscript(path: Path) -> dict:
 
 
 def inspect_onnx(path: Path) -> dict:
-    import onnx
-
     from lstm_export.pipeline import onnx_signature
-    from lstm_export.runtime import CONFIG_KEY
+    from lstm_export.runtime import config_from_metadata, load_onnx
 
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise UsageError(f"{path} is not an ONNX file: {exc}") from None
+    model = load_onnx(path)  # refused before reading: not a file, empty, over 2 GiB
     meta = {p.key: p.value for p in model.metadata_props}
-    if CONFIG_KEY not in meta:
-        raise UsageError(f"{path} is ONNX but not an lstm-export model (no {CONFIG_KEY} metadata)")
-    config = LSTMConfig.from_json(meta[CONFIG_KEY], source=f"{path} {CONFIG_KEY} metadata")
+    config = config_from_metadata(meta, str(path))
     return {
         "kind": "onnx",
         "path": str(path),
@@ -53,36 +63,54 @@ def inspect_onnx(path: Path) -> dict:
 
 
 def inspect_folder(path: Path) -> dict:
-    manifest_path = path / MANIFEST_FILE
+    manifest = read_manifest(path)  # bounded, depth-limited; None if there is none
     info: dict = {"kind": "export folder", "path": str(path), "files": {}}
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise UsageError(f"{manifest_path} is not valid JSON: {exc}") from None
-        if not isinstance(manifest, dict):
-            raise UsageError(f"{manifest_path} is not a valid manifest: expected a JSON object")
-        info["manifest"] = {k: manifest.get(k) for k in ("name", "config", "versions")}
-        parity = manifest.get("parity") or {}
-        if not isinstance(parity, dict):  # only shown, but a list has no .get
-            raise UsageError(
-                f"{manifest_path} is not a valid manifest: expected parity to be an object, "
-                f"got {type(parity).__name__}"
-            )
-        info["manifest"]["parity"] = {
-            k: parity.get(k) for k in ("passed", "reference", "tolerance", "worst_error")
-        }
     readers = (
         (TORCHSCRIPT_FILE, inspect_torchscript),
         (ONNX_FILE, inspect_onnx),
         (FUSED_TORCHSCRIPT_FILE, inspect_torchscript),
     )
     for name, inspect_file in readers:
-        if (path / name).is_file():
+        if (path / name).exists() or (path / name).is_symlink():
             info["files"][name] = inspect_file(path / name)
     if not info["files"]:
         raise UsageError(f"{path} holds neither {TORCHSCRIPT_FILE} nor {ONNX_FILE}")
+    if manifest is not None:
+        info["manifest"] = _recorded(path, manifest, info["files"])
     return info
+
+
+def _recorded(path: Path, manifest: dict, files: dict) -> dict:
+    """The manifest's name, config, versions and parity verdict, labelled as recorded, with
+    a warning for each the files contradict or no export could have written."""
+    recorded: dict = {"note": RECORDED}
+    recorded.update({k: manifest.get(k) for k in ("name", "config", "versions")})
+    parity = manifest.get("parity") or {}
+    if not isinstance(parity, dict):  # only shown, but a list has no .get
+        raise UsageError(
+            f"{path / 'manifest.json'} is not a valid manifest: expected parity to be an "
+            f"object, got {type(parity).__name__}"
+        )
+    recorded["parity"] = {
+        k: parity.get(k) for k in ("passed", "reference", "tolerance", "worst_error")
+    }
+    warnings = []
+    try:  # strictly: JSON's 1 is not true, though Python's 1 == True
+        claimed = LSTMConfig.from_dict(recorded["config"], source="the recorded config")
+    except UsageError as exc:
+        warnings.append(str(exc))
+    else:
+        warnings += [
+            f"the recorded config {claimed.to_dict()} differs from {name}'s {entry['config']}"
+            for name, entry in files.items()
+            if claimed != LSTMConfig(**entry["config"])
+        ]
+    try:
+        check_model_name(recorded["name"], "the recorded name")
+    except UsageError as exc:
+        warnings.append(str(exc))
+    recorded["warnings"] = warnings
+    return recorded
 
 
 def inspect(path: Path | str) -> dict:
@@ -90,9 +118,9 @@ def inspect(path: Path | str) -> dict:
     path = Path(path)
     if path.is_dir():
         return inspect_folder(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UsageError(f"expected a .pt, a .onnx or an export folder, but {path} does not exist")
-    if path.suffix == ".onnx":
+    if path.suffix == ".onnx":  # each reader says why what is there is not a model
         return inspect_onnx(path)
     if path.suffix in (".pt", ".pth", ".ts"):
         return inspect_torchscript(path)

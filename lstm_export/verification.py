@@ -4,16 +4,23 @@ The artifacts are loaded back from disk and run as backends of `lstm_export.pari
 TorchScript (`model.pt`, and `model.fused.pt` when there is one), onnxruntime on
 `model.onnx` (streamed through `OnnxLSTM.stream`, as users stream), and onnxruntime on the
 batch-first variant Triton serves. The reference is the eager model, rebuilt from
-`model.pt`'s weights, in float64. The manifest's hashes are checked too.
+`model.pt`'s weights, in float64.
+
+The manifest is a claim, checked like one: its hashes against the files, its config against
+the artifacts' own (model.pt's config.json and attributes, model.onnx's metadata, the
+weights' shapes), its name against the one name rule. What cannot be checked (the versions
+and name it records, the parity report of the export) is shown as recorded at export and
+never used: parity is always recomputed. A claim found false is a problem (exit 1, a
+failed proof); a manifest or artifact that cannot be read as ours is a UsageError (exit 2).
 """
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import onnx
 import torch
 
 from lstm_export.artifacts import (
@@ -21,9 +28,11 @@ from lstm_export.artifacts import (
     MANIFEST_FILE,
     ONNX_FILE,
     TORCHSCRIPT_FILE,
+    check_model_name,
 )
+from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
-from lstm_export.files import check_export_folder, sha256
+from lstm_export.files import check_export_folder, read_manifest, sha256
 from lstm_export.kernels import KERNEL_LIBRARY
 from lstm_export.parity import (
     ATOL,
@@ -37,10 +46,12 @@ from lstm_export.parity import (
     check_parity,
     torch_backend,
 )
-from lstm_export.runtime import OnnxLSTM
+from lstm_export.runtime import OnnxLSTM, load_onnx
 from lstm_export.triton import BATCH_FIRST_BACKEND, batch_first_backend, batch_first_onnx
 
 FUSED_BACKEND = "torchscript (fused kernel)"
+NAME_MAX = 255
+"""The longest file name (in bytes) of common filesystems; a longer manifest entry is not ours."""
 
 
 def onnx_backend(name: str, runtime: OnnxLSTM) -> Backend:
@@ -74,23 +85,35 @@ def verify_artifacts(
 ) -> ParityReport:
     """Parity of saved `model.pt`, `model.onnx` (and `model.fused.pt`, if given) with the
     eager model on the .pt's weights, in float64."""
+    return _check_artifacts(torchscript_path, onnx_path, tolerance, fused_path)[0]
+
+
+def _check_artifacts(
+    torchscript_path: Path,
+    onnx_path: Path,
+    tolerance: Tolerance | None,
+    fused_path: Path | None,
+) -> tuple[ParityReport, dict[str, LSTMConfig]]:
+    """`verify_artifacts`'s report, and the config each artifact holds (for the manifest's
+    claim to be checked against, without loading them twice)."""
     from lstm_export.torchscript import load_torchscript
 
     tolerance = tolerance or Tolerance()
-    scripted, config = load_torchscript(torchscript_path)
-    runtime = OnnxLSTM(onnx_path)
+    scripted, config = load_torchscript(torchscript_path)  # config.json, attributes, weights
+    runtime = OnnxLSTM(onnx_path)  # metadata config against the graph's dims
+    configs = {torchscript_path.name: config, onnx_path.name: runtime.config}
     report = ParityReport(tolerance)
     if runtime.config != config:
         report.problems.append(
             f"model.pt config {config.to_dict()} differs from model.onnx's "
             f"{runtime.config.to_dict()}"
         )
-        return report
+        return report, configs
     backends = [
         torch_backend("torchscript", scripted),
         onnx_backend("onnxruntime", runtime),
         # The batch-first variant Triton serves (lstm-export triton), derived from model.onnx.
-        batch_first_backend(batch_first_onnx(onnx.load(str(onnx_path))), BATCH_FIRST_BACKEND),
+        batch_first_backend(batch_first_onnx(load_onnx(onnx_path)), BATCH_FIRST_BACKEND),
     ]
     if fused_path is not None:
         try:
@@ -102,75 +125,172 @@ def verify_artifacts(
                 report.problems.append(
                     f"{fused_path.name} is not the model in {torchscript_path.name}"
                 )
-                return report
+                return report, configs
             backends.append(torch_backend(FUSED_BACKEND, fused))
     reference = Reference.from_scripted(scripted, config)
     checked = check_parity(reference, backends, tolerance=tolerance)
     checked.problems[:0] = report.problems
-    return checked
+    return checked, configs
 
 
 def verify(out_dir: Path | str, *, atol: float = ATOL, factor: float = FACTOR) -> ParityReport:
-    """Check an export folder: artifacts match the manifest's sha256, and all backends agree
-    with the float64 reference within `max(atol, factor x float32 floor)`."""
+    """Check an export folder: what its manifest claims (hashes, config, name) holds, and all
+    backends agree with the float64 reference within `max(atol, factor x float32 floor)`.
+
+    The manifest is read once; the parity report it records is never used, only shown in
+    a note when its verdict differs from this run's.
+    """
     tolerance = Tolerance(atol, factor)
     out_dir = Path(out_dir)
     check_export_folder(out_dir)
-    manifest_path = out_dir / MANIFEST_FILE
-    problems = check_manifest(out_dir) if manifest_path.is_file() else []
-    if not manifest_path.is_file():
-        problems.append(f"{MANIFEST_FILE} is missing")
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        problems = [f"{MANIFEST_FILE} is missing"]
+    else:
+        problems = check_manifest(out_dir, manifest)
     fused = out_dir / FUSED_TORCHSCRIPT_FILE
-    report = verify_artifacts(
+    report, configs = _check_artifacts(
         out_dir / TORCHSCRIPT_FILE,
         out_dir / ONNX_FILE,
         tolerance,
-        fused_path=fused if fused.is_file() else None,
+        fused if fused.is_file() else None,
     )
+    if manifest is not None:
+        problems += check_claims(manifest, configs)
     report.problems[:0] = problems
-    recorded = _recorded_tolerance(manifest_path)
-    if recorded is not None and recorded != (tolerance.atol, tolerance.factor):
-        report.remarks.append(
-            f"the export was accepted with atol {recorded[0]:g}, factor {recorded[1]:g} "
-            f"(manifest); this check used atol {tolerance.atol:g}, factor {tolerance.factor:g}"
-        )
+    if manifest is not None:
+        report.remarks += recorded_remarks(manifest, tolerance, report.passed)
     return report
 
 
-def _recorded_tolerance(manifest_path: Path) -> tuple[float, float] | None:
+def _shown(value: Any, limit: int = 60) -> str:
+    """A recorded value's repr, one short line (control characters escaped by repr)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def config_problems(manifest: dict, configs: dict[str, LSTMConfig]) -> list[str]:
+    """The manifest's config against each artifact's own (`configs`, by file name); checked
+    strictly, as a config is read from a file (JSON's 1 is not true)."""
+    try:
+        claimed = LSTMConfig.from_dict(manifest.get("config"), source=f"its {MANIFEST_FILE}")
+    except UsageError as exc:
+        return [f"{MANIFEST_FILE} records no config of a model: {exc}"]
+    return [
+        f"{MANIFEST_FILE} records config {claimed.to_dict()}, but {name} holds {config.to_dict()}"
+        for name, config in configs.items()
+        if config != claimed
+    ]
+
+
+def check_claims(manifest: dict, configs: dict[str, LSTMConfig]) -> list[str]:
+    """What the manifest says about the model that does not hold: its config against each
+    artifact's own, and its name against the one model-name rule (`check_model_name`)."""
+    problems = config_problems(manifest, configs)
+    try:
+        check_model_name(manifest.get("name"), f"the name {MANIFEST_FILE} records")
+    except UsageError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def recorded_remarks(manifest: dict, tolerance: Tolerance, passed: bool) -> list[str]:
+    """Notes on what the manifest records but nothing can check: the name and versions of
+    the export, the tolerance and verdict of its parity report; shown, never used."""
+    remarks = [
+        f"recorded at export, not verified: name {_shown(manifest.get('name'))}, "
+        f"versions {_shown(manifest.get('versions'), 300)}"
+    ]
+    recorded = _recorded_tolerance(manifest)
+    if recorded is not None and recorded != (tolerance.atol, tolerance.factor):
+        remarks.append(
+            f"the export was accepted with atol {recorded[0]:g}, factor {recorded[1]:g} "
+            f"(manifest); this check used atol {tolerance.atol:g}, factor {tolerance.factor:g}"
+        )
+    parity = manifest.get("parity")
+    claimed = parity.get("passed") if isinstance(parity, dict) else None
+    if claimed is not passed:
+        remarks.append(
+            f"the manifest records parity passed={_shown(claimed)} at export; this check "
+            f"recomputed it (passed={passed}): a recorded report is never trusted"
+        )
+    return remarks
+
+
+def _recorded_tolerance(manifest: dict) -> tuple[float, float] | None:
     """The (atol, factor) an export was accepted with, if its manifest says; shown, never used:
     a manifest is not trusted to loosen the check."""
     try:
-        recorded = json.loads(manifest_path.read_text(encoding="utf-8"))["parity"]["tolerance"]
+        recorded = manifest["parity"]["tolerance"]
         return float(recorded["atol"]), float(recorded["factor"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
 
 
-def check_manifest(out_dir: Path) -> list[str]:
+def _plain_name(name: str) -> bool:
+    """A file name directly in the folder: no separator, no '..', no NUL, not too long."""
+    return (
+        name not in ("", ".", "..", MANIFEST_FILE)
+        and Path(name).name == name
+        and not any(c in name for c in "\\\0")
+        and len(os.fsencode(name)) <= NAME_MAX
+    )
+
+
+def artifact_table(out_dir: Path, manifest: dict) -> dict[str, dict]:
+    """The manifest's artifacts, refused as bad input unless a table of tables whose names
+    are plain file names in the folder: nothing outside it is ever read for a manifest."""
+    manifest_path = out_dir / MANIFEST_FILE
+    recorded = manifest.get("artifacts")
+    if not isinstance(recorded, dict) or not all(isinstance(e, dict) for e in recorded.values()):
+        raise UsageError(f"{manifest_path} is not a valid manifest: artifacts must be a table")
+    for name in recorded:
+        if not _plain_name(name):
+            raise UsageError(
+                f"{manifest_path} is not a valid manifest: expected artifact names that are "
+                f"plain file names in {out_dir} (at most {NAME_MAX} bytes), got "
+                f"{_shown(name)}" + (f" ({len(name)} characters)" if len(name) > 60 else "")
+            )
+    return recorded
+
+
+def hash_problems(out_dir: Path, recorded: dict[str, dict], names: list[str]) -> list[str]:
+    """Each of `names` against its sha256 in the manifest's artifact table `recorded`: not
+    listed, a symbolic link, missing, not a regular file or changed is a problem; a file
+    that cannot be read at all (no permission) is bad input."""
+    problems = []
+    for name in names:
+        path, entry = out_dir / name, recorded.get(name)
+        if entry is None:
+            problems.append(f"{name} is not listed in the manifest, so nothing vouches for it")
+        elif path.is_symlink():  # an export writes files; a link could point anywhere
+            problems.append(f"{name} is a symbolic link, not a file the export wrote")
+        elif not path.exists():
+            problems.append(f"{name} is listed in the manifest but missing")
+        elif not path.is_file():
+            problems.append(f"{name} is listed in the manifest but is not a regular file")
+        else:
+            try:
+                digest = sha256(path)
+            except OSError as exc:
+                raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+            if digest != entry.get("sha256"):
+                problems.append(
+                    f"{name} does not match the manifest's sha256 (changed since export)"
+                )
+    return problems
+
+
+def check_manifest(out_dir: Path, manifest: dict) -> list[str]:
     """Hash every artifact the manifest lists; model.pt and model.onnx must be among them
     (and model.fused.pt with its kernel library, or a kernel library alone, when the folder
     has one).
 
-    A manifest that cannot be read as one we wrote (not JSON, artifacts not a table of
-    tables, an artifact name that is not a plain file name in the folder) is refused as
-    bad input: verify never reads a path a manifest points it to outside the folder.
-    What it reads and finds wrong (an artifact unlisted, missing or changed) is returned
-    as a problem, a breach like a missing manifest.
+    A manifest that cannot be read as one we wrote (see `artifact_table`) is refused as bad
+    input. What it reads and finds wrong (an artifact unlisted, missing, not a regular file
+    or changed) is returned as a problem, a breach like a missing manifest.
     """
-    manifest_path = out_dir / MANIFEST_FILE
-    try:
-        recorded = json.loads(manifest_path.read_text(encoding="utf-8"))["artifacts"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{manifest_path} is not a valid manifest: {exc}") from None
-    if not isinstance(recorded, dict) or not all(isinstance(e, dict) for e in recorded.values()):
-        raise UsageError(f"{manifest_path} is not a valid manifest: artifacts must be a table")
-    for name in recorded:
-        if name in ("", ".", "..", MANIFEST_FILE) or Path(name).name != name or "\\" in name:
-            raise UsageError(
-                f"{manifest_path} is not a valid manifest: expected artifact names that are "
-                f"plain file names in {out_dir}, got {name!r}"
-            )
+    recorded = artifact_table(out_dir, manifest)
     # A kernel library in the folder is native code a deployment loads: it must be vouched
     # for whenever it is there, and model.fused.pt never comes without it.
     required = [TORCHSCRIPT_FILE, ONNX_FILE]
@@ -178,17 +298,5 @@ def check_manifest(out_dir: Path) -> list[str]:
         required += [FUSED_TORCHSCRIPT_FILE, KERNEL_LIBRARY]
     elif (out_dir / KERNEL_LIBRARY).exists():
         required.append(KERNEL_LIBRARY)
-    problems = [
-        f"{name} is not listed in the manifest, so nothing vouches for it"
-        for name in required
-        if name not in recorded
-    ]
-    for name, entry in recorded.items():
-        path = out_dir / name
-        if path.is_symlink():  # an export writes files; a link could point anywhere
-            problems.append(f"{name} is a symbolic link, not a file the export wrote")
-        elif not path.is_file():
-            problems.append(f"{name} is listed in the manifest but missing")
-        elif sha256(path) != entry.get("sha256"):
-            problems.append(f"{name} does not match the manifest's sha256 (changed since export)")
-    return problems
+    listed = list(recorded)
+    return hash_problems(out_dir, recorded, [*[n for n in required if n not in listed], *listed])

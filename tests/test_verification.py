@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import shutil
+import subprocess
 
 import numpy as np
 import onnx
 import pytest
+import torch
 
 import parity_corpus as corpus
 from conftest import small_model
@@ -16,6 +21,7 @@ from lstm_export.errors import ParityError, UsageError
 from lstm_export.files import sha256
 from lstm_export.parity import default_cases
 from lstm_export.pipeline import export
+from lstm_export.torchscript import quiet_torchscript
 from lstm_export.verification import verify
 
 
@@ -181,3 +187,288 @@ def test_a_batch_first_graph_that_reshapes_the_state_fails(sound_export, call_ma
     with pytest.raises(ParityError, match="onnxruntime batch-first, case "):
         triton.write_triton_repo(sound_export, repo)
     assert not repo.exists()
+
+
+# --------------------------------------------------------------------------- what the manifest
+# claims (issue 11). One export, copied per test; each forgery edits the manifest alone (or one
+# artifact and its hash), so nothing but the checks under test can notice.
+
+
+@pytest.fixture(scope="module")
+def claimed(tmp_path_factory):
+    return export(small_model(True, 2), tmp_path_factory.mktemp("claimed") / "m").out_dir
+
+
+def _copy(folder, tmp_path):
+    return shutil.copytree(folder, tmp_path / "copy")
+
+
+def _forge(folder, **changes):
+    """Rewrite manifest.json with `changes` (dotted keys reach inside: parity.passed)."""
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        target = manifest
+        for parent in parents:
+            target = target[parent]
+        target[key] = value
+    path.write_text(json.dumps(manifest))
+
+
+def _one_line(code, err, expected_code):
+    lines = err.strip().splitlines()
+    assert code == expected_code and len(lines) == 1 and "Traceback" not in err, (code, err)
+    return lines[0]
+
+
+def _save_module(module, path, extra=None):
+    with quiet_torchscript():
+        torch.jit.save(torch.jit.script(module), str(path), _extra_files=extra or {})
+
+
+class _SizesOnly(torch.nn.Module):
+    """The four config attributes of our LSTM and no weights at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size, self.num_layers, self.layer_norm = 5, 8, 2, True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class _OtherModel(_SizesOnly):
+    """Our attributes, someone else's weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+DEEP = "[" * 100000
+
+
+def _deep_config_json(folder):
+    with quiet_torchscript():
+        module = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
+        torch.jit.save(module, str(folder / "model.pt"), _extra_files={"config.json": DEEP})
+    corpus.rehash(folder, "model.pt")
+
+
+def _deep_metadata(folder):
+    proto = onnx.load(str(folder / "model.onnx"))
+    next(p for p in proto.metadata_props if p.key == "lstm_export.config").value = DEEP
+    onnx.save(proto, str(folder / "model.onnx"))
+    corpus.rehash(folder, "model.onnx")
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+@pytest.mark.parametrize(
+    ("deepen", "where"),
+    [
+        pytest.param(
+            lambda d: (d / "manifest.json").write_text(DEEP), "manifest.json", id="manifest"
+        ),
+        pytest.param(_deep_metadata, "model.onnx lstm_export.config metadata", id="onnx-metadata"),
+        pytest.param(_deep_config_json, "model.pt config.json", id="config-json"),
+    ],
+)
+def test_json_nested_100000_deep_anywhere_is_one_line_exit_2(
+    claimed, tmp_path, call_main, command, deepen, where
+):
+    folder = _copy(claimed, tmp_path)
+    deepen(folder)
+
+    line = _one_line(*call_main(command, folder)[::2], expected_code=2)
+
+    assert f"{where} nests 100000 levels deep; expected at most 32" in line, line
+
+
+def test_a_forged_config_fails_verify_naming_both_artifacts(claimed, tmp_path, call_main):
+    folder = _copy(claimed, tmp_path)
+    _forge(folder, **{"config.hidden_size": 999})
+
+    report = verify(folder)
+    code, _, err = call_main("verify", folder)
+
+    assert not report.passed and all(r.passed for r in report.results)  # only the claim is false
+    for artifact in ("model.pt", "model.onnx"):
+        assert (
+            "manifest.json records config {'input_size': 5, 'hidden_size': 999, 'num_layers': 2, "
+            f"'layer_norm': True}}, but {artifact} holds {{'input_size': 5, 'hidden_size': 8, "
+            "'num_layers': 2, 'layer_norm': True}"
+        ) in report.problems
+    assert "manifest.json records config" in _one_line(code, err, expected_code=1)
+
+
+@pytest.mark.parametrize("value", [1, "true"])
+def test_a_config_claim_is_compared_strictly(claimed, tmp_path, value):
+    # Python's 1 == True: a plain dict comparison would let `"layer_norm": 1` through.
+    folder = _copy(claimed, tmp_path)
+    _forge(folder, **{"config.layer_norm": value})
+
+    problems = verify(folder).problems
+
+    assert len(problems) == 1 and "manifest.json records no config of a model" in problems[0]
+    assert "layer_norm must be true or false" in problems[0]
+
+
+@pytest.mark.parametrize("name", ["../evil", "modèle", "a" * 129, 7])
+def test_a_name_no_export_could_write_fails_verify(claimed, tmp_path, call_main, name):
+    folder = _copy(claimed, tmp_path)
+    _forge(folder, name=name)
+
+    code, out, err = call_main("verify", folder, "--json")
+
+    _one_line(code, err, expected_code=1)
+    problems = json.loads(out)["problems"]
+    assert problems == [
+        "the name manifest.json records must be 1-128 ASCII letters, digits, '.', '_' or '-', "
+        f"starting with a letter or digit; got {name!r}"
+    ]
+
+
+def test_versions_and_name_are_shown_as_recorded_at_export_not_verified(
+    claimed, tmp_path, call_main
+):
+    folder = _copy(claimed, tmp_path)
+    _forge(folder, **{"versions.torch": "9.9.9-forged"})
+
+    notes = verify(folder).notes()
+    code, out, err = call_main("verify", folder)
+
+    assert code == 0, err  # nothing can check a version: it passes, labelled
+    note = next(n for n in notes if "recorded at export" in n)
+    assert note.startswith("recorded at export, not verified: name 'm', versions {")
+    assert "'torch': '9.9.9-forged'" in note
+    shown = " ".join(out.split())  # notes wrap at 100 columns
+    assert f"note: {note}" in shown
+    assert max(map(len, out.splitlines())) <= 100
+
+
+def test_a_recorded_parity_report_is_never_trusted(claimed, tmp_path, call_main):
+    # A sound export whose manifest says it failed: verify recomputes, passes, and says so.
+    folder = _copy(claimed, tmp_path)
+    _forge(folder, **{"parity.passed": False, "parity.worst_error": 1e9})
+    code, out, _ = call_main("verify", folder)
+    assert code == 0
+    assert (
+        "note: the manifest records parity passed=False at export; this check recomputed it "
+        "(passed=True): a recorded report is never trusted"
+    ) in " ".join(out.split())
+
+    # A broken export whose manifest says it passed: verify fails it on the recomputed rows.
+    broken = shutil.copytree(claimed, tmp_path / "broken")
+    corpus.nudge_onnx_weight(broken, 1e-3)  # re-hashed: only parity can tell
+    _forge(broken, **{"parity.passed": True, "parity.worst_error": 0.0, "parity.results": []})
+    report = verify(broken)
+    assert not report.problems and {r.backend for r in report.failures} == {
+        "onnxruntime",
+        "onnxruntime batch-first",
+    }
+    assert any("records parity passed=True" in note for note in report.notes())
+
+
+def test_inspect_labels_the_manifest_as_recorded_and_warns_where_files_disagree(
+    claimed, tmp_path, call_main
+):
+    folder = _copy(claimed, tmp_path)
+    _forge(folder, name="../evil", **{"config.num_layers": 7, "versions.torch": "9.9"})
+
+    code, out, _ = call_main("inspect", folder, "--json")
+    assert code == 0
+    recorded = json.loads(out)["manifest"]
+    assert recorded["note"].startswith("recorded at export, not verified here")
+    assert recorded["name"] == "../evil" and recorded["versions"]["torch"] == "9.9"
+    warnings = recorded["warnings"]
+    assert len(warnings) == 3, warnings
+    assert warnings[0].startswith("the recorded config {'input_size': 5, 'hidden_size': 8, ")
+    assert warnings[0].endswith(
+        "differs from model.pt's {'input_size': 5, 'hidden_size': 8, "
+        "'num_layers': 2, 'layer_norm': True}"
+    )
+    assert "differs from model.onnx's" in warnings[1]
+    assert warnings[2].endswith("got '../evil'")
+
+    code, out, _ = call_main("inspect", folder)
+    assert code == 0
+    assert "  name (recorded): '../evil'" in out
+    assert "'torch': '9.9'" in next(
+        line for line in out.splitlines() if "versions (recorded)" in line
+    )
+    assert sum(line.startswith("warning: ") for line in out.splitlines()) == 3
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        pytest.param(_SizesOnly, "it holds 0 tensors, a 2-layer LSTM at least 6", id="no-weights"),
+        pytest.param(_OtherModel, "2 unexpected: lin.weight, lin.bias", id="another-model"),
+    ],
+)
+def test_a_scripted_module_without_our_weights_is_one_line_exit_2(
+    claimed, tmp_path, call_main, command, module, expected
+):
+    folder = _copy(claimed, tmp_path)
+    _save_module(module(), folder / "model.pt")
+    corpus.rehash(folder, "model.pt")  # the manifest vouches for it: only its content is wrong
+
+    line = _one_line(*call_main(command, folder)[::2], expected_code=2)
+
+    assert f"{folder / 'model.pt'} does not hold the weights of the lstm-export LSTM" in line
+    assert expected in line, line
+
+
+def test_a_300_character_artifact_name_is_one_line_exit_2(claimed, tmp_path, call_main):
+    folder = _copy(claimed, tmp_path)
+    _forge(folder, **{"artifacts." + "a" * 300: {"sha256": "0" * 64}})
+
+    line = _one_line(*call_main("verify", folder)[::2], expected_code=2)
+
+    assert f"{folder / 'manifest.json'} is not a valid manifest" in line
+    assert "(at most 255 bytes), got 'aaaa" in line and "(300 characters)" in line, line
+
+
+# --------------------------------------------------------------------------- what inspect reads
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_inspect_refuses_a_2500_mb_onnx_before_reading_it(tmp_path, call_main):
+    big = tmp_path / "big.onnx"
+    subprocess.run(["truncate", "-s", "2500M", str(big)], check=True)  # sparse: no disk used
+    before = _peak_rss_mib()
+
+    line = _one_line(*call_main("inspect", big)[::2], expected_code=2)
+
+    assert _peak_rss_mib() - before < 200  # reading it would take 2.4 GB and more
+    assert line == (
+        f"error: ONNX model {big} is 2,621,440,000 bytes; an ONNX model is one protobuf "
+        "message, which holds at most 2,147,483,647 bytes (2 GiB)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        pytest.param(lambda p: p.write_bytes(b""), "is empty (0 bytes)", id="empty"),
+        pytest.param(lambda p: p.symlink_to("/dev/zero"), "it is a device", id="dev-zero"),
+        pytest.param(os.mkfifo, "it is a named pipe", id="fifo"),
+    ],
+)
+@pytest.mark.parametrize("name", ["x.onnx", "x.pt"])
+def test_inspect_says_why_what_is_there_is_not_a_model(tmp_path, call_main, make, reason, name):
+    path = tmp_path / name
+    make(path)
+
+    line = _one_line(*call_main("inspect", path)[::2], expected_code=2)
+
+    assert str(path) in line and reason in line, line
+    assert "does not exist" not in line and "not an lstm-export model" not in line
