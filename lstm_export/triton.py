@@ -25,7 +25,6 @@ that check imports torch, the rest of this module does not.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +34,19 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE
+from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE, check_model_name
 from lstm_export.config import LSTMConfig
-from lstm_export.errors import UsageError
-from lstm_export.files import check_export_folder, sha256, write_file
+from lstm_export.errors import ParityError, UsageError
+from lstm_export.files import check_export_folder, read_manifest, read_text, write_file
 from lstm_export.parity import ATOL, FACTOR, Backend, ParityReport, Tolerance
-from lstm_export.runtime import CONFIG_KEY, LAYOUT_KEY, TIME_MAJOR
+from lstm_export.runtime import (
+    CONFIG_KEY,
+    LAYOUT_KEY,
+    TIME_MAJOR,
+    config_from_metadata,
+    load_onnx,
+    read_onnx,
+)
 from lstm_export.staging import staged_folder
 
 BATCH_FIRST = "batch_first"
@@ -59,7 +65,6 @@ STATE_PAIRS = (("h0", "hn"), ("c0", "cn"))
 _STATE_INPUTS = tuple(i for i, _ in STATE_PAIRS)
 _STATE_OUTPUTS = tuple(o for _, o in STATE_PAIRS)
 _TIME_MAJOR_PREFIX = "time_major/"
-_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 _ONNX_TO_TRITON = {TensorProto.FLOAT: "TYPE_FP32"}
 
 
@@ -115,8 +120,7 @@ def _metadata(model_proto: onnx.ModelProto) -> dict[str, str]:
 def _check_time_major(model_proto: onnx.ModelProto, source: str) -> LSTMConfig:
     """The config of an lstm-export time-major graph; UsageError for anything else."""
     meta = _metadata(model_proto)
-    if CONFIG_KEY not in meta:
-        raise UsageError(f"{source} has no {CONFIG_KEY} metadata: not an lstm-export model")
+    config = config_from_metadata(meta, source)
     if meta.get(LAYOUT_KEY, TIME_MAJOR) != TIME_MAJOR:
         raise UsageError(
             f"{source} is already {meta[LAYOUT_KEY]}; give the time-major model.onnx of an export"
@@ -129,7 +133,7 @@ def _check_time_major(model_proto: onnx.ModelProto, source: str) -> LSTMConfig:
             f"{source} has inputs {inputs} and outputs {outputs}, "
             f"expected {[INPUT, *_STATE_INPUTS]} and {[OUTPUT, *_STATE_OUTPUTS]}"
         )
-    return LSTMConfig.from_dict(json.loads(meta[CONFIG_KEY]), source=source)
+    return config
 
 
 def batch_first_onnx(model_proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -196,7 +200,7 @@ def batch_first_onnx(model_proto: onnx.ModelProto) -> onnx.ModelProto:
 def _session(model: Path | str | onnx.ModelProto, source: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else read_onnx(model)
     try:
         return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -220,17 +224,14 @@ def batch_first_backend(
         path = Path(model)
         if path.is_dir():
             path = path / VERSION / ONNX_FILE
-        if not path.is_file():
+        if not (path.exists() or path.is_symlink()):
             raise UsageError(f"expected a .onnx file or a Triton model folder, got {model}")
         source = str(path)
-        try:
-            meta = _metadata(onnx.load(str(path), load_external_data=False))
-        except Exception as exc:
-            raise UsageError(f"{path} is not an ONNX model: {exc}") from None
-        model = path
+        model = load_onnx(path)  # refused before reading: not a regular file, empty, > 2 GiB
+        meta = _metadata(model)
     if meta.get(LAYOUT_KEY) != BATCH_FIRST or CONFIG_KEY not in meta:
         raise UsageError(f"{source} is not a batch-first graph (no {LAYOUT_KEY}={BATCH_FIRST})")
-    config = LSTMConfig.from_dict(json.loads(meta[CONFIG_KEY]), source=source)
+    config = config_from_metadata(meta, source)
     session = _session(model, source)
 
     def run(x: np.ndarray, state: tuple[np.ndarray, np.ndarray] | None):
@@ -254,24 +255,27 @@ def check_batch_first(
     time_major: onnx.ModelProto,
     batch_first: onnx.ModelProto,
     tolerance: Tolerance | None = None,
+    *,
+    scripted: Any = None,
 ) -> ParityReport:
     """The batch-first graph on the parity matrix against the export's eager model in float64.
 
-    The reference is rebuilt from the export's `model.pt`, so the graph Triton will serve
-    is held to the same rule as every other artifact. Raises ParityError (exit 1) naming
-    the worst case when it fails.
+    The reference is rebuilt from the export's `model.pt` (or `scripted`, its already loaded
+    (module, config)), so the graph Triton will serve is held to the same rule as every other
+    artifact. Raises ParityError (exit 1) naming the worst case when it fails, and when
+    model.onnx and model.pt hold different configs (a failed proof, as in `verify`).
     """
     from lstm_export.parity import Reference, check_parity
     from lstm_export.torchscript import load_torchscript
 
-    scripted, config = load_torchscript(export_dir / TORCHSCRIPT_FILE)
+    module, config = scripted or load_torchscript(export_dir / TORCHSCRIPT_FILE)
     graph_config = _check_time_major(time_major, "the ONNX model")
     if graph_config != config:
-        raise UsageError(
+        raise ParityError(
             f"{export_dir / ONNX_FILE} holds config {graph_config.to_dict()}, but "
             f"{TORCHSCRIPT_FILE} holds {config.to_dict()}; re-export the folder"
         )
-    reference = Reference.from_scripted(scripted, config)
+    reference = Reference.from_scripted(module, config)
     report = check_parity(reference, [batch_first_backend(batch_first)], tolerance=tolerance)
     return report.raise_if_failed(f"the batch-first graph of {export_dir / ONNX_FILE}")
 
@@ -301,7 +305,7 @@ def config_pbtxt(
     meta = _metadata(model_proto)
     if meta.get(LAYOUT_KEY) != BATCH_FIRST or CONFIG_KEY not in meta:
         raise UsageError("config_pbtxt needs the batch-first graph of batch_first_onnx(...)")
-    config = LSTMConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+    config = config_from_metadata(meta, "the batch-first graph")
     values = {v.name: v for v in (*model_proto.graph.input, *model_proto.graph.output)}
 
     def tensor(tensor_name: str) -> str:
@@ -404,10 +408,11 @@ def _validate(model_dir: Path, expected_name: str) -> dict:
     from google.protobuf import text_format
 
     config_path = model_dir / CONFIG_FILE
-    if not config_path.is_file():
+    if not (config_path.exists() or config_path.is_symlink()):  # what is there: read_text says
         raise UsageError(f"{model_dir} has no {CONFIG_FILE}: not a Triton model folder")
+    text = read_text(config_path, "Triton config")  # a regular file, at most 1 MiB
     try:
-        config = text_format.Parse(config_path.read_text(encoding="utf-8"), pb2.ModelConfig())
+        config = text_format.Parse(text, pb2.ModelConfig())
     except (text_format.ParseError, UnicodeDecodeError) as exc:
         raise UsageError(f"{config_path} is not a valid Triton ModelConfig: {exc}") from None
     filename = config.default_model_filename or ONNX_FILE
@@ -438,12 +443,12 @@ def _validate(model_dir: Path, expected_name: str) -> dict:
     graph_config: dict | None = None
     for version in versions:
         onnx_path = version / filename
-        if not onnx_path.is_file():
+        if not (onnx_path.exists() or onnx_path.is_symlink()):  # a FIFO: load_onnx says so
             problems.append(f"version folder {version.name} has no {filename}")
             continue
         onnx_files.append(str(onnx_path))
         try:
-            model = onnx.load(str(onnx_path))
+            model = load_onnx(onnx_path)
             onnx.checker.check_model(model, full_check=True)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -456,7 +461,10 @@ def _validate(model_dir: Path, expected_name: str) -> dict:
                 f"({LAYOUT_KEY} is {meta.get(LAYOUT_KEY)!r})"
             )
         if CONFIG_KEY in meta:
-            graph_config = json.loads(meta[CONFIG_KEY])
+            try:
+                graph_config = config_from_metadata(meta, f"{version.name}/{filename}").to_dict()
+            except UsageError as exc:
+                problems.append(str(exc))
         graph_inputs = {v.name: v for v in model.graph.input}
         graph_outputs = {v.name: v for v in model.graph.output}
         where = f" ({version.name}/{filename})" if len(versions) > 1 else ""
@@ -582,32 +590,33 @@ def validate_triton_repo(model_dir: Path | str) -> dict:
 # Writing the repository
 
 
-def _read_export(export_dir: Path) -> tuple[onnx.ModelProto, dict]:
-    """The export's time-major graph and manifest; model.pt and model.onnx must match its hashes."""
+def _read_export(export_dir: Path, manifest: dict | None) -> tuple[onnx.ModelProto, Any]:
+    """The export's time-major graph and its loaded model.pt (module, config), checked
+    against what its manifest (if it has one) claims, the way `verify` checks them.
+
+    An artifact that cannot be read as ours is bad input (UsageError, exit 2), whatever the
+    manifest says; then a claim that does not hold (model.pt's or model.onnx's sha256, the
+    config of either) is a failed proof (ParityError, exit 1), as in `verify`.
+    """
+    from lstm_export.torchscript import load_torchscript
+    from lstm_export.verification import artifact_table, config_problems, hash_problems
+
     check_export_folder(export_dir)  # model.pt too: it holds the float64 reference's weights
     onnx_path = export_dir / ONNX_FILE
-    manifest: dict = {}
-    manifest_path = export_dir / MANIFEST_FILE
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            artifacts = manifest.get("artifacts", {})
-            names = (TORCHSCRIPT_FILE, ONNX_FILE)
-            recorded = {n: artifacts.get(n, {}).get("sha256") for n in names}
-        except (ValueError, AttributeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{manifest_path} is not a valid manifest: {exc}") from None
-        for artifact_name, digest in recorded.items():
-            if digest is not None and sha256(export_dir / artifact_name) != digest:
-                raise UsageError(
-                    f"{export_dir / artifact_name} does not match the manifest's sha256 "
-                    "(changed since export); re-export it or run lstm-export verify"
-                )
-    try:
-        model = onnx.load(str(onnx_path))
-    except Exception as exc:
-        raise UsageError(f"{onnx_path} is not an ONNX model: {exc}") from None
-    _check_time_major(model, str(onnx_path))
-    return model, manifest
+    model = load_onnx(onnx_path)
+    config = _check_time_major(model, str(onnx_path))
+    scripted = load_torchscript(export_dir / TORCHSCRIPT_FILE)
+    if manifest is not None:
+        names = [TORCHSCRIPT_FILE, ONNX_FILE]
+        problems = hash_problems(export_dir, artifact_table(export_dir, manifest), names)
+        problems += config_problems(manifest, {ONNX_FILE: config})  # model.pt's: below
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ParityError(
+                f"{export_dir} is not the export its manifest describes: {problems[0]}{more}; "
+                f"re-export it, or run `lstm-export verify {export_dir}` for every problem"
+            )
+    return model, scripted
 
 
 def _holds_an_export(folder: Path) -> bool:
@@ -667,18 +676,27 @@ def write_triton_repo(
         raise UsageError(f"max_idle_seconds must be > 0, got {max_idle_seconds!r}")
     if repo.exists() and not repo.is_dir():
         raise UsageError(f"{repo} exists and is not a folder; choose another --repo")
-    time_major, manifest = _read_export(export_dir)
-    name = name or manifest.get("name") or export_dir.resolve().name
-    if not isinstance(name, str) or not name or name[0] in "._-" or set(name) - _NAME_CHARS:
-        raise UsageError(f"the model name must be letters, digits, '.', '_' or '-', got {name!r}")
+    check_export_folder(export_dir)
+    manifest = read_manifest(export_dir)  # bounded and depth-limited; None if there is none
+    if name is None:
+        recorded = (manifest or {}).get("name")
+        name = check_model_name(
+            recorded or export_dir.resolve().name,
+            f"the name {MANIFEST_FILE} records (pass --name)"
+            if recorded
+            else f"the model name (from the folder {export_dir}; pass --name)",
+        )
+    else:
+        check_model_name(name)
     final = repo / name
     _check_destination(export_dir, repo, final, force)
     if validate:
         _model_config_class()  # fail before any work if tritonclient is missing
 
+    time_major, scripted = _read_export(export_dir, manifest)
     batch_first = batch_first_onnx(time_major)
     onnx.checker.check_model(batch_first, full_check=True)
-    check_batch_first(export_dir, time_major, batch_first, tolerance)
+    check_batch_first(export_dir, time_major, batch_first, tolerance, scripted=scripted)
     text = config_pbtxt(
         batch_first,
         name,

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -20,16 +23,20 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb2
 
 import lstm_export.triton as triton
+import parity_corpus as corpus
 from conftest import small_model
+from lstm_export.artifacts import check_model_name
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.parity import Case, Reference, check_parity, torch_backend
 from lstm_export.pipeline import export
+from lstm_export.torchscript import quiet_torchscript
 from lstm_export.triton import (
     BATCH_FIRST_BACKEND,
     batch_first_backend,
@@ -503,11 +510,13 @@ def test_a_failure_leaves_nothing_behind(served, tmp_path, monkeypatch, where):
         def fail(*_args, **_kwargs):
             raise error
 
-        target, attribute = (triton, "_validate") if where == "validation" else (onnx, "save")
-        monkeypatch.setattr(target, attribute, fail)
+        attribute = "_validate" if where == "validation" else "write_file"
+        monkeypatch.setattr(triton, attribute, fail)
 
+    # A full disk while writing becomes one line (staging names it); nothing is left either way.
+    refused = "bad" if where == "validation" else "No space left; nothing was changed"
     arm()
-    with pytest.raises(type(error)):
+    with pytest.raises(UsageError, match=refused):
         write_triton_repo(export_dir, tmp_path)
     assert _listing(tmp_path) == ["other_model"]
     # With --force over an existing folder, the old one survives a failed replacement.
@@ -515,7 +524,7 @@ def test_a_failure_leaves_nothing_behind(served, tmp_path, monkeypatch, where):
     model_dir = write_triton_repo(export_dir, tmp_path)
     before = _listing(tmp_path)
     arm()
-    with pytest.raises(type(error)):
+    with pytest.raises(UsageError, match=refused):
         write_triton_repo(export_dir, tmp_path, max_batch_size=2, force=True)
     assert _listing(tmp_path) == before
     assert _parse(model_dir).max_batch_size == 64
@@ -537,8 +546,8 @@ def test_bad_input_is_one_clear_usage_error(served, tmp_path):
         ((tmp_path, repo), {}, "lacks model.pt, model.onnx"),
         ((export_dir, repo), {"max_batch_size": 0}, "max_batch_size must be >= 1"),
         ((export_dir, repo), {"max_batch_size": 2.5}, "max_batch_size must be an integer"),
-        ((export_dir, repo, "../escape"), {}, "model name must be letters"),
-        ((export_dir, repo, ".hidden"), {}, "model name must be letters"),
+        ((export_dir, repo, "../escape"), {}, "model name must be 1-128 ASCII letters"),
+        ((export_dir, repo, ".hidden"), {}, "model name must be 1-128 ASCII letters"),
         ((export_dir, repo), {"max_idle_seconds": 0}, "max_idle_seconds must be > 0"),
     ]
     for args, kwargs, match in cases:
@@ -550,7 +559,7 @@ def test_bad_input_is_one_clear_usage_error(served, tmp_path):
 
     changed = shutil.copytree(export_dir, tmp_path / "changed")
     (changed / "model.onnx").write_bytes((changed / "model.onnx").read_bytes() + b"\0")
-    with pytest.raises(UsageError, match="does not match the manifest's sha256"):
+    with pytest.raises(UsageError, match=r"model\.onnx is not an ONNX file"):  # as in verify
         write_triton_repo(changed, repo)
 
     batch_first = shutil.copytree(export_dir, tmp_path / "batch_first")
@@ -561,7 +570,7 @@ def test_bad_input_is_one_clear_usage_error(served, tmp_path):
 
     broken = shutil.copytree(export_dir, tmp_path / "broken")
     (broken / "manifest.json").write_text("{not json")
-    with pytest.raises(UsageError, match="is not a valid manifest"):
+    with pytest.raises(UsageError, match=r"manifest\.json is not valid JSON"):  # as in verify
         write_triton_repo(broken, repo)
     assert not repo.exists()
 
@@ -645,3 +654,207 @@ def test_force_replaces_a_triton_model_folder_but_not_someone_elses(served, tmp_
     assert (foreign / "todo.txt").read_text() == "mine"
     (repo / "empty").mkdir()
     assert write_triton_repo(export_dir, repo, "empty", force=True) == repo / "empty"
+
+
+# --- what the export claims, read as verify reads it (issue 11) --------------------------
+# One export (and one model.pt of another model) for the module, copied per test.
+
+
+@pytest.fixture(scope="module")
+def claimed(tmp_path_factory):
+    """An export named 'speech', and the model.pt of an export of another size."""
+    root = tmp_path_factory.mktemp("claimed")
+    export(small_model(True), root / "exp", name="speech")
+    other = export(build_model(LSTMConfig(INPUT, 2 * HIDDEN, LAYERS, True)), root / "other")
+    return root / "exp", other.out_dir / "model.pt"
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
+
+
+def _edit_manifest(folder: Path, **changes) -> None:
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    path.write_text(json.dumps(manifest))
+
+
+def _nudge_unvouched(folder: Path, other_pt: Path) -> None:
+    """A weight of model.onnx moved, the manifest left as the export wrote it."""
+    manifest = (folder / "manifest.json").read_text()
+    corpus.nudge_onnx_weight(folder, 1e-3)
+    (folder / "manifest.json").write_text(manifest)
+
+
+def _forge_config(folder: Path, other_pt: Path) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    _edit_manifest(folder, config={**manifest["config"], "hidden_size": 999})
+
+
+def _swap_model_pt(folder: Path, other_pt: Path) -> None:
+    """model.pt of another model, vouched for by a re-hashed manifest."""
+    shutil.copy(other_pt, folder / "model.pt")
+    corpus.rehash(folder, "model.pt")
+
+
+@pytest.mark.parametrize(
+    ("tamper", "triton_says"),
+    [
+        pytest.param(
+            _nudge_unvouched,
+            "model.onnx does not match the manifest's sha256 (changed since export)",
+            id="changed-artifact",
+        ),
+        pytest.param(
+            _forge_config,
+            "manifest.json records config {'input_size': 5, 'hidden_size': 999,",
+            id="forged-config",
+        ),
+        pytest.param(
+            _swap_model_pt,
+            "model.onnx holds config {'input_size': 5, 'hidden_size': 8, 'num_layers': 2, "
+            "'layer_norm': True}, but model.pt holds {'input_size': 5, 'hidden_size': 16,",
+            id="model-pt-of-another-model",
+        ),
+    ],
+)
+def test_a_tampered_export_is_a_failed_proof_exit_1_in_verify_and_triton_alike(
+    claimed, tmp_path, call_main, tamper, triton_says
+):
+    export_dir, other_pt = claimed
+    folder = _copy(export_dir, tmp_path)
+    tamper(folder, other_pt)
+    repo = tmp_path / "repo"
+
+    verified = call_main("verify", folder)
+    written = call_main("triton", folder, "--repo", repo)
+
+    for code, _, err in (verified, written):
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    assert triton_says in written[2], written[2]
+    assert not repo.exists()
+
+
+DEEP = "[" * 100000
+
+
+def _deep_manifest(folder: Path) -> None:
+    (folder / "manifest.json").write_text(DEEP)
+
+
+def _deep_metadata(folder: Path) -> None:
+    proto = onnx.load(str(folder / "model.onnx"))
+    next(p for p in proto.metadata_props if p.key == "lstm_export.config").value = DEEP
+    onnx.save(proto, str(folder / "model.onnx"))
+    corpus.rehash(folder, "model.onnx")
+
+
+def _deep_config_json(folder: Path) -> None:
+    with quiet_torchscript():
+        module = torch.jit.load(str(folder / "model.pt"), map_location="cpu")
+        torch.jit.save(module, str(folder / "model.pt"), _extra_files={"config.json": DEEP})
+    corpus.rehash(folder, "model.pt")
+
+
+@pytest.mark.parametrize(
+    ("deepen", "where"),
+    [
+        pytest.param(_deep_manifest, "manifest.json", id="manifest"),
+        pytest.param(_deep_metadata, "model.onnx lstm_export.config metadata", id="onnx-metadata"),
+        pytest.param(_deep_config_json, "model.pt config.json", id="config-json"),
+    ],
+)
+def test_json_nested_100000_deep_is_one_line_exit_2(claimed, tmp_path, call_main, deepen, where):
+    folder = _copy(claimed[0], tmp_path)
+    deepen(folder)
+
+    code, _, err = call_main("triton", folder, "--repo", tmp_path / "repo")
+
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, (code, err)
+    assert f"{where} nests 100000 levels deep; expected at most 32" in lines[0], lines[0]
+
+
+def test_the_validator_reads_deep_metadata_as_one_problem(served, tmp_path):
+    _, _, model_dir = served
+    copy = Path(shutil.copytree(model_dir, tmp_path / "speech"))
+    path = copy / "1" / "model.onnx"
+    proto = onnx.load(str(path))
+    next(p for p in proto.metadata_props if p.key == "lstm_export.config").value = DEEP
+    onnx.save(proto, str(path))
+
+    with pytest.raises(UsageError, match=r"lstm_export\.config metadata nests 100000 levels deep"):
+        validate_triton_repo(copy)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["modèle", "a" * 129, ".hidden", "-x", "a/b", "a b", "", "x\x1b[31m"],
+    ids=["unicode", "129-chars", "dot", "dash", "slash", "space", "empty", "escape"],
+)
+def test_triton_names_follow_the_one_rule_export_follows(claimed, tmp_path, name):
+    with pytest.raises(UsageError) as rule:
+        check_model_name(name)
+    with pytest.raises(UsageError) as refused:
+        write_triton_repo(claimed[0], tmp_path / "repo", name)
+    assert str(refused.value) == str(rule.value)
+    assert not (tmp_path / "repo").exists()
+    assert not hasattr(triton, "_NAME_CHARS")  # no second rule left to drift
+
+
+def test_a_recorded_or_folder_name_outside_the_rule_asks_for_name(claimed, tmp_path):
+    forged = _copy(claimed[0], tmp_path)
+    _edit_manifest(forged, name="../evil")
+    with pytest.raises(UsageError, match=r"the name manifest.json records \(pass --name\) must"):
+        write_triton_repo(forged, tmp_path / "repo")
+
+    unicode = Path(shutil.copytree(claimed[0], tmp_path / "modèle"))
+    (unicode / "manifest.json").unlink()
+    with pytest.raises(UsageError, match=r"from the folder .*modèle; pass --name\) must be 1-128"):
+        write_triton_repo(unicode, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
+def _big(path: Path) -> None:
+    subprocess.run(["truncate", "-s", "2500M", str(path)], check=True)  # sparse: no disk used
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        pytest.param(_big, "is 2,621,440,000 bytes; an ONNX model is one protobuf", id="2500M"),
+        pytest.param(lambda p: p.write_bytes(b""), "is empty (0 bytes)", id="empty"),
+        pytest.param(lambda p: p.symlink_to("/dev/zero"), "it is a device", id="dev-zero"),
+        pytest.param(os.mkfifo, "it is a named pipe", id="fifo"),
+    ],
+)
+def test_onnx_files_are_judged_before_they_are_read(served, tmp_path, make, reason):
+    _, _, model_dir = served
+    path = tmp_path / "x.onnx"
+    make(path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UsageError, match=re.escape(reason)):
+        batch_first_backend(path)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) < 200 * 1024  # KiB
+
+    # The validator reads a repository's files with the same care.
+    copy = Path(shutil.copytree(model_dir, tmp_path / "speech"))
+    (copy / "1" / "model.onnx").unlink()
+    make(copy / "1" / "model.onnx")
+    with pytest.raises(
+        UsageError, match=rf"1/model\.onnx is not a valid ONNX model: .*{re.escape(reason)}"
+    ):
+        validate_triton_repo(copy)
+
+
+def test_a_config_pbtxt_that_is_a_fifo_is_refused_not_waited_on(served, tmp_path):
+    _, _, model_dir = served
+    copy = Path(shutil.copytree(model_dir, tmp_path / "speech"))
+    (copy / "config.pbtxt").unlink()
+    os.mkfifo(copy / "config.pbtxt")
+    with pytest.raises(
+        UsageError, match=r"config\.pbtxt must be a regular file, but it is a named"
+    ):
+        validate_triton_repo(copy)
