@@ -19,8 +19,9 @@ We cannot run a Triton server here. `validate_triton_repo` parses the config wit
 `ModelConfig` protobuf that `tritonclient` ships and checks it against the ONNX graph
 the way the onnxruntime backend does when it loads a model; the tests simulate what the
 sequence batcher does with the state. Before writing, the batch-first graph goes through
-the parity engine against the export's eager model in float64 (`check_batch_first`); only
-that check imports torch, the rest of this module does not.
+the parity engine against the export's eager model in float64 (`check_batch_first`). Only
+writing imports torch (to load model.pt, check the export's claims as `verify` does, and run
+that check); the batch-first graph and the validator do not.
 """
 
 from __future__ import annotations
