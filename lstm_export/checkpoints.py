@@ -35,7 +35,7 @@ from lstm_export.model import LSTM
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 # Prefixes DataParallel and torch.compile add to every key.
 _KEY_PREFIXES = ("module.", "_orig_mod.")
-_NN_LSTM_KEY = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
+_NN_LSTM_KEY = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?\Z")  # \Z: no "\n"
 _OUR_LAYER = re.compile(r"^cells\.(\d+)")
 
 # float16, bfloat16 and float64 weights are converted to float32 (what the artifacts run);
@@ -318,7 +318,7 @@ def _check_nn_lstm_keys(state: Mapping[str, Tensor], source: str) -> None:
     if bad:
         raise UsageError(
             f"{source}: only unidirectional nn.LSTM with proj_size=0 is supported; "
-            f"found {_listing(bad, 4)}"
+            f"found {_listing(map(_key, bad), 4)}"
         )
     unexpected = sorted(k for k in state if not _NN_LSTM_KEY.match(k))
     if unexpected:

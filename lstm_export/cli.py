@@ -127,7 +127,7 @@ def _main(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
     debug: Annotated[
-        bool, typer.Option("--debug", help="On an internal error, show the whole traceback.")
+        bool, typer.Option("--debug", help="Show an error's traceback before its one line.")
     ] = False,
 ) -> None:
     """Export a scratch PyTorch LSTM to TorchScript and ONNX, with proven parity."""
@@ -273,33 +273,34 @@ def export(
         from lstm_export.files import check_regular_file
 
         check_regular_file(file_config.checkpoint, "checkpoint", allow_empty=True)
-    with _status("Loading torch"):
-        limits = SizeLimits(max_parameters, max_layers, max_size)
-        model, origin = _resolve_model(file_config, file_config.checkpoint, overrides, limits)
-        from lstm_export.pipeline import export as run_export
-    with _sigterm_exits(), _status("Exporting") as status:
+    with _sigterm_exits():  # from the first slow step: SIGTERM then exits 143, cleaned up
+        with _status("Loading torch"):
+            limits = SizeLimits(max_parameters, max_layers, max_size)
+            model, origin = _resolve_model(file_config, file_config.checkpoint, overrides, limits)
+            from lstm_export.pipeline import export as run_export
+        with _status("Exporting") as status:
 
-        def progress(message: str) -> None:
-            if status is not None:
-                status.update(message)
+            def progress(message: str) -> None:
+                if status is not None:
+                    status.update(message)
 
-        try:
-            result = run_export(
-                model,
-                destination,
-                name=name,
-                force=force,
-                fused_kernel=file_config.fused_kernel if fused_kernel is None else fused_kernel,
-                keep_failed=keep_failed,
-                limits=limits,
-                progress=progress,
-                **tolerance,
-            )
-        except ParityError as exc:
-            if keep_failed is not None:
-                raise
-            hint = "; rerun with --keep-failed DIR to keep the artifacts and the whole report"
-            raise ParityError(f"{exc}{hint}", exc.report) from None
+            try:
+                result = run_export(
+                    model,
+                    destination,
+                    name=name,
+                    force=force,
+                    fused_kernel=file_config.fused_kernel if fused_kernel is None else fused_kernel,
+                    keep_failed=keep_failed,
+                    limits=limits,
+                    progress=progress,
+                    **tolerance,
+                )
+            except ParityError as exc:
+                if keep_failed is not None:
+                    raise
+                hint = "; rerun with --keep-failed DIR to keep the artifacts and the whole report"
+                raise ParityError(f"{exc}{hint}", exc.report) from None
     if as_json:
         _print_json(result.manifest)
         return
@@ -752,6 +753,7 @@ MAX_ERROR_LINE = 2000
 INTERNAL_ERROR = 3
 """Exit code of a bug of ours, kept apart from 1 (a parity breach) and 2 (bad input)."""
 INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+TERMINATED = 143  # 128 + SIGTERM
 
 
 def _os_error_line(exc: OSError) -> str:
@@ -776,7 +778,11 @@ def main() -> None:
             _internal(exc)
         _fail(_os_error_line(exc), UsageError.exit_code, exc)
     except (typer.Abort, KeyboardInterrupt) as exc:
-        _fail("interrupted", INTERRUPTED, exc)
+        _fail("interrupted (Ctrl-C)", INTERRUPTED, exc)
+    except SystemExit as exc:
+        if exc.code == TERMINATED:
+            _fail("terminated (SIGTERM); the export cleaned up after itself", TERMINATED)
+        raise
     except typer.TyperException as exc:  # click's usage errors (typer vendors click)
         if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already shown (typer's test)
             sys.exit(exc.exit_code)
@@ -784,14 +790,30 @@ def main() -> None:
         hint = f" (see {ctx.command_path if ctx is not None else PROG} --help)"
         _fail(exc.format_message() + hint, exc.exit_code, exc)
     except Exception as exc:  # a bug of ours: one line, the traceback on request
+        if _out_of_memory(exc):
+            _fail(
+                f"out of memory: {_first_line(exc)}; a smaller model or more memory is needed",
+                UsageError.exit_code,
+                exc,
+            )
         _internal(exc)
+    if code == INTERRUPTED:  # typer turns Ctrl-C into exit code 130 itself, silently
+        _fail("interrupted (Ctrl-C)", INTERRUPTED)
     sys.exit(code if isinstance(code, int) else 0)
 
 
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or libtorch's allocator failing (a RuntimeError): limits raised too far."""
+    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)
+
+
 def _internal(exc: BaseException) -> NoReturn:
-    text = " ".join(str(exc).split())[:300]
     _fail(
-        f"internal error: {type(exc).__name__}: {text}; this is a bug in lstm-export: "
+        f"internal error: {type(exc).__name__}: {_first_line(exc)}; this is a bug in lstm-export: "
         f"rerun with `{PROG} --debug ...` for the traceback and report it",
         INTERNAL_ERROR,
         exc,

@@ -182,9 +182,10 @@ def printable(text: str, limit: int | None = None) -> str:
     For text from files (checkpoint keys) in error messages: it must not recolour or
     rewrite the terminal of whoever prints the message, from the CLI or from Python.
     """
-    if limit is not None and len(text) > limit:
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if limit is not None and len(text) > limit:  # cut after escaping, which lengthens it
         text = text[: limit - 3] + "..."
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,11 @@ def check_export_folder(folder: Path) -> None:
     """Refuse what is not an export folder holding both model.pt and model.onnx."""
     if not folder.is_dir():
         raise UsageError(f"expected an export folder, but {folder} is not a directory")
-    missing = [n for n in (TORCHSCRIPT_FILE, ONNX_FILE) if not (folder / n).is_file()]
+    missing = [n for n in (TORCHSCRIPT_FILE, ONNX_FILE) if not (folder / n).exists()]
     if missing:
         raise UsageError(f"export folder {folder} lacks {', '.join(missing)}")
+    for name in (TORCHSCRIPT_FILE, ONNX_FILE):  # a FIFO or a device there: said as such
+        check_regular_file(folder / name, "artifact")
 
 
 @contextlib.contextmanager
@@ -198,8 +200,7 @@ def read_manifest(folder: Path) -> dict | None:
 def replaceable_export(folder: Path) -> None:
     """Refuse to replace `folder` unless it is empty or an export holding only what an
     export writes: siblings, checkpoints and notes of the user's are never deleted."""
-    if folder.is_symlink() or not folder.is_dir():
-        raise UsageError(f"{folder} exists and is not a folder; choose another --out")
+    _check_not_a_link_or_file(folder)
     entries = sorted(p.name for p in folder.iterdir())
     if not entries:
         return
@@ -209,7 +210,13 @@ def replaceable_export(folder: Path) -> None:
             "--force replaces only those, so choose another --out"
         )
     read_manifest(folder)  # a manifest that does not parse is not one we wrote
-    foreign = [n for n in entries if n not in (*EXPORT_FILES, MANIFEST_FILE)]
+    # By name and kind: a folder called model.pt holds someone's files, not an artifact.
+    foreign = [
+        name
+        for name in entries
+        if name not in (*EXPORT_FILES, MANIFEST_FILE)
+        or not stat.S_ISREG((folder / name).lstat().st_mode)
+    ]
     if foreign:
         shown = ", ".join(map(repr, foreign[:5]))
         if len(foreign) > 5:
@@ -227,8 +234,14 @@ def check_destination(out_dir: Path, force: bool) -> Path:
     ground from under the shell that ran us.
     """
     out_dir = Path(out_dir)
-    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
-        raise UsageError(f"{out_dir} exists and is not a folder; choose another --out")
+    for i, part in enumerate(out_dir.parts):
+        # mkdir would make `new/` to reach `new/../m`; the OS alone cannot say what it means
+        if part == ".." and not Path(*out_dir.parts[:i]).is_dir():
+            raise UsageError(
+                f"--out {out_dir} goes through {Path(*out_dir.parts[:i])}, which is not an "
+                "existing folder; write the path without '..'"
+            )
+    _check_not_a_link_or_file(out_dir)
     if not out_dir.exists():
         return out_dir
     if not force:
@@ -241,3 +254,13 @@ def check_destination(out_dir: Path, force: bool) -> Path:
         )
     replaceable_export(out_dir)
     return out_dir
+
+
+def _check_not_a_link_or_file(out_dir: Path) -> None:
+    if out_dir.is_symlink():  # replacing a link would replace the link, not its folder
+        raise UsageError(
+            f"--out {out_dir} is a symbolic link; give the folder it points to "
+            f"({out_dir.resolve()}) or another --out"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} exists and is not a folder; choose another --out")

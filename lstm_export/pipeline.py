@@ -168,6 +168,11 @@ def check_keep_failed(keep_failed: Path | str, out_dir: Path) -> Path:
             f"--keep-failed {keep_failed} is inside the export's destination {out_dir}; "
             "choose a folder elsewhere"
         )
+    if kept in destination.parents:  # the export would create it on its way to out_dir
+        raise UsageError(
+            f"--keep-failed {keep_failed} holds the export's destination {out_dir}; "
+            "choose a folder beside it instead"
+        )
     parent = next(p for p in kept.parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(

@@ -1045,3 +1045,14 @@ def test_cli_refuses_each_bad_checkpoint_with_one_line_and_exit_2(
     assert expected in err, err
     assert "Traceback" not in err and "\x1b[31m" not in err and out == "", err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bidirectional_key_with_a_newline_is_shown_escaped(tmp_path):
+    state = nn.LSTM(4, 8).state_dict()
+    state["weight_ih_l0_reverse\n"] = state["weight_ih_l0"].clone()
+    path = tmp_path / "odd.pt"
+    torch.save(state, path)
+    with pytest.raises(UsageError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert "\n" not in message and "weight_ih_l0_reverse\\n" in message

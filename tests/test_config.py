@@ -289,3 +289,11 @@ def test_an_oversized_or_deeply_nested_config_file_is_refused_in_one_line(tmp_pa
     with pytest.raises(UsageError) as error:
         read_export_config(deep)
     assert str(error.value) == f"config file {deep} nests arrays or tables too deeply"
+
+
+def test_printable_escapes_first_and_then_cuts_to_the_limit():
+    from lstm_export.config import printable
+
+    shown = printable("\x01" * 5000, 2000)
+    assert len(shown) == 2000 and shown.startswith("\\x01") and shown.endswith("...")
+    assert printable("a\x1b[31mb") == "a\\x1b[31mb"
