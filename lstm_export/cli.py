@@ -778,7 +778,7 @@ def main() -> None:
             _internal(exc)
         _fail(_os_error_line(exc), UsageError.exit_code, exc)
     except (typer.Abort, KeyboardInterrupt) as exc:
-        _fail("interrupted (Ctrl-C)", INTERRUPTED, exc)
+        _interrupted(exc)
     except SystemExit as exc:
         if exc.code == TERMINATED:
             _fail("terminated (SIGTERM); the export cleaned up after itself", TERMINATED)
@@ -798,8 +798,13 @@ def main() -> None:
             )
         _internal(exc)
     if code == INTERRUPTED:  # typer turns Ctrl-C into exit code 130 itself, silently
-        _fail("interrupted (Ctrl-C)", INTERRUPTED)
+        _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupted(exc: BaseException | None = None) -> NoReturn:
+    """Ctrl-C, whether typer turned it into exit code 130 or it reached us as an exception."""
+    _fail("interrupted (Ctrl-C)", INTERRUPTED, exc)
 
 
 def _first_line(exc: BaseException) -> str:
