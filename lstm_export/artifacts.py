@@ -28,7 +28,7 @@ PARITY_REPORT_FILE = "parity.json"
 ATOL = 1e-5
 """Parity: the absolute error every backend may have against the float64 reference."""
 FACTOR = 8.0
-"""Parity: how many times a case's float32 floor a backend may be off (lstm_export.parity)."""
+"""Parity: how many times a case's float32 floor a backend may be off (verification.parity)."""
 
 MAX_NAME_LENGTH = 128
 """A model name is a folder name (models/<name>, a Triton repository's <name>/): kept short."""

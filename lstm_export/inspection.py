@@ -29,7 +29,7 @@ RECORDED = (
 
 
 def inspect_torchscript(path: Path) -> dict:
-    from lstm_export.torchscript import forward_signature, load_torchscript
+    from lstm_export.exporters.torchscript import forward_signature, load_torchscript
 
     module, config = load_torchscript(path)
     return {
@@ -44,7 +44,7 @@ def inspect_torchscript(path: Path) -> dict:
 
 def inspect_onnx(path: Path) -> dict:
     from lstm_export.pipeline import onnx_signature
-    from lstm_export.runtime import config_from_metadata, load_onnx
+    from lstm_export.runtime.onnx import config_from_metadata, load_onnx
 
     model = load_onnx(path)  # refused before reading: not a file, empty, over 2 GiB
     meta = {p.key: p.value for p in model.metadata_props}

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import onnx
 
-from lstm_export import deploy, kernels, onnx_graph
 from lstm_export.artifacts import (
     FUSED_TORCHSCRIPT_FILE,
     MANIFEST_FILE,
@@ -29,13 +28,14 @@ from lstm_export.artifacts import (
 )
 from lstm_export.config import DEFAULT_LIMITS, LSTMConfig, SizeLimits, check_size
 from lstm_export.errors import UsageError
+from lstm_export.exporters import kernel, onnx_graph, routes
+from lstm_export.exporters.onnx_graph import OPSET, build_onnx
+from lstm_export.exporters.torchscript import config_of, forward_signature, save_torchscript
 from lstm_export.files import check_destination, replaceable_export, sha256, write_file
 from lstm_export.model import LSTM
-from lstm_export.onnx_graph import OPSET, build_onnx
-from lstm_export.parity import ATOL, FACTOR, ParityReport, Tolerance
 from lstm_export.staging import staged_folder
-from lstm_export.torchscript import config_of, forward_signature, save_torchscript
-from lstm_export.verification import verify_artifacts
+from lstm_export.verification.folder import verify_artifacts
+from lstm_export.verification.parity import ATOL, FACTOR, ParityReport, Tolerance
 
 MANIFEST_VERSION = 2  # 2: parity against float64 (tolerance is a rule, rows carry floors)
 Progress = Callable[[str], None]
@@ -93,12 +93,12 @@ def fused_kernel_entries(folder: Path, config: LSTMConfig, torchscript_schema: s
         FUSED_TORCHSCRIPT_FILE: {
             **_file_entry(folder / FUSED_TORCHSCRIPT_FILE),
             "forward": torchscript_schema,
-            "route": deploy.route_of(config, fused_kernel=True),
-            "requires": kernels.KERNEL_LIBRARY,
+            "route": routes.route_of(config, fused_kernel=True),
+            "requires": kernel.KERNEL_LIBRARY,
         },
-        kernels.KERNEL_LIBRARY: {
-            **_file_entry(folder / kernels.KERNEL_LIBRARY),
-            "route": f"{kernels.OP_NAME}, built here with {' '.join(kernels.compile_flags())}",
+        kernel.KERNEL_LIBRARY: {
+            **_file_entry(folder / kernel.KERNEL_LIBRARY),
+            "route": f"{kernel.OP_NAME}, built here with {' '.join(kernel.compile_flags())}",
             "platform": f"{platform.system()} {platform.machine()}",
         },
     }
@@ -124,7 +124,7 @@ def build_manifest(
             TORCHSCRIPT_FILE: {
                 **_file_entry(folder / TORCHSCRIPT_FILE),
                 "forward": torchscript_schema,
-                "route": deploy.route_of(config),
+                "route": routes.route_of(config),
             },
             ONNX_FILE: {
                 **_file_entry(folder / ONNX_FILE),
@@ -207,7 +207,7 @@ def export(
     """Write model.pt, model.onnx and manifest.json into `out_dir`, verified.
 
     Every artifact must agree with the eager model in float64 within
-    `max(atol, factor x float32 floor)` on the parity matrix (see `lstm_export.parity`).
+    `max(atol, factor x float32 floor)` on the parity matrix (`lstm_export.verification.parity`).
     `fused_kernel` (LayerNorm models) adds `model.fused.pt`, which runs each layer in
     the fused kernel, and `lstm_export_kernels.so`, the library it needs, both verified.
 
@@ -243,7 +243,7 @@ def export(
         fused_path = None
         if fused_kernel:
             step("Building the fused LayerNorm-LSTM kernel")
-            shutil.copyfile(kernels.build_kernel(), staging / kernels.KERNEL_LIBRARY)
+            shutil.copyfile(kernel.build_kernel(), staging / kernel.KERNEL_LIBRARY)
             fused_path = staging / FUSED_TORCHSCRIPT_FILE
             save_torchscript(model, fused_path, fused_kernel=True)
         step("Building model.onnx")

@@ -58,7 +58,7 @@ def cpp_binary() -> Path:
 
     Skips only where no C++ toolchain exists; CI sets LSTM_EXPORT_REQUIRE_CPP=1 to forbid that.
     """
-    from lstm_export import cpp
+    from lstm_export.runtime import cpp
 
     try:
         return cpp.build()
@@ -73,7 +73,7 @@ def call_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     """Run `cli.main()` (the console-script entry) in-process: (exit code, stdout, stderr)."""
     import sys
 
-    from lstm_export import cli
+    from lstm_export.cli import commands as cli
 
     def run(*args: object) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["lstm-export", *map(str, args)])

@@ -21,9 +21,9 @@ from onnx import helper, numpy_helper
 
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
+from lstm_export.exporters.torchscript import CONFIG_FILE, quiet_torchscript
 from lstm_export.files import sha256
 from lstm_export.model import LSTM
-from lstm_export.torchscript import CONFIG_FILE, quiet_torchscript
 
 
 def trained_like(

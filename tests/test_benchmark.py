@@ -10,10 +10,16 @@ import sys
 import pytest
 
 from conftest import small_model
-from lstm_export.benchmark import ANCHORS, LIBTORCH_CPP, LIBTORCH_CPP_FUSED, bench, parse_shapes
+from lstm_export.benchmarks.latency import (
+    ANCHORS,
+    LIBTORCH_CPP,
+    LIBTORCH_CPP_FUSED,
+    bench,
+    parse_shapes,
+)
 from lstm_export.errors import UsageError
 from lstm_export.pipeline import export
-from lstm_export.verification import FUSED_BACKEND
+from lstm_export.verification.folder import FUSED_BACKEND
 
 PYTHON_BACKENDS = {"eager", "torchscript (scratch cell)", "torchscript", "onnxruntime", *ANCHORS}
 
@@ -114,7 +120,7 @@ def test_plot_writes_a_png(tmp_path):
         with_export=False,
         settle_seconds=0,
     )
-    from lstm_export.benchmark import plot
+    from lstm_export.benchmarks.latency import plot
 
     png = tmp_path / "latency.png"
     plot(report, png)

@@ -27,8 +27,9 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from conftest import SizesWithoutLayerNorm
-from lstm_export import LSTM, cli
+from lstm_export import LSTM
 from lstm_export.checkpoints import build_model
+from lstm_export.cli import commands as cli
 from lstm_export.config import LSTMConfig
 
 # Small and quick: one layer, and no LayerNorm unless a test asks for it.
@@ -116,7 +117,7 @@ def small_export(tmp_path_factory) -> Path:
 def test_help_does_not_import_torch(tmp_path):
     code = (
         "import sys\n"
-        "from lstm_export import cli\n"
+        "from lstm_export.cli import commands as cli\n"
         "for args in (['--help'], ['export', '--help'], ['verify', '--help']):\n"
         "    try:\n"
         "        cli.app(args)\n"
@@ -953,7 +954,7 @@ def test_verify_with_an_empty_artifacts_table_fails(small_export, tmp_path, call
 def test_verify_refuses_artifact_names_outside_the_folder(
     small_export, tmp_path, call_main, monkeypatch, name
 ):
-    import lstm_export.verification as verification
+    import lstm_export.verification.folder as verification
 
     folder = tmp_path / "copy"
     shutil.copytree(small_export, folder)
@@ -1102,7 +1103,7 @@ def test_two_exports_to_one_folder_at_once_one_wins_the_other_refuses(tmp_path):
 
 _FULL_DISK = """
 import resource, sys
-from lstm_export import cli
+from lstm_export.cli import commands as cli
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # every file at most `limit` bytes
 sys.argv = ["lstm-export", *sys.argv[2:]]

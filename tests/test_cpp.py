@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from lstm_export import cpp
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
+from lstm_export.exporters.torchscript import quiet_torchscript, save_torchscript
 from lstm_export.model import LSTM
-from lstm_export.torchscript import quiet_torchscript, save_torchscript
+from lstm_export.runtime import cpp
 
 INPUT, HIDDEN, LAYERS = 5, 8, 2
 TOL = 1e-5
@@ -476,7 +476,7 @@ def test_missing_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.fixture(scope="session")
 def fused(tmp_path_factory: pytest.TempPathFactory) -> tuple[Exported, Path]:
     """model.fused.pt and the kernel library as an export writes them."""
-    from lstm_export import kernels
+    from lstm_export.exporters import kernel as kernels
 
     exported = _export(True, tmp_path_factory.mktemp("fused"), seed=21)
     library = exported.model_pt.parent / kernels.KERNEL_LIBRARY

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import nn_lstm_with_weights_of, small_model
-from lstm_export.deploy import FusedLSTM, HoistedLSTM, deployable
-from lstm_export.torchscript import forward_signature, script
+from lstm_export.exporters.routes import FusedLSTM, HoistedLSTM, deployable
+from lstm_export.exporters.torchscript import forward_signature, script
 
 
 @pytest.mark.parametrize("ln,route", [(False, FusedLSTM), (True, HoistedLSTM)])

@@ -19,17 +19,17 @@ import pytest
 import torch
 
 from conftest import small_model
-from lstm_export import kernels
 from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, TORCHSCRIPT_FILE
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
-from lstm_export.deploy import KernelLSTM
 from lstm_export.errors import UsageError
-from lstm_export.parity import ATOL as TOLERANCE
-from lstm_export.parity import Case, Reference, check_parity, torch_backend
+from lstm_export.exporters import kernel as kernels
+from lstm_export.exporters.routes import KernelLSTM
+from lstm_export.exporters.torchscript import script
 from lstm_export.pipeline import export
-from lstm_export.torchscript import script
-from lstm_export.verification import FUSED_BACKEND, verify
+from lstm_export.verification.folder import FUSED_BACKEND, verify
+from lstm_export.verification.parity import ATOL as TOLERANCE
+from lstm_export.verification.parity import Case, Reference, check_parity, torch_backend
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -218,7 +218,7 @@ def test_a_cache_that_is_a_file_is_one_clear_line(tmp_path, monkeypatch):
 
 def test_a_cached_kernel_needs_no_compiler():
     """Only the first build needs g++: a deployment host may have none."""
-    code = "from lstm_export import kernels; print(kernels.build_kernel())"
+    code = "from lstm_export.exporters import kernel as kernels; print(kernels.build_kernel())"
     env = {k: v for k, v in os.environ.items() if k != "CXX"}
     env["PATH"] = os.path.dirname(sys.executable)  # no c++ there
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -287,11 +287,11 @@ def test_cli_verify_loads_the_kernel_from_source_in_a_fresh_process(tmp_path):
 
 _PORTABLE = """
 import torch
-from lstm_export import kernels
+from lstm_export.exporters import kernel as kernels
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
-from lstm_export.deploy import KernelLSTM
-from lstm_export.torchscript import script
+from lstm_export.exporters.routes import KernelLSTM
+from lstm_export.exporters.torchscript import script
 assert "-mavx2" not in kernels.compile_flags()
 kernels.build_kernel()
 worst = 0.0
@@ -339,7 +339,7 @@ def test_a_cached_library_loads_even_where_the_lock_cannot_be_taken():
     code = """
 import shutil, sys
 from pathlib import Path
-from lstm_export import kernels
+from lstm_export.exporters import kernel as kernels
 cached = kernels.build_kernel.__globals__["_cache_dir"]()
 copy = Path(sys.argv[1]) / cached.name
 shutil.copytree(cached, copy)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import nn_lstm_with_weights_of, small_model
+from lstm_export.exporters.torchscript import script
 from lstm_export.model import LSTM, LSTMCell
-from lstm_export.torchscript import script
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import nn_lstm_with_weights_of, small_model
-from lstm_export.onnx_graph import OPSET, build_onnx
+from lstm_export.exporters.onnx_graph import OPSET, build_onnx
 
 
 def session(model) -> ort.InferenceSession:

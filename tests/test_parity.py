@@ -9,7 +9,7 @@ import pytest
 
 from conftest import small_model
 from lstm_export.errors import ParityError, UsageError
-from lstm_export.parity import (
+from lstm_export.verification.parity import (
     Backend,
     Case,
     CaseResult,

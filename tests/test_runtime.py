@@ -18,8 +18,8 @@ import torch
 
 from conftest import small_model
 from lstm_export.errors import UsageError
-from lstm_export.onnx_graph import build_onnx
-from lstm_export.runtime import OnnxLSTM, session_options
+from lstm_export.exporters.onnx_graph import build_onnx
+from lstm_export.runtime.onnx import OnnxLSTM, session_options
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +280,7 @@ def test_signature_names_symbolic_dims(exported):
 
 def test_runtime_does_not_import_torch():
     code = (
-        "import sys, lstm_export.runtime as r, lstm_export.server as s\n"
+        "import sys, lstm_export.runtime.onnx as r, lstm_export.serving.http.server as s\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

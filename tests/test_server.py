@@ -31,8 +31,8 @@ import torch
 from conftest import small_model
 from lstm_export.errors import UsageError
 from lstm_export.pipeline import export
-from lstm_export.runtime import OnnxLSTM
-from lstm_export.server import ServerLimits, cpu_count, create_app, load_test, serve
+from lstm_export.runtime.onnx import OnnxLSTM
+from lstm_export.serving.http.server import ServerLimits, cpu_count, create_app, load_test, serve
 
 LOOPBACK = "127.0.0.1"
 TIMEOUT = 30  # seconds, per request

@@ -9,7 +9,7 @@ import torch
 
 from conftest import SizesWithoutLayerNorm, small_model
 from lstm_export.errors import UsageError
-from lstm_export.torchscript import load_torchscript, save_torchscript
+from lstm_export.exporters.torchscript import load_torchscript, save_torchscript
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning")
 

@@ -27,23 +27,23 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb2
 
-import lstm_export.triton as triton
+import lstm_export.serving.triton as triton
 import parity_corpus as corpus
 from conftest import small_model
 from lstm_export.artifacts import check_model_name
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
-from lstm_export.parity import Case, Reference, check_parity, torch_backend
+from lstm_export.exporters.torchscript import quiet_torchscript
 from lstm_export.pipeline import export
-from lstm_export.torchscript import quiet_torchscript
-from lstm_export.triton import (
+from lstm_export.serving.triton import (
     BATCH_FIRST_BACKEND,
     batch_first_backend,
     batch_first_onnx,
     validate_triton_repo,
     write_triton_repo,
 )
+from lstm_export.verification.parity import Case, Reference, check_parity, torch_backend
 
 TOL = 1e-5
 INPUT, HIDDEN, LAYERS = 5, 8, 2
@@ -578,7 +578,7 @@ def test_bad_input_is_one_clear_usage_error(served, tmp_path):
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
 @pytest.mark.parametrize("num_layers", [1, 3])
 def test_batch_first_graph_for_other_depths(layer_norm, num_layers):
-    from lstm_export.onnx_graph import build_onnx
+    from lstm_export.exporters.onnx_graph import build_onnx
 
     model = small_model(layer_norm, num_layers).eval()
     batch_first = batch_first_onnx(build_onnx(model))

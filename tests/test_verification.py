@@ -15,14 +15,15 @@ import torch
 
 import parity_corpus as corpus
 from conftest import small_model
-from lstm_export import triton, verification
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
+from lstm_export.exporters.torchscript import quiet_torchscript
 from lstm_export.files import sha256
-from lstm_export.parity import default_cases
 from lstm_export.pipeline import export
-from lstm_export.torchscript import quiet_torchscript
-from lstm_export.verification import verify
+from lstm_export.serving import triton
+from lstm_export.verification import folder as verification
+from lstm_export.verification.folder import verify
+from lstm_export.verification.parity import default_cases
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ compute the same equations faster:
   matmul, then a time loop doing one `addmm` and one `layer_norm` over a
   [batch, 4, hidden] view per step.
 - layer_norm=True, opt-in (`model.fused.pt`): the same hoisted projection, then the
-  whole time loop of a layer in one custom op of `lstm_export.kernels`; the saved
+  whole time loop of a layer in one custom op of `lstm_export.exporters.kernel`; the saved
   module needs that op's library loaded before it can be loaded.
 
 Parity with the reference is what the verify matrix proves.
@@ -168,7 +168,7 @@ def deployable(model: LSTM, fused_kernel: bool = False) -> _Deployed:
     """The fastest module computing `model`'s equations on its own parameters.
 
     `fused_kernel` picks the custom-op route for LayerNorm models (the op must be
-    loaded: `lstm_export.kernels.build_kernel`); plain models have aten's kernel already.
+    loaded: `lstm_export.exporters.kernel.build_kernel`); plain models have aten's kernel already.
     """
     return _route_class(model.layer_norm, fused_kernel)(model)
 

@@ -78,7 +78,7 @@ import numpy as np
 from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE
 from lstm_export.errors import UsageError
 from lstm_export.files import read_manifest, sha256
-from lstm_export.runtime import OnnxLSTM, Stream, session_options
+from lstm_export.runtime.onnx import OnnxLSTM, Stream, session_options
 
 try:  # the `serve` extra
     import h11

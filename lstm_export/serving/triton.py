@@ -39,8 +39,7 @@ from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE, ch
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.files import check_export_folder, read_manifest, read_text, write_file
-from lstm_export.parity import ATOL, FACTOR, Backend, ParityReport, Tolerance
-from lstm_export.runtime import (
+from lstm_export.runtime.onnx import (
     CONFIG_KEY,
     LAYOUT_KEY,
     TIME_MAJOR,
@@ -49,6 +48,7 @@ from lstm_export.runtime import (
     read_onnx,
 )
 from lstm_export.staging import staged_folder
+from lstm_export.verification.parity import ATOL, FACTOR, Backend, ParityReport, Tolerance
 
 BATCH_FIRST = "batch_first"
 CONFIG_FILE = "config.pbtxt"
@@ -266,8 +266,8 @@ def check_batch_first(
     artifact. Raises ParityError (exit 1) naming the worst case when it fails, and when
     model.onnx and model.pt hold different configs (a failed proof, as in `verify`).
     """
-    from lstm_export.parity import Reference, check_parity
-    from lstm_export.torchscript import load_torchscript
+    from lstm_export.exporters.torchscript import load_torchscript
+    from lstm_export.verification.parity import Reference, check_parity
 
     module, config = scripted or load_torchscript(export_dir / TORCHSCRIPT_FILE)
     graph_config = _check_time_major(time_major, "the ONNX model")
@@ -599,8 +599,8 @@ def _read_export(export_dir: Path, manifest: dict | None) -> tuple[onnx.ModelPro
     manifest says; then a claim that does not hold (model.pt's or model.onnx's sha256, the
     config of either) is a failed proof (ParityError, exit 1), as in `verify`.
     """
-    from lstm_export.torchscript import load_torchscript
-    from lstm_export.verification import artifact_table, config_problems, hash_problems
+    from lstm_export.exporters.torchscript import load_torchscript
+    from lstm_export.verification.folder import artifact_table, config_problems, hash_problems
 
     check_export_folder(export_dir)  # model.pt too: it holds the float64 reference's weights
     onnx_path = export_dir / ONNX_FILE

@@ -1,6 +1,6 @@
 """verify: prove an export folder's artifacts compute the model, with the parity engine.
 
-The artifacts are loaded back from disk and run as backends of `lstm_export.parity`:
+The artifacts are loaded back from disk and run as backends of `lstm_export.verification.parity`:
 TorchScript (`model.pt`, and `model.fused.pt` when there is one), onnxruntime on
 `model.onnx` (streamed through `OnnxLSTM.stream`, as users stream), and onnxruntime on the
 batch-first variant Triton serves. The reference is the eager model, rebuilt from
@@ -32,9 +32,11 @@ from lstm_export.artifacts import (
 )
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
+from lstm_export.exporters.kernel import KERNEL_LIBRARY
 from lstm_export.files import check_export_folder, read_manifest, sha256
-from lstm_export.kernels import KERNEL_LIBRARY
-from lstm_export.parity import (
+from lstm_export.runtime.onnx import OnnxLSTM, load_onnx
+from lstm_export.serving.triton import BATCH_FIRST_BACKEND, batch_first_backend, batch_first_onnx
+from lstm_export.verification.parity import (
     ATOL,
     FACTOR,
     Backend,
@@ -46,8 +48,6 @@ from lstm_export.parity import (
     check_parity,
     torch_backend,
 )
-from lstm_export.runtime import OnnxLSTM, load_onnx
-from lstm_export.triton import BATCH_FIRST_BACKEND, batch_first_backend, batch_first_onnx
 
 FUSED_BACKEND = "torchscript (fused kernel)"
 NAME_MAX = 255
@@ -96,7 +96,7 @@ def _check_artifacts(
 ) -> tuple[ParityReport, dict[str, LSTMConfig]]:
     """`verify_artifacts`'s report, and the config each artifact holds (for the manifest's
     claim to be checked against, without loading them twice)."""
-    from lstm_export.torchscript import load_torchscript
+    from lstm_export.exporters.torchscript import load_torchscript
 
     tolerance = tolerance or Tolerance()
     scripted, config = load_torchscript(torchscript_path)  # config.json, attributes, weights

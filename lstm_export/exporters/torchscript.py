@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from lstm_export.config import LSTMConfig
-from lstm_export.deploy import deployable
 from lstm_export.errors import UsageError
+from lstm_export.exporters.kernel import OP_NAME, build_kernel, kernel_loaded
+from lstm_export.exporters.routes import deployable
 from lstm_export.files import check_regular_file, write_file
-from lstm_export.kernels import OP_NAME, build_kernel, kernel_loaded
 from lstm_export.model import LSTM
 
 CONFIG_FILE = "config.json"
@@ -61,7 +61,7 @@ def save_torchscript(model: LSTM, path: Path, fused_kernel: bool = False) -> tor
 
     The saved module computes `model`'s equations on `model`'s own parameters
     (same state dict, attributes and forward signature) by the fastest route
-    in `lstm_export.deploy` (`fused_kernel`: the custom-op route, loaded beforehand).
+    in `lstm_export.exporters.routes` (`fused_kernel`: the custom-op route, loaded beforehand).
     """
     scripted = script(deployable(model, fused_kernel))
     extra = {CONFIG_FILE: config_of(model).to_json()}

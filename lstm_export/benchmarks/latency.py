@@ -33,18 +33,18 @@ import onnxruntime as ort
 import torch
 
 from lstm_export.config import LSTMConfig
-from lstm_export.cpp import built_binary, time_forward
 from lstm_export.errors import UsageError
-from lstm_export.kernels import build_kernel
+from lstm_export.exporters.kernel import build_kernel
+from lstm_export.exporters.torchscript import load_torchscript, script
 from lstm_export.model import LSTM
-from lstm_export.parity import eager_from_scripted
-from lstm_export.runtime import ONNX_FILE, OnnxLSTM
-from lstm_export.torchscript import load_torchscript, script
-from lstm_export.verification import (
+from lstm_export.runtime.cpp import built_binary, time_forward
+from lstm_export.runtime.onnx import ONNX_FILE, OnnxLSTM
+from lstm_export.verification.folder import (
     FUSED_BACKEND,
     FUSED_TORCHSCRIPT_FILE,
     TORCHSCRIPT_FILE,
 )
+from lstm_export.verification.parity import eager_from_scripted
 
 DEFAULT_SHAPES = ((100, 1), (100, 16), (500, 4))
 NN_LSTM = "nn.LSTM"

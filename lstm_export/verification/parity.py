@@ -216,7 +216,7 @@ class Reference:
 
     @property
     def config(self) -> LSTMConfig:
-        from lstm_export.torchscript import config_of
+        from lstm_export.exporters.torchscript import config_of
 
         return config_of(self.model)
 

@@ -261,7 +261,7 @@ def export(
         **_tolerance(file_config.atol, file_config.factor),
         **_tolerance(atol, factor),
     }
-    from lstm_export.parity import Tolerance
+    from lstm_export.verification.parity import Tolerance
 
     Tolerance(**tolerance)  # a bad value is refused before any slow work
     if keep_failed is not None:
@@ -320,7 +320,7 @@ def export(
 
 def _report_table(report: Any, every_case: bool) -> Table:
     """Each backend's worst case (every case with `every_case`); fits 100 columns."""
-    from lstm_export.parity import RULE
+    from lstm_export.verification.parity import RULE
 
     which = "every case" if every_case else "each backend's worst case"
     table = Table(
@@ -355,7 +355,7 @@ def verify(
     """Re-run the parity matrix on an export folder and check what its manifest claims
     (hashes, config, name); exit code 1 on any breach, 2 if it cannot be read as an export."""
     with _status("Verifying parity"):
-        from lstm_export.verification import verify as run_verify
+        from lstm_export.verification.folder import verify as run_verify
 
         report = run_verify(folder, **_tolerance(atol, factor))
     if as_json:
@@ -433,7 +433,7 @@ def cpp_check(
 ) -> None:
     """Build the libtorch C++ example once, run model.pt in C++ and hold it to the parity rule."""
     with _status("Building the C++ example and comparing"):
-        from lstm_export.cpp import cpp_check as run_cpp_check
+        from lstm_export.runtime.cpp import cpp_check as run_cpp_check
 
         report = run_cpp_check(folder, build_dir=build_dir, **_tolerance(atol, factor))
     if as_json:
@@ -466,7 +466,7 @@ def triton(
     tritonclient's ModelConfig against the graph.
     """
     with _status("Writing the Triton model"):
-        from lstm_export.triton import validate_triton_repo, write_triton_repo
+        from lstm_export.serving.triton import validate_triton_repo, write_triton_repo
 
         model_dir = write_triton_repo(
             folder,
@@ -534,8 +534,8 @@ def serve(
     ] = True,
 ) -> None:
     """Serve an export over HTTP, JSON in and out (needs the serve extra); Ctrl+C stops it."""
-    from lstm_export.server import ServerLimits
-    from lstm_export.server import serve as run_serve
+    from lstm_export.serving.http.server import ServerLimits
+    from lstm_export.serving.http.server import serve as run_serve
 
     limits = ServerLimits(
         max_body_bytes=max_body_bytes,
@@ -583,7 +583,7 @@ def serve_bench(
 
     Exit code 1 when every request failed: a run that measured nothing must not pass in CI.
     """
-    from lstm_export.server import serve_and_load_test
+    from lstm_export.serving.http.server import serve_and_load_test
 
     with _status("Serving and loading"):
         report = serve_and_load_test(
@@ -628,7 +628,7 @@ def serve_bench(
 
 
 def _bench_table(report: Any) -> Table:
-    from lstm_export.benchmark import ROUNDS
+    from lstm_export.benchmarks.latency import ROUNDS
 
     table = Table(
         title=f"Median latency, {report.threads} threads, {report.repeats} repeats "
@@ -679,8 +679,8 @@ def bench(
     import tempfile
 
     with _status("Loading torch"):
-        from lstm_export.benchmark import bench as run_bench
-        from lstm_export.benchmark import parse_shapes, plot, save_json
+        from lstm_export.benchmarks.latency import bench as run_bench
+        from lstm_export.benchmarks.latency import parse_shapes, plot, save_json
 
     parsed = parse_shapes(shapes)
     with tempfile.TemporaryDirectory() as tmp, _status("Benchmarking") as status:

@@ -30,7 +30,7 @@ from lstm_export.artifacts import TORCHSCRIPT_FILE as MODEL_FILE
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import LSTMExportError, UsageError
 from lstm_export.files import artifact, locked_folder
-from lstm_export.parity import (
+from lstm_export.verification.parity import (
     ATOL,
     FACTOR,
     Backend,
@@ -128,7 +128,7 @@ def find_toolchain() -> Toolchain:
 def source_dir() -> Path:
     """The `cpp/` folder with CMakeLists.txt: $LSTM_EXPORT_CPP_SOURCE or the checkout's."""
     env = os.environ.get(SOURCE_ENV)
-    src = Path(env) if env else Path(__file__).resolve().parent.parent / "cpp"
+    src = Path(env) if env else Path(__file__).resolve().parents[2] / "cpp"
     if not (src / "CMakeLists.txt").is_file():
         hint = "" if env else f"; set {SOURCE_ENV} to the cpp/ folder of an lstm-export checkout"
         raise UsageError(
@@ -281,7 +281,7 @@ def _invoke(binary: Path, args: Sequence[str | Path], timeout: float) -> str:
     binary = Path(binary)
     if not binary.is_file():
         raise UsageError(
-            f"C++ binary {binary} does not exist; build it with lstm_export.cpp.build()"
+            f"C++ binary {binary} does not exist; build it with lstm_export.runtime.cpp.build()"
         )
     result = subprocess.run(
         [str(binary), *map(str, args)], capture_output=True, text=True, timeout=timeout
@@ -529,7 +529,7 @@ def cpp_check(
     module's weights, so a pass means libtorch computes what the Python source says,
     whole, from a given state and streamed in chunks.
     """
-    from lstm_export.torchscript import load_torchscript
+    from lstm_export.exporters.torchscript import load_torchscript
 
     tolerance = Tolerance(atol, factor)
     export_dir = Path(export_dir)
@@ -546,7 +546,7 @@ def cpp_check(
     backends = [cpp_backend(CPP_BACKEND, binary, model_pt)]
     fused_pt = model_pt.parent / FUSED_MODEL_FILE
     if fused_pt.is_file():  # export --fused-kernel; run with our own build of its library
-        from lstm_export.kernels import build_kernel
+        from lstm_export.exporters.kernel import build_kernel
 
         backends.append(cpp_backend(FUSED_CPP_BACKEND, binary, fused_pt, build_kernel()))
     with _one_torch_thread():

@@ -1,0 +1,1 @@
+"""Serving an export: the Triton model repository and the HTTP server (the `serve` extra)."""

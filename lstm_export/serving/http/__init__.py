@@ -1,0 +1,1 @@
+"""`lstm-export serve`: the HTTP server over `OnnxLSTM` (starlette, uvicorn, orjson)."""
