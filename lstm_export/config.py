@@ -28,6 +28,14 @@ MAX_SIZE = 1 << 16
 """input_size and hidden_size, each: 65,536 (the parity inputs are seq x batch x input_size)."""
 
 
+def positive_int(name: str, value: object, minimum: int = 1) -> int:
+    """`value` if it is an int >= `minimum`; refused otherwise (bool too: True as a size or a
+    count is always a mistake). The one copy of this check, for configs, limits and options."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class LSTMConfig:
     """input_size, hidden_size, num_layers and layer_norm, checked on creation."""
@@ -39,9 +47,7 @@ class LSTMConfig:
 
     def __post_init__(self) -> None:
         for name in ("input_size", "hidden_size", "num_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
+            positive_int(name, getattr(self, name))
         if not isinstance(self.layer_norm, bool):
             raise UsageError(f"layer_norm must be true or false, got {self.layer_norm!r}")
 
@@ -114,9 +120,7 @@ class SizeLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_parameters", "max_layers", "max_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
+            positive_int(name, getattr(self, name))
 
 
 DEFAULT_LIMITS = SizeLimits()

@@ -21,3 +21,10 @@ class ParityError(LSTMExportError):
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's message, for a one-line error quoting a library's
+    failure; `default` (else the exception's type name) when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else default or type(exc).__name__

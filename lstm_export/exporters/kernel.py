@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lstm_export.artifacts import KERNEL_LIBRARY
-from lstm_export.errors import UsageError
+from lstm_export.errors import UsageError, first_line
 from lstm_export.files import locked_folder, sha256
 
 OP_NAME = "lstm_export::layer_norm_lstm_layer"
@@ -146,7 +146,7 @@ def build_kernel() -> Path:
         torch.ops.load_library(str(library))
     except (OSError, RuntimeError) as exc:
         cause = exc.__cause__ or exc
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(exc).__name__
+        first = first_line(cause, type(exc).__name__)
         raise UsageError(
             f"cannot load the fused kernel {library} ({first}); delete {build_dir} to rebuild it"
         ) from None

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lstm_export.config import LSTMConfig
-from lstm_export.errors import UsageError
+from lstm_export.errors import UsageError, first_line
 from lstm_export.exporters.kernel import OP_NAME, build_kernel, kernel_loaded
 from lstm_export.exporters.routes import deployable
 from lstm_export.files import check_regular_file, write_file
@@ -97,7 +97,7 @@ def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, LSTMConfig]:
             build_kernel()
             module = _jit_load(path, extra)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        first = first_line(exc, "unreadable")
         raise UsageError(f"{path} is not a TorchScript file: {first}") from None
     wanted = ("input_size", "hidden_size", "num_layers", "layer_norm")
     lacking = [name for name in wanted if not hasattr(module, name)]

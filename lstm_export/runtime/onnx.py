@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from lstm_export.artifacts import ONNX_FILE
 from lstm_export.config import LSTMConfig
-from lstm_export.errors import UsageError
+from lstm_export.errors import UsageError, first_line
 from lstm_export.files import check_regular_file, read_bytes
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load_from_string(data)
     except Exception as exc:  # protobuf's DecodeError and friends
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UsageError(f"{path} is not an ONNX file: {first}") from None
 
 
@@ -156,7 +156,7 @@ class OnnxLSTM:
         try:
             self.session = ort.InferenceSession(data, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise UsageError(f"{self.path} is not a loadable ONNX model: {first}") from None
         del data
         meta = self.session.get_modelmeta().custom_metadata_map

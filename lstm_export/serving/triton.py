@@ -37,7 +37,7 @@ from onnx import TensorProto, helper
 
 from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE, check_model_name
 from lstm_export.config import LSTMConfig
-from lstm_export.errors import ParityError, UsageError
+from lstm_export.errors import ParityError, UsageError, first_line
 from lstm_export.files import check_export_folder, read_manifest, read_text, write_file
 from lstm_export.runtime.onnx import (
     CONFIG_KEY,
@@ -205,7 +205,7 @@ def _session(model: Path | str | onnx.ModelProto, source: str) -> ort.InferenceS
     try:
         return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UsageError(f"{source} is not a loadable ONNX model: {first}") from None
 
 
@@ -452,7 +452,7 @@ def _validate(model_dir: Path, expected_name: str) -> dict:
             model = load_onnx(onnx_path)
             onnx.checker.check_model(model, full_check=True)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             problems.append(f"{version.name}/{filename} is not a valid ONNX model: {first}")
             continue
         meta = _metadata(model)

@@ -28,7 +28,7 @@ import numpy as np
 
 from lstm_export.artifacts import ATOL, FACTOR
 from lstm_export.config import LSTMConfig, finite_number
-from lstm_export.errors import ParityError, UsageError
+from lstm_export.errors import ParityError, UsageError, first_line
 
 if TYPE_CHECKING:
     from lstm_export.model import LSTM
@@ -181,7 +181,7 @@ def eager_from_scripted(scripted: Any, config: LSTMConfig) -> LSTM:
     try:
         model.load_state_dict(scripted.state_dict())
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise UsageError(f"the TorchScript module holds no lstm-export weights: {first}") from None
     return model.eval()
 
