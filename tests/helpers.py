@@ -1,0 +1,93 @@
+"""Plain test helpers (no fixtures): small models, a reference nn.LSTM, files that are not files.
+
+Imported as `from helpers import ...` from any test folder: pyproject's pytest `pythonpath`
+puts tests/ on sys.path. Fixtures stay in conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lstm_export.checkpoints import build_model
+from lstm_export.config import LSTMConfig
+from lstm_export.model import LSTM
+
+
+class SizesWithoutLayerNorm(nn.Module):
+    """Three of the four config attributes: TorchScript, but not an lstm-export LSTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_size = 4
+        self.hidden_size = 8
+        self.num_layers = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def small_model(layer_norm: bool, num_layers: int = 2, seed: int = 0) -> LSTM:
+    return build_model(LSTMConfig(5, 8, num_layers, layer_norm), seed=seed)
+
+
+def nn_lstm_with_weights_of(model: LSTM, ih_share: float = 0.0) -> nn.LSTM:
+    """An independent reference: torch.nn.LSTM holding a plain model's weights.
+
+    Our single bias is split between nn.LSTM's two (`ih_share` of it in bias_ih);
+    only their sum matters, so any split must give the same numbers.
+    """
+    reference = nn.LSTM(model.input_size, model.hidden_size, model.num_layers)
+    with torch.no_grad():
+        for k, cell in enumerate(model.cells):
+            getattr(reference, f"weight_ih_l{k}").copy_(cell.input_lin.weight)
+            getattr(reference, f"weight_hh_l{k}").copy_(cell.hidden_lin.weight)
+            getattr(reference, f"bias_ih_l{k}").copy_(ih_share * cell.hidden_lin.bias)
+            getattr(reference, f"bias_hh_l{k}").copy_((1 - ih_share) * cell.hidden_lin.bias)
+    return reference.eval()
+
+
+# --------------------------------------------------------------------------- not a model file
+
+
+def sparse_2500m(path: Path) -> None:
+    """A 2,500 MiB file that uses no disk: larger than one protobuf message may be."""
+    subprocess.run(["truncate", "-s", "2500M", str(path)], check=True)
+
+
+# (make(path), the reason a reader gives): a model path that holds no readable model.
+# Each reason is the whole tail of the message, after "<kind> model <path> ".
+NOT_A_FILE = [
+    pytest.param(lambda p: p.write_bytes(b""), "is empty (0 bytes)", id="empty"),
+    pytest.param(
+        lambda p: p.symlink_to("/dev/zero"),
+        "must be a regular file, but it is a device",
+        id="dev-zero",
+    ),
+    pytest.param(os.mkfifo, "must be a regular file, but it is a named pipe", id="fifo"),
+]
+
+# The same for an ONNX file, which is also refused when larger than protobuf's 2 GiB.
+NOT_AN_ONNX_FILE = [
+    pytest.param(
+        sparse_2500m,
+        "is 2,621,440,000 bytes; an ONNX model is one protobuf message, which holds at most "
+        "2,147,483,647 bytes (2 GiB)",
+        id="2500M-sparse",
+    ),
+    *NOT_A_FILE,
+]
+
+
+def not_regular_files(folder: Path, suffix: str = "") -> list[tuple[Path, str]]:
+    """A named pipe, a link to /dev/zero and `folder` itself, each with what it is called."""
+    fifo = folder / f"pipe{suffix}"
+    os.mkfifo(fifo)
+    zero = folder / f"zero{suffix}"
+    zero.symlink_to("/dev/zero")
+    return [(fifo, "a named pipe"), (zero, "a device"), (folder, "a folder")]
