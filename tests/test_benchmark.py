@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import small_model
+from helpers import small_model
 from lstm_export.benchmarks.latency import (
     ANCHORS,
     LIBTORCH_CPP,

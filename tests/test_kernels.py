@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import small_model
+from helpers import small_model
 from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, TORCHSCRIPT_FILE
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
@@ -360,7 +360,7 @@ def test_loading_the_folders_library_by_hand_then_exporting_does_not_abort(tmp_p
     code = f"""
 import torch
 torch.ops.load_library({str(folder / kernels.KERNEL_LIBRARY)!r})
-from conftest import small_model
+from helpers import small_model
 from lstm_export.pipeline import export
 result = export(small_model(True, 1), {str(tmp_path / "again")!r}, fused_kernel=True)
 print(result.report.passed)

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import nn_lstm_with_weights_of, small_model
+from helpers import nn_lstm_with_weights_of, small_model
 from lstm_export.exporters.onnx_graph import OPSET, build_onnx
 
 

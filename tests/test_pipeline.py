@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+import lstm_export.exporters.onnx_graph as onnx_graph
 import lstm_export.pipeline as pipeline
 import parity_corpus as corpus
-from conftest import small_model
+from helpers import small_model
 from lstm_export.config import SizeLimits
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.pipeline import export
@@ -140,7 +141,7 @@ def test_a_failing_step_leaves_nothing_behind_and_the_old_export_intact(tmp_path
 
 
 def test_a_parity_breach_aborts_the_export(tmp_path, monkeypatch):
-    real_build = pipeline.build_onnx
+    real_build = onnx_graph.build_onnx
 
     def off_by_a_little(model, opset):
         proto = real_build(model, opset)
@@ -149,7 +150,7 @@ def test_a_parity_breach_aborts_the_export(tmp_path, monkeypatch):
         bias.raw_data = values.tobytes()
         return proto
 
-    monkeypatch.setattr(pipeline, "build_onnx", off_by_a_little)
+    monkeypatch.setattr(onnx_graph, "build_onnx", off_by_a_little)
     with pytest.raises(ParityError) as error:
         export(small_model(False, 1), tmp_path / "m")
     assert not error.value.report.passed
@@ -160,7 +161,7 @@ def test_a_parity_breach_aborts_the_export(tmp_path, monkeypatch):
 
 
 def test_keep_failed_keeps_the_refused_artifacts_and_report_elsewhere(tmp_path, monkeypatch):
-    real_build = pipeline.build_onnx
+    real_build = onnx_graph.build_onnx
 
     def off_by_a_little(model, opset):
         proto = real_build(model, opset)
@@ -168,7 +169,7 @@ def test_keep_failed_keeps_the_refused_artifacts_and_report_elsewhere(tmp_path, 
         bias.raw_data = (np.frombuffer(bias.raw_data, dtype=np.float32) + 1e-3).tobytes()
         return proto
 
-    monkeypatch.setattr(pipeline, "build_onnx", off_by_a_little)
+    monkeypatch.setattr(onnx_graph, "build_onnx", off_by_a_little)
     kept = tmp_path / "why" / "failed"
     with pytest.raises(ParityError) as error:
         export(small_model(False, 1), tmp_path / "m", keep_failed=kept)
