@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from helpers import not_regular_files
 from lstm_export import LSTM, UsageError
 from lstm_export.checkpoints import (
     MAX_ABS_WEIGHT,
@@ -961,17 +962,9 @@ def test_max_abs_weight_is_where_float32_is_still_finite_and_1e19_is_not():
 # --------------------------------------------------------------------------- the file itself
 
 
-def _kinds_of_not_a_file(tmp_path: Path) -> list[tuple[Path, str]]:
-    fifo = tmp_path / "pipe.pt"
-    os.mkfifo(fifo)
-    zero = tmp_path / "zero.pt"
-    zero.symlink_to("/dev/zero")
-    return [(fifo, "a named pipe"), (zero, "a device"), (tmp_path, "a folder")]
-
-
 def test_a_fifo_a_device_or_a_folder_is_refused_as_not_a_regular_file(tmp_path):
     """Were "does not exist or is not a file" (/dev/zero exists) or, opened, a hang."""
-    for path, kind in _kinds_of_not_a_file(tmp_path):
+    for path, kind in not_regular_files(tmp_path, ".pt"):
         with pytest.raises(UsageError) as error:
             read_state_dict(path)
         assert str(error.value) == f"checkpoint {path} must be a regular file, but it is {kind}"
@@ -1024,7 +1017,9 @@ def test_cli_refuses_each_bad_checkpoint_with_one_line_and_exit_2(
     tmp_path, call_main, no_model, kind, expected
 ):
     state = _tiny_state()
-    not_files = dict(zip(("fifo", "device", "folder"), _kinds_of_not_a_file(tmp_path), strict=True))
+    not_files = dict(
+        zip(("fifo", "device", "folder"), not_regular_files(tmp_path, ".pt"), strict=True)
+    )
     if kind in not_files:
         path = not_files[kind][0]
     elif kind == "truncated":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import not_regular_files
 from lstm_export.errors import UsageError
 from lstm_export.files import (
     MAX_JSON_DEPTH,
@@ -30,19 +31,15 @@ def _an_export(folder):
 
 
 def test_read_text_refuses_devices_fifos_folders_and_big_files(tmp_path):
-    os.mkfifo(tmp_path / "fifo")
-    (tmp_path / "zero").symlink_to("/dev/zero")
     (tmp_path / "big").write_bytes(b"x" * 2000)
     cases = {
-        "fifo": "a named pipe",
-        "zero": "a device",
-        ".": "a folder",
-        "big": "2,000 bytes; expected at most 1,000",
-        "missing": "does not exist",
+        **dict(not_regular_files(tmp_path)),
+        tmp_path / "big": "2,000 bytes; expected at most 1,000",
+        tmp_path / "missing": "does not exist",
     }
-    for name, reason in cases.items():
+    for path, reason in cases.items():
         with pytest.raises(UsageError, match=reason):
-            read_text(tmp_path / name, "config", limit=1000)
+            read_text(path, "config", limit=1000)
 
 
 def test_parse_json_bounds_nesting_but_not_brackets_in_strings():

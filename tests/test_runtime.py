@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import small_model
+from helpers import NOT_AN_ONNX_FILE, small_model
 from lstm_export.errors import UsageError
 from lstm_export.exporters.onnx_graph import build_onnx
 from lstm_export.runtime.onnx import OnnxLSTM, session_options
@@ -324,24 +323,7 @@ def test_a_metadata_config_that_does_not_fit_the_graph_is_refused(tmp_path, conf
     assert f"does not fit its graph: {tensor}" in str(error.value), str(error.value)
 
 
-@pytest.mark.parametrize(
-    ("make", "reason"),
-    [
-        pytest.param(
-            lambda p: subprocess.run(["truncate", "-s", "2500M", str(p)], check=True),
-            "is 2,621,440,000 bytes; an ONNX model is one protobuf message, which holds at most "
-            "2,147,483,647 bytes (2 GiB)",
-            id="2500M-sparse",
-        ),
-        pytest.param(lambda p: p.write_bytes(b""), "is empty (0 bytes)", id="empty"),
-        pytest.param(
-            lambda p: p.symlink_to("/dev/zero"),
-            "must be a regular file, but it is a device",
-            id="dev-zero",
-        ),
-        pytest.param(os.mkfifo, "must be a regular file, but it is a named pipe", id="fifo"),
-    ],
-)
+@pytest.mark.parametrize(("make", "reason"), NOT_AN_ONNX_FILE)
 def test_what_is_not_an_onnx_file_is_refused_before_it_is_read(tmp_path, make, reason):
     path = tmp_path / "model.onnx"
     make(path)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from conftest import SizesWithoutLayerNorm, small_model
+from helpers import NOT_A_FILE, SizesWithoutLayerNorm, small_model
 from lstm_export.errors import UsageError
 from lstm_export.exporters.torchscript import load_torchscript, save_torchscript
 
@@ -98,18 +96,7 @@ def test_a_module_without_the_weights_its_config_describes_is_refused(tmp_path):
         load_torchscript(path)
 
 
-@pytest.mark.parametrize(
-    ("make", "reason"),
-    [
-        pytest.param(lambda p: p.write_bytes(b""), "is empty (0 bytes)", id="empty"),
-        pytest.param(
-            lambda p: p.symlink_to("/dev/zero"),
-            "must be a regular file, but it is a device",
-            id="dev-zero",
-        ),
-        pytest.param(os.mkfifo, "must be a regular file, but it is a named pipe", id="fifo"),
-    ],
-)
+@pytest.mark.parametrize(("make", "reason"), NOT_A_FILE)
 def test_what_is_not_a_file_is_refused_before_libtorch_opens_it(tmp_path, make, reason):
     path = tmp_path / "model.pt"
     make(path)  # a FIFO would block torch.jit.load forever
