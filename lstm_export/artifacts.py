@@ -18,12 +18,28 @@ ONNX_FILE = "model.onnx"
 """The time-major ONNX graph for onnxruntime."""
 MANIFEST_FILE = "manifest.json"
 """What the export wrote and vouches for: hashes, config, versions, the parity report."""
+MANIFEST_VERSION = 2
+"""2: parity against float64 (the tolerance is a rule, rows carry floors)."""
 KERNEL_LIBRARY = "lstm_export_kernels.so"
 """The fused kernel's compiled library, beside model.fused.pt."""
 EXPORT_FILES = (TORCHSCRIPT_FILE, FUSED_TORCHSCRIPT_FILE, ONNX_FILE, KERNEL_LIBRARY)
 """Every artifact an export can write (with MANIFEST_FILE): `--force` replaces only these."""
 PARITY_REPORT_FILE = "parity.json"
 """The report `export --keep-failed DIR` writes beside artifacts that failed parity."""
+
+TORCHSCRIPT_CONFIG_FILE = "config.json"
+"""model.pt's extra file holding the config, for readers that cannot see its attributes."""
+CONFIG_KEY = "lstm_export.config"
+"""model.onnx metadata_props key: the config as JSON."""
+ROUTE_KEY = "lstm_export.route"
+"""model.onnx metadata_props key: how the graph computes the model (recorded, shown)."""
+LAYOUT_KEY = "lstm_export.layout"
+"""metadata_props key marking a derived graph's axis layout; absent means time-major."""
+TIME_MAJOR = "time_major"
+BATCH_FIRST = "batch_first"
+"""The two LAYOUT_KEY values: model.onnx is time-major, Triton's variant batch-first."""
+OPSET = 17
+"""The ONNX opset model.onnx is built for: the first with LayerNormalization."""
 
 ATOL = 1e-5
 """Parity: the absolute error every backend may have against the float64 reference."""

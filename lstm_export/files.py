@@ -87,6 +87,16 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_entry(path: Path) -> dict:
+    """A manifest's vouching for one artifact: its sha256 and size."""
+    return {"sha256": sha256(path), "bytes": path.stat().st_size}
+
+
+def write_json(path: Path, data: dict) -> None:
+    """A manifest or report as strict JSON (no NaN or Infinity, which other parsers refuse)."""
+    write_file(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
 def file_kind(mode: int) -> str:
     """What a non-regular file is, for an error line ("a named pipe", "a device", ...)."""
     if stat.S_ISDIR(mode):

@@ -15,6 +15,7 @@ from pathlib import Path
 from lstm_export.artifacts import (
     FUSED_TORCHSCRIPT_FILE,
     ONNX_FILE,
+    ROUTE_KEY,
     TORCHSCRIPT_FILE,
     check_model_name,
 )
@@ -43,7 +44,7 @@ def inspect_torchscript(path: Path) -> dict:
 
 
 def inspect_onnx(path: Path) -> dict:
-    from lstm_export.pipeline import onnx_signature
+    from lstm_export.exporters.onnx_graph import onnx_signature
     from lstm_export.runtime.onnx import config_from_metadata, load_onnx
 
     model = load_onnx(path)  # refused before reading: not a file, empty, over 2 GiB
@@ -56,7 +57,7 @@ def inspect_onnx(path: Path) -> dict:
         "config": config.to_dict(),
         "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "ir_version": model.ir_version,
-        "route": meta.get("lstm_export.route", ""),
+        "route": meta.get(ROUTE_KEY, ""),
         "signature": onnx_signature(model),
         "parameters": sum(math.prod(t.dims) for t in model.graph.initializer),
     }

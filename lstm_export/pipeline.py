@@ -1,43 +1,43 @@
 """The export pipeline: model -> artifacts (model.pt, model.onnx) -> validation -> manifest.
 
-Each step is a function of its own; `export` runs them into a staging folder
-beside the destination and moves it into place only once parity holds, so a
-failed export leaves nothing behind and never half-replaces an old one.
+Each step is a function of its own (`lstm_export.exporters` writes, `lstm_export.verification`
+proves); `export` runs them into a staging folder beside the destination and moves it into
+place only once parity holds, so a failed export leaves nothing behind and never
+half-replaces an old one. It sits above both: the one module that writes and then proves.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
-import onnx
-
 from lstm_export.artifacts import (
+    ATOL,
+    FACTOR,
     FUSED_TORCHSCRIPT_FILE,
+    KERNEL_LIBRARY,
     MANIFEST_FILE,
     ONNX_FILE,
+    OPSET,
     PARITY_REPORT_FILE,
     TORCHSCRIPT_FILE,
     check_model_name,
 )
-from lstm_export.config import DEFAULT_LIMITS, LSTMConfig, SizeLimits, check_size
+from lstm_export.config import DEFAULT_LIMITS, SizeLimits, check_size
 from lstm_export.errors import UsageError
-from lstm_export.exporters import kernel, onnx_graph, routes
-from lstm_export.exporters.onnx_graph import OPSET, build_onnx
+from lstm_export.exporters.kernel import build_kernel
+from lstm_export.exporters.manifest import build_manifest
+from lstm_export.exporters.onnx_graph import save_onnx
 from lstm_export.exporters.torchscript import config_of, forward_signature, save_torchscript
-from lstm_export.files import check_destination, replaceable_export, sha256, write_file
+from lstm_export.files import check_destination, replaceable_export, write_json
 from lstm_export.model import LSTM
 from lstm_export.staging import staged_folder
 from lstm_export.verification.folder import verify_artifacts
-from lstm_export.verification.parity import ATOL, FACTOR, ParityReport, Tolerance
+from lstm_export.verification.parity import ParityReport, Tolerance
 
-MANIFEST_VERSION = 2  # 2: parity against float64 (tolerance is a rule, rows carry floors)
 Progress = Callable[[str], None]
 
 
@@ -46,103 +46,6 @@ class ExportResult:
     out_dir: Path
     manifest: dict
     report: ParityReport
-
-
-def save_onnx(model: LSTM, path: Path, opset: int = OPSET) -> onnx.ModelProto:
-    """Build, check (full_check) and save the ONNX graph of `model`."""
-    onnx_model = build_onnx(model, opset)
-    onnx.checker.check_model(onnx_model, full_check=True)
-    write_file(path, onnx_model.SerializeToString())  # onnx.save, with the file named
-    return onnx_model
-
-
-def onnx_signature(onnx_model: onnx.ModelProto) -> dict:
-    """Inputs and outputs with symbolic dims by name, read off the graph itself."""
-
-    def describe(values) -> dict:
-        described = {}
-        for value in values:
-            dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-            described[value.name] = {"shape": dims, "dtype": str(dtype)}
-        return described
-
-    return {
-        "inputs": describe(onnx_model.graph.input),
-        "outputs": describe(onnx_model.graph.output),
-    }
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("lstm-export", "torch", "onnx", "onnxruntime"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def _file_entry(path: Path) -> dict:
-    return {"sha256": sha256(path), "bytes": path.stat().st_size}
-
-
-def fused_kernel_entries(folder: Path, config: LSTMConfig, torchscript_schema: str) -> dict:
-    """Manifest entries of `model.fused.pt` and the kernel library it needs."""
-    return {
-        FUSED_TORCHSCRIPT_FILE: {
-            **_file_entry(folder / FUSED_TORCHSCRIPT_FILE),
-            "forward": torchscript_schema,
-            "route": routes.route_of(config, fused_kernel=True),
-            "requires": kernel.KERNEL_LIBRARY,
-        },
-        kernel.KERNEL_LIBRARY: {
-            **_file_entry(folder / kernel.KERNEL_LIBRARY),
-            "route": f"{kernel.OP_NAME}, built here with {' '.join(kernel.compile_flags())}",
-            "platform": f"{platform.system()} {platform.machine()}",
-        },
-    }
-
-
-def build_manifest(
-    folder: Path,
-    config: LSTMConfig,
-    onnx_model: onnx.ModelProto,
-    torchscript_schema: str,
-    report: ParityReport,
-    name: str,
-) -> dict:
-    """Everything a deployer needs to trust the folder without re-running the export."""
-    fused = {}
-    if (folder / FUSED_TORCHSCRIPT_FILE).is_file():
-        fused = fused_kernel_entries(folder, config, torchscript_schema)
-    return {
-        "manifest_version": MANIFEST_VERSION,
-        "name": name,
-        "config": config.to_dict(),
-        "artifacts": {
-            TORCHSCRIPT_FILE: {
-                **_file_entry(folder / TORCHSCRIPT_FILE),
-                "forward": torchscript_schema,
-                "route": routes.route_of(config),
-            },
-            ONNX_FILE: {
-                **_file_entry(folder / ONNX_FILE),
-                "opset": next(o.version for o in onnx_model.opset_import if o.domain == ""),
-                "ir_version": onnx_model.ir_version,
-                "route": onnx_graph.route_of(config),
-            },
-            **fused,
-        },
-        "signature": onnx_signature(onnx_model),
-        "versions": _versions(),
-        "parity": report.to_dict(),
-    }
-
-
-def _write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False)  # strict JSON only
-    write_file(path, text + "\n")
 
 
 def _check_float32(model: LSTM) -> None:
@@ -187,7 +90,7 @@ def _keep(staging: Path, keep_failed: Path, report: ParityReport) -> None:
         for path in staging.iterdir():
             if path.is_file():
                 shutil.copyfile(path, kept / path.name)
-        _write_json(kept / PARITY_REPORT_FILE, report.to_dict())
+        write_json(kept / PARITY_REPORT_FILE, report.to_dict())
 
 
 def export(
@@ -243,7 +146,7 @@ def export(
         fused_path = None
         if fused_kernel:
             step("Building the fused LayerNorm-LSTM kernel")
-            shutil.copyfile(kernel.build_kernel(), staging / kernel.KERNEL_LIBRARY)
+            shutil.copyfile(build_kernel(), staging / KERNEL_LIBRARY)
             fused_path = staging / FUSED_TORCHSCRIPT_FILE
             save_torchscript(model, fused_path, fused_kernel=True)
         step("Building model.onnx")
@@ -264,7 +167,7 @@ def export(
                 f"the export to {out_dir}", f"nothing written to {out_dir}{kept}"
             )
         schema = forward_signature(scripted)
-        manifest = build_manifest(staging, config, onnx_model, schema, report, name)
-        _write_json(staging / MANIFEST_FILE, manifest)
+        manifest = build_manifest(staging, config, onnx_model, schema, report.to_dict(), name)
+        write_json(staging / MANIFEST_FILE, manifest)
         step(f"Writing {out_dir}")
     return ExportResult(out_dir, manifest, report)

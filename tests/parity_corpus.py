@@ -19,9 +19,10 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from lstm_export.artifacts import TORCHSCRIPT_CONFIG_FILE
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
-from lstm_export.exporters.torchscript import CONFIG_FILE, quiet_torchscript
+from lstm_export.exporters.torchscript import quiet_torchscript
 from lstm_export.files import sha256
 from lstm_export.model import LSTM
 
@@ -185,7 +186,7 @@ def drop_state_of_last_layer(folder: Path) -> None:
 
 def _edit_torchscript(folder: Path, edit) -> None:
     path = folder / "model.pt"
-    extra = {CONFIG_FILE: ""}
+    extra = {TORCHSCRIPT_CONFIG_FILE: ""}
     with quiet_torchscript():
         module = torch.jit.load(str(path), _extra_files=extra)
         with torch.no_grad():

@@ -18,15 +18,18 @@ numbers as interleaving them per step.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from lstm_export.artifacts import CONFIG_KEY, OPSET, ROUTE_KEY
 from lstm_export.config import LSTMConfig
+from lstm_export.files import write_file
 from lstm_export.model import LSTM
 
-OPSET = 17  # the first opset with LayerNormalization
 INPUTS = ("x", "h0", "c0")
 OUTPUTS = ("y", "hn", "cn")
 FLOAT = TensorProto.FLOAT
@@ -210,7 +213,30 @@ def build_onnx(model: LSTM, opset: int = OPSET) -> onnx.ModelProto:
     )
     # IR version 8 is what opset 17-era runtimes (and Triton's onnxruntime backend) accept.
     onnx_model.ir_version = 8
-    helper.set_model_props(
-        onnx_model, {"lstm_export.config": config.to_json(), "lstm_export.route": route_of(config)}
-    )
+    helper.set_model_props(onnx_model, {CONFIG_KEY: config.to_json(), ROUTE_KEY: route_of(config)})
     return onnx_model
+
+
+def save_onnx(model: LSTM, path: Path, opset: int = OPSET) -> onnx.ModelProto:
+    """Build, check (full_check) and save the ONNX graph of `model`."""
+    onnx_model = build_onnx(model, opset)
+    onnx.checker.check_model(onnx_model, full_check=True)
+    write_file(path, onnx_model.SerializeToString())  # onnx.save, with the file named
+    return onnx_model
+
+
+def onnx_signature(onnx_model: onnx.ModelProto) -> dict:
+    """Inputs and outputs with symbolic dims by name, read off the graph itself."""
+
+    def describe(values) -> dict:
+        described = {}
+        for value in values:
+            dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            described[value.name] = {"shape": dims, "dtype": str(dtype)}
+        return described
+
+    return {
+        "inputs": describe(onnx_model.graph.input),
+        "outputs": describe(onnx_model.graph.output),
+    }

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch
 
+from lstm_export.artifacts import TORCHSCRIPT_CONFIG_FILE
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError, first_line
 from lstm_export.exporters.kernel import OP_NAME, build_kernel, kernel_loaded
 from lstm_export.exporters.routes import deployable
 from lstm_export.files import check_regular_file, write_file
 from lstm_export.model import LSTM
-
-CONFIG_FILE = "config.json"
 
 
 @contextlib.contextmanager
@@ -64,7 +63,7 @@ def save_torchscript(model: LSTM, path: Path, fused_kernel: bool = False) -> tor
     in `lstm_export.exporters.routes` (`fused_kernel`: the custom-op route, loaded beforehand).
     """
     scripted = script(deployable(model, fused_kernel))
-    extra = {CONFIG_FILE: config_of(model).to_json()}
+    extra = {TORCHSCRIPT_CONFIG_FILE: config_of(model).to_json()}
     buffer = io.BytesIO()
     with quiet_torchscript():
         torch.jit.save(scripted, buffer, _extra_files=extra)
@@ -87,7 +86,7 @@ def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, LSTMConfig]:
     """
     path = Path(path)
     check_regular_file(path, "TorchScript model")  # a FIFO would block libtorch forever
-    extra = {CONFIG_FILE: ""}
+    extra = {TORCHSCRIPT_CONFIG_FILE: ""}
     try:
         try:
             module = _jit_load(path, extra)
@@ -110,12 +109,14 @@ def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, LSTMConfig]:
         config = config_of(module)
     except (TypeError, ValueError, RuntimeError) as exc:  # attributes that are not numbers
         raise UsageError(f"{path}: its config attributes are not usable: {exc}") from None
-    if extra[CONFIG_FILE]:
-        recorded = LSTMConfig.from_json(extra[CONFIG_FILE], source=f"{path} {CONFIG_FILE}")
+    if extra[TORCHSCRIPT_CONFIG_FILE]:
+        recorded = LSTMConfig.from_json(
+            extra[TORCHSCRIPT_CONFIG_FILE], source=f"{path} {TORCHSCRIPT_CONFIG_FILE}"
+        )
         if recorded != config:  # one file, two configs: neither can be believed
             raise UsageError(
-                f"{path}: its {CONFIG_FILE} says {recorded.to_dict()}, but its attributes "
-                f"say {config.to_dict()}"
+                f"{path}: its {TORCHSCRIPT_CONFIG_FILE} says {recorded.to_dict()}, but its "
+                f"attributes say {config.to_dict()}"
             )
     check_weights(module, config, str(path))
     return module.eval(), config

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
-from lstm_export.artifacts import ONNX_FILE
+from lstm_export.artifacts import CONFIG_KEY, LAYOUT_KEY, ONNX_FILE, TIME_MAJOR
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError, first_line
 from lstm_export.files import check_regular_file, read_bytes
@@ -27,10 +27,6 @@ from lstm_export.files import check_regular_file, read_bytes
 if TYPE_CHECKING:
     import onnx
 
-CONFIG_KEY = "lstm_export.config"
-LAYOUT_KEY = "lstm_export.layout"
-"""metadata_props key marking a derived graph's axis layout; absent means time-major."""
-TIME_MAJOR = "time_major"
 MAX_ONNX_BYTES = (1 << 31) - 1
 """A .onnx file is one protobuf message, and protobuf cannot hold one of 2 GiB or more."""
 
