@@ -1,6 +1,9 @@
 """The scratch LSTM: the textbook cell, optional LayerNorm, stacked into layers.
 
-This is the reference implementation. It is written so that `torch.jit.script`
+This is the reference implementation, composed as PyTorch's fastrnns composes its
+custom LSTMs: a cell (one step), a layer (the cell over a sequence: `LSTMCell.scan`)
+and a stack (`LayerStack`, the one loop over layers, which the TorchScript routes of
+`lstm_export.exporters.routes` share). It is written so that `torch.jit.script`
 accepts it as it is (typed signatures, `ModuleList` iteration, `List[Tensor]`
 accumulators), and its state-dict keys are the ones the original notebook code
 wrote, so old checkpoints load unchanged.
@@ -13,13 +16,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from lstm_export.config import positive_int
+
 State = Tuple[Tensor, Tensor]
-
-
-def _check_size(name: str, value: int) -> None:
-    # bool is an int subclass; True as a size is always a mistake.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -98,8 +97,8 @@ class LSTMCell(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, layer_norm: bool = False) -> None:
         super().__init__()
-        _check_size("input_size", input_size)
-        _check_size("hidden_size", hidden_size)
+        positive_int("input_size", input_size)
+        positive_int("hidden_size", hidden_size)
         # W_x has no bias: one bias, on the hidden projection, is enough.
         self.input_lin = nn.Linear(input_size, 4 * hidden_size, bias=False)
         self.hidden_lin = nn.Linear(hidden_size, 4 * hidden_size)
@@ -112,19 +111,81 @@ class LSTMCell(nn.Module):
             self.layer_norm_c = nn.Identity()
 
     def forward(self, x: Tensor, state: State) -> State:
+        """One step: x [batch, input_size] is x_t, state is (h_{t-1}, c_{t-1})."""
         h, c = state
+        # $z = W_x x_t + W_h h_{t-1} + b$
         z = self.input_lin(x) + self.hidden_lin(h)
+        # $z_i, z_f, z_g, z_o$: four chunks of hidden_size
         chunks = z.chunk(4, dim=-1)
         ifgo: List[Tensor] = []
         for k, norm in enumerate(self.layer_norm):
+            # $LN_i(z_i), LN_f(z_f), LN_g(z_g), LN_o(z_o)$, in turn
             ifgo.append(norm(chunks[k]))
+        # Indexed, not `i, f, g, o = ifgo`: TorchScript cannot unpack a List[Tensor], whose
+        # length it does not know when compiling.
         i, f, g, o = ifgo[0], ifgo[1], ifgo[2], ifgo[3]
+        # $c_t = \sigma(f) \odot c_{t-1} + \sigma(i) \odot \tanh(g)$
         c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        # $h_t = \sigma(o) \odot \tanh(LN_c(c_t))$
         h_next = torch.sigmoid(o) * torch.tanh(self.layer_norm_c(c_next))
         return h_next, c_next
 
+    def scan(self, x: Tensor, state: State) -> Tuple[Tensor, State]:
+        """The layer: this cell over x [seq, batch, input_size] from state (h0, c0); returns
+        every h_t [seq, batch, hidden_size] and the last (h, c)."""
+        h, c = state
+        outputs: List[Tensor] = []
+        for x_t in x.unbind(0):
+            h, c = self(x_t, (h, c))
+            outputs.append(h)
+        return torch.stack(outputs), (h, c)
 
-class LSTM(nn.Module):
+
+class LayerStack(nn.Module):
+    """The one loop over layers (fastrnns' StackedLSTM): layer k runs the whole sequence and
+    its h_t are layer k+1's x_t.
+
+    The eager `LSTM` and the TorchScript routes differ only in their layers: each module of
+    `cells` (the state-dict prefix) has `scan(x, (h0, c0)) -> (y, (h, c))` and an `input_lin`
+    whose weight's dtype is the model's. Inputs and outputs as in `LSTM`.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int,
+        layer_norm: bool,
+        cells: nn.ModuleList,
+    ) -> None:
+        super().__init__()
+        # Plain attributes (not Final) so TorchScript keeps them readable on the
+        # scripted module, from Python and from C++ alike.
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.layer_norm = bool(layer_norm)
+        self.cells = cells
+
+    def _checked_state(self, x: Tensor, state: Optional[State]) -> State:
+        """The input checks, then the given or zero (h0, c0)."""
+        dtype = self.cells[0].input_lin.weight.dtype
+        check_inputs(x, state, self.input_size, self.hidden_size, self.num_layers, dtype)
+        return initial_state(x, state, self.num_layers, self.hidden_size)
+
+    def forward(self, x: Tensor, state: Optional[State] = None) -> Tuple[Tensor, State]:
+        h0, c0 = self._checked_state(x, state)
+        layer_input = x
+        h_n: List[Tensor] = []
+        c_n: List[Tensor] = []
+        for k, layer in enumerate(self.cells):
+            layer_input, (h, c) = layer.scan(layer_input, (h0[k], c0[k]))
+            h_n.append(h)
+            c_n.append(c)
+        return layer_input, (torch.stack(h_n), torch.stack(c_n))
+
+
+class LSTM(LayerStack):
     """A stack of `LSTMCell`s run over a sequence; layer k's h_t feeds layer k+1.
 
     `x` is [seq, batch, input_size]; `state` is (h0, c0), each
@@ -135,31 +196,7 @@ class LSTM(nn.Module):
     def __init__(
         self, input_size: int, hidden_size: int, num_layers: int = 1, layer_norm: bool = False
     ) -> None:
-        super().__init__()
-        _check_size("num_layers", num_layers)
-        # Plain attributes (not Final) so TorchScript keeps them readable on the
-        # scripted module, from Python and from C++ alike.
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.layer_norm = bool(layer_norm)
+        positive_int("num_layers", num_layers)
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
-        self.cells = nn.ModuleList([LSTMCell(n, hidden_size, layer_norm) for n in sizes])
-
-    def forward(self, x: Tensor, state: Optional[State] = None) -> Tuple[Tensor, State]:
-        dtype = self.cells[0].input_lin.weight.dtype
-        check_inputs(x, state, self.input_size, self.hidden_size, self.num_layers, dtype)
-        h0, c0 = initial_state(x, state, self.num_layers, self.hidden_size)
-        layer_input = x
-        h_n: List[Tensor] = []
-        c_n: List[Tensor] = []
-        for k, cell in enumerate(self.cells):
-            h, c = h0[k], c0[k]
-            outputs: List[Tensor] = []
-            for x_t in layer_input.unbind(0):
-                h, c = cell(x_t, (h, c))
-                outputs.append(h)
-            layer_input = torch.stack(outputs)
-            h_n.append(h)
-            c_n.append(c)
-        return layer_input, (torch.stack(h_n), torch.stack(c_n))
+        cells = nn.ModuleList([LSTMCell(n, hidden_size, layer_norm) for n in sizes])
+        super().__init__(input_size, hidden_size, num_layers, layer_norm, cells)

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import nn_lstm_with_weights_of, small_model
+from helpers import nn_lstm_with_weights_of, small_model
 from lstm_export.exporters.torchscript import script
 from lstm_export.model import LSTM, LSTMCell
 
@@ -184,3 +184,15 @@ def test_sizes_below_one_are_refused_at_construction(args):
 def test_cell_refuses_bad_sizes():
     with pytest.raises(ValueError, match="hidden_size"):
         LSTMCell(3, 0)
+
+
+def test_a_cell_is_one_step_of_its_layer(model):
+    """`model.cells[k]` is an LSTMCell whose forward is one step: layer 0 over one x_t."""
+    x = torch.randn(1, 2, 5)
+    h0, c0 = torch.randn(2, model.num_layers, 2, 8).unbind(0)
+    cell = model.cells[0]
+    assert isinstance(cell, LSTMCell)
+    with torch.no_grad():
+        h, c = cell(x[0], (h0[0], c0[0]))
+        y, (h_n, c_n) = cell.scan(x, (h0[0], c0[0]))
+    assert torch.equal(y[0], h) and torch.equal(h_n, h) and torch.equal(c_n, c)
