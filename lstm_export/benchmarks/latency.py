@@ -228,23 +228,26 @@ def _time_in_rounds(
 
 _EXPORT_CHILD = """
 import resource, sys
-from lstm_export.cli import main
+from lstm_export.checkpoints import build_model
+from lstm_export.config import LSTMConfig
+from lstm_export.pipeline import export
 try:
-    main()
+    out, sizes = sys.argv[1], LSTMConfig.from_json(sys.argv[2])
+    export(build_model(sizes), out)
 finally:
     print(f"peak_rss_kib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
 """
 
 
 def measure_export(config: LSTMConfig) -> dict:
-    """Wall time and peak RSS of a real `lstm-export export` of these sizes, in a child process."""
+    """Wall time and peak RSS of a real export of these sizes (random weights, what
+    `lstm-export export` does), in a fresh child process: a cold start, as users run it."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["export", "--out", f"{tmp}/m", f"--input-size={config.input_size}"]
-        args += [f"--hidden-size={config.hidden_size}", f"--num-layers={config.num_layers}"]
-        args += ["--layer-norm" if config.layer_norm else "--no-layer-norm"]
         start = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-c", _EXPORT_CHILD, *args], capture_output=True, text=True
+            [sys.executable, "-c", _EXPORT_CHILD, f"{tmp}/m", config.to_json()],
+            capture_output=True,
+            text=True,
         )
         seconds = time.perf_counter() - start
     peak = [line for line in done.stderr.splitlines() if line.startswith("peak_rss_kib=")]
