@@ -1,19 +1,23 @@
-"""Faster TorchScript routes over the same weights, for the deployed `model.pt`.
+"""The TorchScript routes: faster modules over the same weights, for the deployed `model.pt`.
 
 The scratch `LSTM` stays the reference in eager mode; what is scripted and
 saved is one of these modules, which share its parameters (so the state dict,
 the attributes and the `forward(x, state=None)` signature are identical) but
 compute the same equations faster:
 
-- layer_norm=False: aten's fused LSTM kernel (`torch.lstm`, what `nn.LSTM` runs),
-  our weights passed as its (w_ih, w_hh, b_ih=0, b_hh).
-- layer_norm=True: per layer, the input projection of the whole sequence as one
-  matmul, then a time loop doing one `addmm` and one `layer_norm` over a
-  [batch, 4, hidden] view per step.
-- layer_norm=True, opt-in (`model.fused.pt`): the same hoisted projection, then the
-  whole time loop of a layer in one custom op of `lstm_export.exporters.kernel`; the saved
-  module needs that op's library loaded before it can be loaded.
+- `AtenLSTM`, layer_norm=False: aten's plain LSTM kernel (`torch.lstm`, what
+  `nn.LSTM` runs) over all layers at once, our weights passed as its
+  (w_ih, w_hh, b_ih=0, b_hh).
+- `HoistedLSTM`, layer_norm=True: per layer, the input projection of the whole
+  sequence as one matmul, then a time loop doing one `addmm` and one `layer_norm`
+  over a [batch, 4, hidden] view per step.
+- `KernelLSTM`, layer_norm=True, opt-in (`model.fused.pt`, "the fused kernel"): the
+  same hoisted projection, then the whole time loop of a layer in one custom op of
+  `lstm_export.exporters.kernel`; the saved module needs that op's library loaded
+  before it can be loaded.
 
+The LayerNorm routes are `LayerStack`s like the model: the same loop over layers,
+over layers of their own that hold the cell's submodules under the cell's names.
 Parity with the reference is what the verify matrix proves.
 """
 
@@ -26,33 +30,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lstm_export.config import LSTMConfig
-from lstm_export.model import LSTM, State, check_inputs, initial_state
+from lstm_export.model import LSTM, LayerStack, LSTMCell, State
 
 
-class _Deployed(nn.Module):
-    """Shares the reference model's cells and config attributes."""
+class _Route(LayerStack):
+    """A stack over the reference model's config attributes and parameters."""
 
     route = ""
 
-    def __init__(self, model: LSTM) -> None:
-        super().__init__()
-        self.input_size = model.input_size
-        self.hidden_size = model.hidden_size
-        self.num_layers = model.num_layers
-        self.layer_norm = model.layer_norm
-        self.cells = model.cells
-
-    def _checked_state(self, x: Tensor, state: Optional[State]) -> State:
-        """The reference model's input checks, then the given or zero (h0, c0)."""
-        dtype = self.cells[0].input_lin.weight.dtype
-        check_inputs(x, state, self.input_size, self.hidden_size, self.num_layers, dtype)
-        return initial_state(x, state, self.num_layers, self.hidden_size)
+    def __init__(self, model: LSTM, cells: nn.ModuleList) -> None:
+        super().__init__(
+            model.input_size, model.hidden_size, model.num_layers, model.layer_norm, cells
+        )
 
 
-class FusedLSTM(_Deployed):
-    """layer_norm=False through `torch.lstm`, the kernel behind `nn.LSTM`."""
+class AtenLSTM(_Route):
+    """layer_norm=False through `torch.lstm`, aten's plain kernel behind `nn.LSTM`."""
 
     route = "aten fused LSTM kernel (torch.lstm, as nn.LSTM), same weights"
+
+    def __init__(self, model: LSTM) -> None:
+        super().__init__(model, model.cells)
 
     def forward(
         self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None
@@ -66,64 +64,96 @@ class FusedLSTM(_Deployed):
         return y, (h, c)
 
 
-class _LayerNormDeployed(_Deployed):
-    """Routes for layer_norm=True: the gate LayerNorms' parameters gathered per layer."""
+class _LayerNormLayer(nn.Module):
+    """One layer_norm=True layer: the cell's submodules, under the cell's names (so the
+    state-dict keys stay `cells.{k}.input_lin.weight`, ...), run faster than step by step."""
 
-    def _gate_norms(self) -> Tuple[List[Tensor], List[Tensor]]:
-        """Per layer, the four gates' LayerNorm scales and shifts stacked: [4, H] each."""
-        gammas: List[Tensor] = []
-        betas: List[Tensor] = []
-        for cell in self.cells:
-            gamma: List[Tensor] = []
-            beta: List[Tensor] = []
-            for norm in cell.layer_norm:
-                gamma.append(norm.weight)
-                beta.append(norm.bias)
-            gammas.append(torch.stack(gamma))
-            betas.append(torch.stack(beta))
-        return gammas, betas
+    def __init__(self, cell: LSTMCell) -> None:
+        super().__init__()
+        self.input_lin = cell.input_lin
+        self.hidden_lin = cell.hidden_lin
+        self.layer_norm = cell.layer_norm
+        self.layer_norm_c = cell.layer_norm_c
+
+    def _gate_norms(self) -> Tuple[Tensor, Tensor]:
+        """The four gates' LayerNorm scales and shifts stacked: [4, H] each."""
+        gamma: List[Tensor] = []
+        beta: List[Tensor] = []
+        for norm in self.layer_norm:
+            gamma.append(norm.weight)
+            beta.append(norm.bias)
+        return torch.stack(gamma), torch.stack(beta)
+
+    def _project(self, x: Tensor) -> Tensor:
+        """$W_x x_t + b$ for every t at once: [seq, batch, 4H], the hoisted input projection."""
+        return F.linear(x, self.input_lin.weight, self.hidden_lin.bias)
 
 
-class HoistedLSTM(_LayerNormDeployed):
+class HoistedLayer(_LayerNormLayer):
+    """The input projection hoisted out of the time loop; one step per x_t after it."""
+
+    def scan(self, x: Tensor, state: State) -> Tuple[Tensor, State]:
+        gamma, beta = self._gate_norms()
+        x_proj = self._project(x)
+        w_h = self.hidden_lin.weight.t()
+        h, c = state
+        outputs: List[Tensor] = []
+        for xw_t in x_proj.unbind(0):
+            h, c = self.step(xw_t, (h, c), w_h, gamma, beta)
+            outputs.append(h)
+        return torch.stack(outputs), (h, c)
+
+    def step(self, xw_t: Tensor, state: State, w_h: Tensor, gamma: Tensor, beta: Tensor) -> State:
+        """`LSTMCell.forward`'s equations from $W_x x_t + b$ (`xw_t`), the four gates'
+        LayerNorms as one over a [batch, 4, H] view: `gamma`, `beta` are [4, H]."""
+        h, c = state
+        batch, hidden = h.size(0), h.size(1)
+        norm_c = self.layer_norm_c
+        # $z = W_x x_t + W_h h_{t-1} + b$, one row per gate: $z_i, z_f, z_g, z_o$
+        z = torch.addmm(xw_t, h, w_h).view(batch, 4, hidden)
+        # $LN_i(z_i), LN_f(z_f), LN_g(z_g), LN_o(z_o)$: normalize each row, then its scale, shift
+        gates = torch.addcmul(beta, F.layer_norm(z, [hidden], None, None, norm_c.eps), gamma)
+        # $i, f, g, o$ (a tensor's unbind has a known length: TorchScript unpacks it)
+        i, f, g, o = gates.unbind(1)
+        # $c_t = \sigma(f) \odot c_{t-1} + \sigma(i) \odot \tanh(g)$
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        # $LN_c(c_t)$
+        c_normed = F.layer_norm(c, [hidden], norm_c.weight, norm_c.bias, norm_c.eps)
+        # $h_t = \sigma(o) \odot \tanh(LN_c(c_t))$
+        h = torch.sigmoid(o) * torch.tanh(c_normed)
+        return h, c
+
+
+class KernelLayer(_LayerNormLayer):
+    """The hoisted input projection, then the whole time loop in the fused kernel's one op."""
+
+    def scan(self, x: Tensor, state: State) -> Tuple[Tensor, State]:
+        gamma, beta = self._gate_norms()
+        norm_c = self.layer_norm_c
+        y, h, c = torch.ops.lstm_export.layer_norm_lstm_layer(
+            self._project(x),
+            state[0],
+            state[1],
+            self.hidden_lin.weight,
+            gamma.reshape(-1),
+            beta.reshape(-1),
+            norm_c.weight,
+            norm_c.bias,
+            norm_c.eps,
+        )
+        return y, (h, c)
+
+
+class HoistedLSTM(_Route):
     """layer_norm=True with the input projection hoisted out of the time loop."""
 
     route = "hoisted input projection + one layer_norm over [batch, 4, hidden] per step"
 
-    def forward(
-        self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None
-    ) -> Tuple[Tensor, State]:
-        h0, c0 = self._checked_state(x, state)
-        hidden = self.hidden_size
-        batch = x.size(1)
-        gammas, betas = self._gate_norms()
-        layer_input = x
-        h_n: List[Tensor] = []
-        c_n: List[Tensor] = []
-        for k, cell in enumerate(self.cells):
-            gamma, beta = gammas[k], betas[k]  # [4, H]: one scale and shift per gate
-            norm_c = cell.layer_norm_c
-            # input_lin(x_t) + b for every t at once: [seq, batch, 4H].
-            x_proj = F.linear(layer_input, cell.input_lin.weight, cell.hidden_lin.bias)
-            w_h = cell.hidden_lin.weight.t()
-            h, c = h0[k], c0[k]
-            outputs: List[Tensor] = []
-            for x_t in x_proj.unbind(0):
-                z = torch.addmm(x_t, h, w_h).view(batch, 4, hidden)
-                gates = torch.addcmul(
-                    beta, F.layer_norm(z, [hidden], None, None, norm_c.eps), gamma
-                )
-                i, f, g, o = gates.unbind(1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                c_normed = F.layer_norm(c, [hidden], norm_c.weight, norm_c.bias, norm_c.eps)
-                h = torch.sigmoid(o) * torch.tanh(c_normed)
-                outputs.append(h)
-            layer_input = torch.stack(outputs)
-            h_n.append(h)
-            c_n.append(c)
-        return layer_input, (torch.stack(h_n), torch.stack(c_n))
+    def __init__(self, model: LSTM) -> None:
+        super().__init__(model, nn.ModuleList([HoistedLayer(cell) for cell in model.cells]))
 
 
-class KernelLSTM(_LayerNormDeployed):
+class KernelLSTM(_Route):
     """layer_norm=True with each layer's time loop in the fused kernel."""
 
     route = (
@@ -131,40 +161,17 @@ class KernelLSTM(_LayerNormDeployed):
         "(lstm_export::layer_norm_lstm_layer; needs lstm_export_kernels.so)"
     )
 
-    def forward(
-        self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None
-    ) -> Tuple[Tensor, State]:
-        h0, c0 = self._checked_state(x, state)
-        gammas, betas = self._gate_norms()
-        layer_input = x
-        h_n: List[Tensor] = []
-        c_n: List[Tensor] = []
-        for k, cell in enumerate(self.cells):
-            norm_c = cell.layer_norm_c
-            x_proj = F.linear(layer_input, cell.input_lin.weight, cell.hidden_lin.bias)
-            layer_input, h, c = torch.ops.lstm_export.layer_norm_lstm_layer(
-                x_proj,
-                h0[k],
-                c0[k],
-                cell.hidden_lin.weight,
-                gammas[k].reshape(-1),
-                betas[k].reshape(-1),
-                norm_c.weight,
-                norm_c.bias,
-                norm_c.eps,
-            )
-            h_n.append(h)
-            c_n.append(c)
-        return layer_input, (torch.stack(h_n), torch.stack(c_n))
+    def __init__(self, model: LSTM) -> None:
+        super().__init__(model, nn.ModuleList([KernelLayer(cell) for cell in model.cells]))
 
 
-def _route_class(layer_norm: bool, fused_kernel: bool = False) -> type[_Deployed]:
+def _route_class(layer_norm: bool, fused_kernel: bool = False) -> type[_Route]:
     if fused_kernel and layer_norm:
         return KernelLSTM
-    return HoistedLSTM if layer_norm else FusedLSTM
+    return HoistedLSTM if layer_norm else AtenLSTM
 
 
-def deployable(model: LSTM, fused_kernel: bool = False) -> _Deployed:
+def deployable(model: LSTM, fused_kernel: bool = False) -> _Route:
     """The fastest module computing `model`'s equations on its own parameters.
 
     `fused_kernel` picks the custom-op route for LayerNorm models (the op must be

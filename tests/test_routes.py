@@ -5,12 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import nn_lstm_with_weights_of, small_model
-from lstm_export.exporters.routes import FusedLSTM, HoistedLSTM, deployable
+from helpers import nn_lstm_with_weights_of, small_model
+from lstm_export.exporters.routes import (
+    AtenLSTM,
+    HoistedLayer,
+    HoistedLSTM,
+    KernelLSTM,
+    deployable,
+)
 from lstm_export.exporters.torchscript import forward_signature, script
+from lstm_export.model import LSTM, LayerStack
 
 
-@pytest.mark.parametrize("ln,route", [(False, FusedLSTM), (True, HoistedLSTM)])
+@pytest.mark.parametrize("ln,route", [(False, AtenLSTM), (True, HoistedLSTM)])
 def test_route_keeps_state_dict_attributes_and_signature(ln, route):
     model = small_model(ln, 2)
     deployed = deployable(model)
@@ -37,7 +44,7 @@ def test_scripted_route_matches_the_eager_reference(ln, seq, batch):
             torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
 
 
-def test_fused_route_matches_nn_lstm():
+def test_aten_route_matches_nn_lstm():
     model = small_model(False, 2)
     reference = nn_lstm_with_weights_of(model)
     with torch.no_grad():
@@ -55,3 +62,10 @@ def test_route_refuses_bad_input_like_the_reference(ln):
         deployed(torch.randn(4, 2, 6))
     with pytest.raises(torch.jit.Error, match=r"h0 must have shape"):
         deployed(torch.randn(4, 2, 5), (torch.zeros(2, 1, 8), torch.zeros(2, 1, 8)))
+
+
+def test_the_layer_norm_routes_run_the_models_one_loop_over_layers():
+    """Cell -> layer -> stack, once: the routes differ from the model only in their layers."""
+    assert HoistedLSTM.forward is KernelLSTM.forward is LSTM.forward is LayerStack.forward
+    deployed = deployable(small_model(True, 2))
+    assert [type(layer) for layer in deployed.cells] == [HoistedLayer, HoistedLayer]
