@@ -1,0 +1,232 @@
+"""The model work behind the endpoints: one shared `OnnxLSTM`, a thread pool, the streams.
+
+No HTTP here: bodies come in as bytes, answers go out as bytes or dicts, and a request the
+server refuses raises `HTTPError` with its status and one sentence (`UsageError` from the
+runtime means bad input, a 400). onnxruntime, JSON parsing and JSON encoding run on the
+thread pool, off the event loop, so that concurrent requests overlap. Each request's
+steps x batch is capped (`max_elements`), so that one request's work and answer stay
+bounded however its shape splits between the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE
+from lstm_export.errors import UsageError
+from lstm_export.files import read_manifest, sha256
+from lstm_export.runtime.onnx import OnnxLSTM, Stream
+from lstm_export.serving.http.codec import decode_object, encode, to_array
+from lstm_export.serving.http.limits import TRIM_AFTER, HTTPError, Load, ServerLimits, trim_memory
+from lstm_export.serving.http.notices import Notices, log
+from lstm_export.serving.http.streams import StreamEntry, StreamStore
+
+
+def describe_model(runtime: OnnxLSTM, limits: ServerLimits) -> dict[str, Any]:
+    """What GET /v1/model answers: config, signature, artifacts' sha256, limits.
+
+    With a manifest.json beside model.onnx, its artifacts and signature are reported, and
+    the served file must match it (config and sha256): a tampered export does not start.
+    """
+    path = runtime.path
+    digest = sha256(path)
+    manifest_path = path.parent / MANIFEST_FILE
+    # Bounded: a regular file under the size limit, JSON of limited depth; None when absent.
+    manifest = read_manifest(path.parent) if path.name == ONNX_FILE else None
+    if manifest is not None:
+        try:
+            recorded = manifest["artifacts"][path.name]["sha256"]
+        except (KeyError, TypeError):
+            raise UsageError(f"{manifest_path} is not a readable lstm-export manifest") from None
+        if recorded != digest:
+            raise UsageError(
+                f"{path} does not match {manifest_path} (sha256 {digest[:12]}... but the "
+                f"manifest says {str(recorded)[:12]}...); re-export it or remove the manifest"
+            )
+        if manifest.get("config") != runtime.config.to_dict():
+            raise UsageError(f"{path}'s config does not match {manifest_path}")
+    info: dict[str, Any] = {
+        "name": (manifest or {}).get("name") or (path.parent.name or path.stem),
+        "config": runtime.config.to_dict(),
+        "signature": (manifest or {}).get("signature") or runtime.signature(),
+        "served": path.name,
+        "artifacts": {path.name: {"sha256": digest, "bytes": path.stat().st_size}},
+        "limits": limits.to_dict(),
+        "providers": runtime.providers,
+    }
+    if manifest is not None:
+        info["artifacts"] = {
+            name: {"sha256": entry.get("sha256"), "bytes": entry.get("bytes")}
+            for name, entry in manifest["artifacts"].items()
+            if isinstance(entry, dict)
+        }
+    return info
+
+
+class Service:
+    """The endpoints' logic, over one shared runtime, a thread pool and the stream store."""
+
+    def __init__(self, runtime: OnnxLSTM, limits: ServerLimits, workers: int) -> None:
+        self.runtime = runtime
+        self.limits = limits
+        self.info = describe_model(runtime, limits)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="lstm-serve")
+        self.store = StreamStore(limits.max_streams, limits.stream_ttl)
+        self.load = Load(limits.max_bytes_in_flight)
+        self.notice = Notices()
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def sweep_forever(self) -> None:
+        interval = min(max(self.limits.stream_ttl / 4, 0.05), 30.0)
+        while True:
+            await asyncio.sleep(interval)
+            closed = self.store.sweep()
+            if closed:
+                log.info("closed %d idle stream(s)", closed)
+
+    async def trim_forever(self, interval: float = 0.5) -> None:
+        """Once a burst of large requests is over (nothing in flight), return its memory."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.load.peak >= TRIM_AFTER and self.load.bytes == 0:
+                self.load.peak = 0
+                await self.call(trim_memory)
+
+    # ---- checks on a request's arrays
+
+    def checked_x(self, value: object) -> np.ndarray:
+        """x as an array, its size checked first on the lists' lengths: an x over the limits
+        is refused before numpy converts it (the costly part of reading a request)."""
+        rows = value[0] if isinstance(value, list) and value else None
+        if isinstance(rows, list) and rows and isinstance(rows[0], list):  # [seq][batch][...]
+            self.check_size(len(value), len(rows))
+        x = to_array("x", value)
+        if x.ndim == 3:
+            self.check_size(*x.shape[:2])
+        return x
+
+    def check_size(self, seq: int, batch: int) -> None:
+        """413 for too many steps, too large a batch or too many steps x batch in one x."""
+        if seq > self.limits.max_seq_len:
+            raise HTTPError(
+                413,
+                f"x has {seq} time steps; this server takes at most "
+                f"{self.limits.max_seq_len} per request",
+            )
+        self.check_batch("x", batch)
+        if seq * batch > self.limits.max_elements:
+            raise HTTPError(
+                413,
+                f"x has {seq} steps x batch {batch} = {seq * batch} elements; this server "
+                f"takes at most {self.limits.max_elements} per request: send fewer steps or "
+                "a smaller batch",
+            )
+
+    def check_batch(self, name: str, batch: int) -> None:
+        if batch > self.limits.max_batch:
+            raise HTTPError(
+                413,
+                f"{name} has batch {batch}; this server takes at most {self.limits.max_batch}",
+            )
+
+    def checked_state(self, data: dict) -> tuple[np.ndarray, np.ndarray] | None:
+        if ("h0" in data) != ("c0" in data):
+            raise HTTPError(400, "h0 and c0 go together: send both or neither")
+        if "h0" not in data:
+            return None
+        h0, c0 = to_array("h0", data["h0"]), to_array("c0", data["c0"])
+        if h0.ndim == 3:
+            self.check_batch("h0", h0.shape[1])
+        return h0, c0
+
+    # ---- work done on the thread pool
+
+    def predict_work(self, body: bytes) -> bytes:
+        data = decode_object(body, ("x", "h0", "c0"), required=("x",))
+        x = self.checked_x(data["x"])
+        state = self.checked_state(data)
+        y, (h, c) = self.runtime.run(x, state)
+        return encode({"y": y, "hn": h, "cn": c})
+
+    def new_stream_work(self, body: bytes) -> Stream:
+        data = decode_object(body, ("batch", "h0", "c0"))
+        state = self.checked_state(data)
+        batch = data.get("batch")
+        if batch is not None:
+            # Not config.positive_int: a client is told the value it sent, as JSON (true, not
+            # True), with a 400 of its own.
+            if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+                raise HTTPError(400, f"batch must be an integer >= 1, got {json.dumps(batch)}")
+            self.check_batch("the stream", batch)
+            if state is None:
+                cfg = self.runtime.config
+                zeros = np.zeros((cfg.num_layers, batch, cfg.hidden_size), np.float32)
+                state = (zeros, zeros)
+        if state is not None:
+            state = self.runtime.check_state(state, batch)
+        return self.runtime.stream(state)
+
+    def step_work(self, entry: StreamEntry, body: bytes) -> dict[str, Any]:
+        data = decode_object(body, ("x",), required=("x",))
+        x = self.checked_x(data["x"])
+        y = entry.stream.step(x)
+        h, c = entry.stream.state
+        return {"y": y, "hn": h, "cn": c, "steps": entry.stream.steps}
+
+    # ---- what the endpoints ask for
+
+    def health(self) -> dict[str, Any]:
+        load = self.load
+        answer = {"status": "ok", "streams": len(self.store), "connections": load.connections}
+        return answer | {"bytes_in_flight": load.bytes}
+
+    async def predict(self, body: bytes) -> bytes:
+        return await self.call(self.predict_work, body)
+
+    async def open_stream(self, body: bytes) -> dict[str, Any]:
+        """A new stream; its id, URL (`url`: the Location of the answer), batch and TTL."""
+        stream = await self.call(self.new_stream_work, body)
+        entry = self.store.create(stream)
+        return {
+            "id": entry.id,
+            "url": f"/v1/streams/{entry.id}",
+            "batch": stream.batch,
+            "ttl_seconds": self.limits.stream_ttl,
+        }
+
+    async def step(self, stream_id: str, body: bytes) -> bytes:
+        """Run a chunk on a stream, after the chunks that arrived before it (FIFO)."""
+        entry = self.store.get(stream_id)
+        entry.busy += 1
+        try:
+            async with entry.lock:  # FIFO: chunks run in the order they arrived
+                if entry.closed:
+                    raise HTTPError(404, f"stream {entry.id!r} was deleted")
+                result = await self.call(self.step_work, entry, body)
+        finally:
+            entry.busy -= 1
+            entry.last_used = self.store.clock()
+        return await self.call(encode, result)
+
+    def describe_stream(self, stream_id: str) -> dict[str, Any]:
+        """The stream's batch, steps and idle time."""
+        entry = self.store.get(stream_id)
+        return {
+            "id": entry.id,
+            "batch": entry.stream.batch,
+            "steps": entry.stream.steps,
+            "idle_seconds": round(self.store.clock() - entry.last_used, 3),
+            "ttl_seconds": self.limits.stream_ttl,
+        }
+
+    def close_stream(self, stream_id: str) -> dict[str, Any]:
+        entry = self.store.delete(stream_id)
+        return {"deleted": entry.id, "steps": entry.stream.steps}
