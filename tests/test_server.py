@@ -28,11 +28,12 @@ import onnx
 import pytest
 import torch
 
-from conftest import small_model
+from helpers import small_model
+from lstm_export.benchmarks.load import all_failed, first_error_reason, load_test
 from lstm_export.errors import UsageError
 from lstm_export.pipeline import export
 from lstm_export.runtime.onnx import OnnxLSTM
-from lstm_export.serving.http.server import ServerLimits, cpu_count, create_app, load_test, serve
+from lstm_export.serving.http import ServerLimits, cpu_count, create_app, serve
 
 LOOPBACK = "127.0.0.1"
 TIMEOUT = 30  # seconds, per request
@@ -222,6 +223,7 @@ def assert_fresh_client_predicts(server, exported: Exported) -> None:
 # --------------------------------------------------------------------------- parity
 
 
+@pytest.mark.slow
 def test_health_and_model_describe_the_export(client, exported):
     health = client.call("GET", "/healthz")
     assert health.status == 200 and health.data["status"] == "ok"
@@ -237,6 +239,7 @@ def test_health_and_model_describe_the_export(client, exported):
     assert info.data["limits"] == LIMITS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seq,batch", [(1, 1), (7, 3), (64, 3), (50, 4), (20, 1)])
 def test_predict_matches_runtime_and_eager(client, exported, seq, batch):
     rng = np.random.default_rng(seq * 10 + batch)
@@ -249,6 +252,7 @@ def test_predict_matches_runtime_and_eager(client, exported, seq, batch):
         assert_close(got, eager(exported.model, x, s))
 
 
+@pytest.mark.slow
 def test_a_keep_alive_connection_survives_a_pause_longer_than_uvicorns_default(client):
     # A client that thinks for a while between two requests on one connection (uvicorn's
     # default keep-alive is 5 s): its next request must not die mid-send.
@@ -258,12 +262,14 @@ def test_a_keep_alive_connection_survives_a_pause_longer_than_uvicorns_default(c
     assert client.predict(x).status == 200
 
 
+@pytest.mark.slow
 def test_json_integers_are_numbers(client, exported):
     x = np.arange(30, dtype=np.float32).reshape(3, 2, 5) % 4 - 2
     reply = client.call("POST", "/v1/predict", {"x": x.astype(int).tolist()})
     assert_close(arrays(reply, "y"), [exported.runtime.run(x)[0]], atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", ["empty", "batch", "state"])
 def test_stream_chunks_equal_one_whole_run(client, exported, start):
     rng = np.random.default_rng(7)
@@ -415,6 +421,7 @@ def live_stream(server):
 BAD_IDS = [b[0] for b in BAD]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,path,raw,status,message", [b[1:] for b in BAD], ids=BAD_IDS)
 def test_bad_input_gets_its_status_and_reason(
     server, exported, live_stream, method, path, raw, status, message
@@ -435,6 +442,7 @@ def test_bad_table_covers_at_least_ten_kinds():
     assert len(CONTENT_TYPES_REFUSED) >= 5
 
 
+@pytest.mark.slow
 def test_bad_chunks_leave_their_stream_and_others_intact(server, exported):
     rng = np.random.default_rng(11)
     xa, xb = (rng.standard_normal((9, 2, 5), dtype=np.float32) for _ in range(2))
@@ -474,6 +482,7 @@ CONTENT_TYPES_REFUSED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content_type", CONTENT_TYPES_REFUSED, ids=str)
 def test_a_body_must_be_sent_as_application_json(server, exported, live_stream, content_type):
     # A web page can POST text/plain or a form to 127.0.0.1 without a CORS preflight, but not
@@ -498,6 +507,7 @@ def test_a_body_must_be_sent_as_application_json(server, exported, live_stream, 
     assert_fresh_client_predicts(server, exported)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://127.0.0.1:8000"])
 def test_requests_from_web_pages_change_nothing(server, exported, live_stream, origin):
     # Even an empty POST (no Content-Type needed) from a page must not open or step streams.
@@ -526,6 +536,7 @@ def test_requests_from_web_pages_change_nothing(server, exported, live_stream, o
     assert_fresh_client_predicts(server, exported)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "content_type", ["application/json", "application/json; charset=UTF-8", "Application/JSON;"]
 )
@@ -540,6 +551,7 @@ def test_application_json_with_or_without_charset_is_accepted(client, exported, 
     assert client.call("DELETE", created.data["url"]).status == 200
 
 
+@pytest.mark.slow
 def test_max_elements_bounds_each_predict_and_each_chunk(server, exported):
     # seq x batch bounds the work and the answer of one request, not just each dimension.
     client = server.client()
@@ -561,6 +573,7 @@ def test_max_elements_bounds_each_predict_and_each_chunk(server, exported):
         client.close()
 
 
+@pytest.mark.slow
 def test_bad_input_leaves_no_traceback_or_error_in_the_log(server):
     # Runs after the bad-input tests above: every refusal was an answer, never a crash.
     log = server.log()
@@ -586,6 +599,7 @@ def raw_exchange(port: int, head: bytes, body_parts: list[bytes]) -> tuple[int, 
     return status, json.loads(received.split(b"\r\n\r\n", 1)[1])
 
 
+@pytest.mark.slow
 def test_body_limit_is_enforced_before_the_body_is_read(server, exported):
     # Content-Length over the limit: refused at once, although no byte of the body was sent.
     head = (
@@ -666,6 +680,7 @@ MALFORMED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("raw,status", [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
 def test_malformed_http_is_answered_with_json(server, exported, raw, status):
     with socket.create_connection((LOOPBACK, server.port), timeout=TIMEOUT) as sock:
@@ -706,6 +721,7 @@ def read_answer(sock: socket.socket, wait: float = TIMEOUT) -> tuple[int, dict, 
 # --------------------------------------------------------------------------- concurrency
 
 
+@pytest.mark.slow
 def test_many_clients_at_once_each_get_their_own_correct_answer(server, exported):
     clients, per_client = 16, 25
     gate = threading.Barrier(clients)
@@ -763,6 +779,7 @@ def test_many_clients_at_once_each_get_their_own_correct_answer(server, exported
         assert_close((got_h, got_c), (h, c), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_concurrent_chunks_to_one_stream_run_one_at_a_time(server, exported):
     rng = np.random.default_rng(5)
     chunks = [rng.standard_normal((k % 5 + 1, 1, 5), dtype=np.float32) for k in range(24)]
@@ -795,6 +812,7 @@ def test_concurrent_chunks_to_one_stream_run_one_at_a_time(server, exported):
         assert_close(arrays(reply, "y", "hn", "cn"), (y, *state), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_load_test_reports_rates_and_latencies(server):
     before = server.client().call("GET", "/healthz").data["streams"]
     report = load_test(
@@ -811,6 +829,7 @@ def test_load_test_reports_rates_and_latencies(server):
         load_test(server.url, clients=1, requests=1, seq=1, batch=1, stream_fraction=2.0)
 
 
+@pytest.mark.slow
 def test_load_test_says_why_requests_failed(server):
     # Batch 5 is over this server's limit of 4: every stream and predict is refused.
     report = load_test(
@@ -822,6 +841,7 @@ def test_load_test_says_why_requests_failed(server):
     assert first["status"] == 413 and "at most 4" in first["error"], first
 
 
+@pytest.mark.slow
 def test_serve_bench_cli_fails_when_every_request_fails(exported):
     command = [sys.executable, "-m", "lstm_export.cli", "serve-bench", str(exported.folder)]
     command += ["--clients", "1", "--requests", "2", "--seq", "1", "--batch", "65", "--json"]
@@ -832,6 +852,16 @@ def test_serve_bench_cli_fails_when_every_request_fails(exported):
     assert report["first_error"]["status"] == 413
     assert "every request failed" in done.stderr and "413" in done.stderr, done.stderr
     assert "at most 64" in done.stderr, done.stderr
+
+
+def test_serve_bench_fails_when_every_request_failed_and_says_why():
+    fine = {"requests": 4, "errors": 0, "first_error": None}
+    some = {"requests": 4, "errors": 1, "first_error": {"status": 413, "error": "at most 4"}}
+    every = {**some, "errors": 4}
+    nothing = {"requests": 0, "errors": 0, "first_error": None}
+    assert [all_failed(r) for r in (fine, some, every, nothing)] == [False, False, True, False]
+    assert first_error_reason(fine) == ""
+    assert first_error_reason(every) == "the first answered 413: at most 4"
 
 
 def test_serve_bench_stream_fraction_help_matches_what_it_does():
@@ -845,6 +875,7 @@ def test_serve_bench_stream_fraction_help_matches_what_it_does():
     assert "request" in option.help and "clients that stream" not in option.help, option.help
 
 
+@pytest.mark.slow
 def test_serve_bench_cli_starts_loads_and_stops_a_server(exported, tmp_path):
     command = [sys.executable, "-m", "lstm_export.cli", "serve-bench", str(exported.folder)]
     command += ["--clients", "2", "--requests", "4", "--seq", "3", "--batch", "1", "--json"]
@@ -869,6 +900,7 @@ def test_serve_bench_reports_a_server_that_cannot_start(tmp_path):
 # --------------------------------------------------------------------------- streams' lifetime
 
 
+@pytest.mark.slow
 def test_idle_streams_expire_and_open_streams_are_capped(exported, tmp_path):
     server = Server(exported.folder, tmp_path / "ttl.log", max_streams=2, stream_ttl=0.6)
     client = server.client()
@@ -927,6 +959,7 @@ def assert_quiet_log(server: Server) -> None:
     assert len(log) < 20_000, f"the log grew to {len(log)} characters"
 
 
+@pytest.mark.slow
 def test_slow_heads_and_bodies_get_a_json_408_after_their_timeout(exported, tmp_path):
     server = Server(exported.folder, tmp_path / "slow.log", header_timeout=1.0, body_timeout=1.0)
 
@@ -976,6 +1009,7 @@ def test_slow_heads_and_bodies_get_a_json_408_after_their_timeout(exported, tmp_
     assert_quiet_log(server)
 
 
+@pytest.mark.slow
 def test_connection_cap_answers_extra_connections_fast_and_healthz_stays_up(exported, tmp_path):
     # Under a 256-file limit, as in the report: 8 slow connections fill the cap, then 300 more
     # arrive. The cap's 16 spare connections are read and answered (503, or /healthz); the
@@ -1062,6 +1096,7 @@ def never_reading(port: int, body: bytes) -> tuple[socket.socket, int, bytes, by
     return sock, status, head, rest
 
 
+@pytest.mark.slow
 def test_never_reading_clients_are_bounded_and_memory_returns(exported, tmp_path):
     # Answers of 11.7 MiB to bodies of 3.3 MiB: three answers fit 48 MiB in flight, then the
     # fourth would pass it (35 held + 3.3 + 11.7) and is answered 503 instead.
@@ -1110,6 +1145,7 @@ def test_never_reading_clients_are_bounded_and_memory_returns(exported, tmp_path
     assert_quiet_log(server)
 
 
+@pytest.mark.slow
 def test_an_answer_nobody_reads_is_dropped_after_the_write_timeout(exported, tmp_path):
     server = Server(exported.folder, tmp_path / "write-timeout.log", write_timeout=1.0, **BIG)
     try:
@@ -1138,6 +1174,7 @@ def test_an_answer_nobody_reads_is_dropped_after_the_write_timeout(exported, tmp
 # --------------------------------------------------------------------------- shutdown
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_shuts_down_cleanly_on_signal(exported, tmp_path, sig):
     server = Server(exported.folder, tmp_path / "signal.log")
@@ -1158,6 +1195,7 @@ def test_shuts_down_cleanly_on_signal(exported, tmp_path, sig):
         sock.bind((LOOPBACK, server.port))
 
 
+@pytest.mark.slow
 def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(exported, tmp_path):
     server = Server(exported.folder, tmp_path / "in-flight.log")
     x = np.random.default_rng(9).standard_normal((3, 2, 5), dtype=np.float32)
@@ -1194,6 +1232,7 @@ def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(exported, tmp_path
     assert "Traceback" not in server.log(), server.log()
 
 
+@pytest.mark.slow
 def test_sigterm_with_slow_clients_exits_within_2_s_without_a_traceback(exported, tmp_path):
     server = Server(exported.folder, tmp_path / "slow-stop.log")
     slow_head = connect(server.port)
@@ -1270,6 +1309,7 @@ def serve_cli(folder: Path, *options: str, files: int | None = None) -> subproce
     )
 
 
+@pytest.mark.slow
 def test_threads_workers_and_connections_beyond_the_machine_are_refused(exported):
     cpus = cpu_count()
     cases = [
