@@ -26,7 +26,14 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
-from lstm_export.config import DEFAULT_LIMITS, LSTMConfig, SizeLimits, check_size, printable
+from lstm_export.config import (
+    DEFAULT_LIMITS,
+    ExportConfig,
+    LSTMConfig,
+    SizeLimits,
+    check_size,
+    printable,
+)
 from lstm_export.errors import UsageError
 from lstm_export.files import file_kind
 from lstm_export.model import LSTM
@@ -547,3 +554,24 @@ def build_model(config: LSTMConfig, seed: int = 0, limits: SizeLimits = DEFAULT_
                 elif ".layer_norm" in name:
                     param.uniform_(-0.5, 0.5)
     return model.eval()
+
+
+def model_for(
+    config: ExportConfig,
+    overrides: Mapping[str, object] | None = None,
+    limits: SizeLimits = DEFAULT_LIMITS,
+) -> tuple[LSTM, str]:
+    """An export config's model, and where its weights came from (for the summary line).
+
+    From `config.checkpoint` (its sizes read off it, then [model] and `overrides` over
+    them) or random from seed 0 ([model] and `overrides` over the defaults). Either way
+    the size is checked against `limits` before a model is built; `config.check_source`
+    does that without torch, so a caller can refuse an oversized config before importing us.
+    """
+    config.check_source(overrides, limits)
+    if config.checkpoint is None:
+        return build_model(config.lstm_config(overrides), limits=limits), "random weights (seed 0)"
+    source = f"checkpoint {config.checkpoint}"
+    state, inferred = read_checkpoint(config.checkpoint, limits)
+    model = model_from_state_dict(state, config.lstm_config(overrides, inferred), source, limits)
+    return model, source

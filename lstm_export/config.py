@@ -10,12 +10,14 @@ import json
 import math
 import numbers
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lstm_export.artifacts import check_model_name
 from lstm_export.errors import UsageError
-from lstm_export.files import parse_json, read_text
+from lstm_export.files import check_destination, check_regular_file, parse_json, read_text
 
 # Stated limits on a model's size, checked from its config before any model is built (so
 # before any memory is spent on one); `lstm-export export --max-parameters/--max-layers/
@@ -194,7 +196,13 @@ def printable(text: str, limit: int | None = None) -> str:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """What `lstm-export export --config FILE.toml` reads; CLI flags override it."""
+    """What `lstm-export export --config FILE.toml` reads; CLI flags override it.
+
+    The layers merge here, not in the CLI: `with_flags` puts what was given on the command
+    line over the file, `resolve` settles the destination and the name and refuses what
+    would fail later, `check_source` refuses a bad model source before torch is imported,
+    and `lstm_export.checkpoints.model_for` builds the model.
+    """
 
     model: LSTMConfig | None = None
     name: str | None = None
@@ -203,6 +211,81 @@ class ExportConfig:
     fused_kernel: bool = False
     atol: float | None = None
     factor: float | None = None
+
+    def with_flags(
+        self,
+        *,
+        name: str | None = None,
+        checkpoint: Path | None = None,
+        out: Path | None = None,
+        fused_kernel: bool | None = None,
+        atol: float | None = None,
+        factor: float | None = None,
+    ) -> ExportConfig:
+        """This config with each given flag over its value; None means "not given"."""
+        flags = {
+            "name": name,
+            "checkpoint": checkpoint,
+            "out": out,
+            "fused_kernel": fused_kernel,
+            "atol": atol,
+            "factor": factor,
+        }
+        return replace(self, **{key: value for key, value in flags.items() if value is not None})
+
+    def tolerance(self) -> dict[str, float]:
+        """The parity keywords `export()` takes, for the values that were given."""
+        given = (("atol", self.atol), ("factor", self.factor))
+        return {key: value for key, value in given if value is not None}
+
+    def lstm_config(
+        self, overrides: Mapping[str, Any] | None = None, base: LSTMConfig | None = None
+    ) -> LSTMConfig:
+        """[model] (else `base`: a checkpoint's sizes, else the defaults) with `overrides`
+        (the size flags) over it."""
+        start = self.model or base or LSTMConfig()
+        return LSTMConfig(**{**start.to_dict(), **(overrides or {})})
+
+    def resolve(self, force: bool = False) -> ExportConfig:
+        """This config with `out` and `name` settled, refused now if the export would fail
+        later for them: before any slow work, a mistake costs nothing.
+
+        `out` defaults to models/<name>, `name` to the destination folder's name (as
+        `lstm_export.pipeline.export` names it); the name rule, a checkpoint inside the
+        folder `force` would replace, the destination itself and the tolerance are checked.
+        """
+        if self.name is not None:
+            check_model_name(self.name, "--name")
+        destination = self.out or Path("models") / (self.name or "default")
+        if self.checkpoint is not None and (
+            destination.resolve() in self.checkpoint.resolve().parents
+        ):
+            raise UsageError(
+                f"the checkpoint {self.checkpoint} is inside --out {destination}, which the "
+                "export would replace; export to another folder"
+            )
+        check_destination(destination, force)
+        name = self.name
+        if name is None:
+            name = check_model_name(
+                destination.resolve().name,
+                f"the model name (from --out {destination}; or pass --name)",
+            )
+        for key, value in self.tolerance().items():
+            finite_number(key, value)  # as lstm_export.verification.parity.Tolerance does
+        return replace(self, name=name, out=destination)
+
+    def check_source(
+        self,
+        overrides: Mapping[str, Any] | None = None,
+        limits: SizeLimits = DEFAULT_LIMITS,
+    ) -> None:
+        """Refuse the model's source before torch is imported: a checkpoint that is not a
+        regular file (a FIFO, a folder), or random weights of a config beyond `limits`."""
+        if self.checkpoint is not None:
+            check_regular_file(self.checkpoint, "checkpoint", allow_empty=True)
+        else:
+            check_size(self.lstm_config(overrides), limits)
 
 
 def read_export_config(path: Path) -> ExportConfig:
