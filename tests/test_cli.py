@@ -27,9 +27,8 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from conftest import SizesWithoutLayerNorm
-from lstm_export import LSTM
+from lstm_export import LSTM, cli
 from lstm_export.checkpoints import build_model
-from lstm_export.cli import commands as cli
 from lstm_export.config import LSTMConfig
 
 # Small and quick: one layer, and no LayerNorm unless a test asks for it.
@@ -117,7 +116,7 @@ def small_export(tmp_path_factory) -> Path:
 def test_help_does_not_import_torch(tmp_path):
     code = (
         "import sys\n"
-        "from lstm_export.cli import commands as cli\n"
+        "from lstm_export import cli\n"
         "for args in (['--help'], ['export', '--help'], ['verify', '--help']):\n"
         "    try:\n"
         "        cli.app(args)\n"
@@ -993,8 +992,14 @@ def test_export_shows_its_steps_on_a_terminal_and_nothing_when_piped(
 
     from rich.console import Console
 
+    from lstm_export.cli import base, export
+
+    def stderr_to(console: Console) -> None:  # the spinner is base's, the notes export's
+        for module in (base, export):
+            monkeypatch.setattr(module, "err", console)
+
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "err", Console(file=screen, force_terminal=True, width=120))
+    stderr_to(Console(file=screen, force_terminal=True, width=120))
     code, _, _ = call_main("export", "--out", tmp_path / "shown", "--hidden-size", "8")
     assert code == 0
     shown = screen.getvalue()
@@ -1003,7 +1008,7 @@ def test_export_shows_its_steps_on_a_terminal_and_nothing_when_piped(
         assert step in shown, shown[-500:]
 
     piped = io.StringIO()
-    monkeypatch.setattr(cli, "err", Console(file=piped, force_terminal=False))
+    stderr_to(Console(file=piped, force_terminal=False))
     code, _, _ = call_main("export", "--out", tmp_path / "piped", "--hidden-size", "8")
     assert code == 0
     assert piped.getvalue() == ""  # CI logs stay free of spinner frames
@@ -1103,7 +1108,7 @@ def test_two_exports_to_one_folder_at_once_one_wins_the_other_refuses(tmp_path):
 
 _FULL_DISK = """
 import resource, sys
-from lstm_export.cli import commands as cli
+from lstm_export import cli
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # every file at most `limit` bytes
 sys.argv = ["lstm-export", *sys.argv[2:]]

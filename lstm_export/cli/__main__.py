@@ -1,5 +1,5 @@
 """`python -m lstm_export.cli`: the same as the `lstm-export` command."""
 
-from lstm_export.cli.commands import main
+from lstm_export.cli.entry import main
 
 main()

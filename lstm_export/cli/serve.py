@@ -1,0 +1,143 @@
+"""`lstm-export serve` and `serve-bench`: the HTTP server, and a load test against it.
+
+Whether a load test passed is the library's call (`lstm_export.benchmarks.load`); this
+module only maps the options and renders the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from lstm_export.cli.base import app, err, out, print_json, status
+from lstm_export.cli.render import load_table
+
+
+@app.command()
+def serve(
+    folder: Annotated[Path, typer.Argument(help="An export folder or a .onnx file.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body.")] = 8 << 20,
+    max_seq_len: Annotated[int, typer.Option(min=1, help="Most steps per request.")] = 4096,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most sequences per request.")] = 64,
+    max_elements: Annotated[
+        int, typer.Option(min=1, help="Most steps x sequences per predict or chunk.")
+    ] = 8192,
+    max_streams: Annotated[int, typer.Option(min=1, help="Most open streams.")] = 256,
+    stream_ttl: Annotated[float, typer.Option(help="Seconds an idle stream lives.")] = 300.0,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds for a request's line and headers to arrive.")
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds for a request's body to arrive after its headers.")
+    ] = 30.0,
+    write_timeout: Annotated[
+        float, typer.Option(help="Seconds for an answer backed up in the server to drain.")
+    ] = 30.0,
+    max_connections: Annotated[
+        int, typer.Option(min=1, help="Connections open at once (then 503).")
+    ] = 256,
+    max_bytes_in_flight: Annotated[
+        int, typer.Option(min=1, help="Request bodies plus unsent answers held (then 503).")
+    ] = 256 << 20,
+    shutdown_timeout: Annotated[
+        float, typer.Option(help="Seconds requests in flight get after SIGINT/SIGTERM.")
+    ] = 1.0,
+    threads: Annotated[
+        int, typer.Option(min=1, help="onnxruntime threads per request; at most CPU count.")
+    ] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Requests computed at once; default CPU count, at most 4x."),
+    ] = None,
+    optimization: Annotated[
+        str, typer.Option(help="Graph optimization: disable, basic, extended, all.")
+    ] = "all",
+    log_level: Annotated[str, typer.Option(help="critical ... debug, trace.")] = "info",
+    access_log: Annotated[
+        bool, typer.Option("--access-log/--no-access-log", help="Log every request.")
+    ] = True,
+) -> None:
+    """Serve an export over HTTP, JSON in and out (needs the serve extra); Ctrl+C stops it."""
+    from lstm_export.serving.http import ServerLimits
+    from lstm_export.serving.http import serve as run_serve
+
+    limits = ServerLimits(
+        max_body_bytes=max_body_bytes,
+        max_seq_len=max_seq_len,
+        max_batch=max_batch,
+        max_elements=max_elements,
+        max_streams=max_streams,
+        stream_ttl=stream_ttl,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        write_timeout=write_timeout,
+        max_connections=max_connections,
+        max_bytes_in_flight=max_bytes_in_flight,
+        shutdown_timeout=shutdown_timeout,
+    )
+    run_serve(
+        folder,
+        host,
+        port,
+        limits,
+        threads=threads,
+        workers=workers,
+        optimization=optimization,
+        log_level=log_level,
+        access_log=access_log,
+    )
+
+
+@app.command("serve-bench")
+def serve_bench(
+    folder: Annotated[Path, typer.Argument(help="An export folder.")],
+    clients: Annotated[int, typer.Option(min=1, help="Concurrent clients.")] = 8,
+    requests: Annotated[int, typer.Option(min=1, help="Requests per client.")] = 50,
+    seq: Annotated[int, typer.Option(min=1, help="Steps per request.")] = 20,
+    batch: Annotated[int, typer.Option(min=1, help="Sequences per request.")] = 4,
+    stream_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Share of each client's requests that are stream steps."
+        ),
+    ] = 0.5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Start `serve` on a free loopback port, load it, report requests/s and p50/p99 latency.
+
+    Exit code 1 when every request failed: a run that measured nothing must not pass in CI.
+    """
+    from lstm_export.benchmarks.load import all_failed, first_error_reason, serve_and_load_test
+
+    with status("Serving and loading"):
+        report = serve_and_load_test(
+            folder,
+            clients=clients,
+            requests=requests,
+            seq=seq,
+            batch=batch,
+            stream_fraction=stream_fraction,
+        )
+    reason = first_error_reason(report)
+    failed = all_failed(report)
+    if as_json:
+        print_json(report)
+    else:
+        out.print(load_table(report, clients, requests, seq, batch))
+        if reason and not failed:
+            err.print(
+                f"{report['errors']} errors; {escape(reason)}", highlight=False, soft_wrap=True
+            )
+    if failed:
+        err.print(
+            f"[bold red]error[/]: every request failed ({report['errors']} of "
+            f"{report['requests']}); {escape(reason)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
