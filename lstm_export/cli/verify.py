@@ -74,7 +74,7 @@ def cpp_check(
 ) -> None:
     """Build the libtorch C++ example once, run model.pt in C++ and hold it to the parity rule."""
     with status("Building the C++ example and comparing"):
-        from lstm_export.runtime.cpp import cpp_check as run_cpp_check
+        from lstm_export.verification.cpp import cpp_check as run_cpp_check
 
         report = run_cpp_check(folder, build_dir=build_dir, **tolerance(atol, factor))
     if as_json:
