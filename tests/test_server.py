@@ -1298,6 +1298,24 @@ def test_setup_errors_are_usage_errors(exported, tmp_path):
             serve(exported.folder, LOOPBACK, taken.getsockname()[1])
 
 
+def test_serving_without_the_extra_says_which_extra_to_install():
+    # uvicorn as if not installed: the light names still import, serve and create_app say why not.
+    code = (
+        "import sys; sys.modules['uvicorn'] = None\n"
+        "from lstm_export.serving.http import ServerLimits, cpu_count\n"
+        "import lstm_export, lstm_export.serving.http as http\n"
+        "for get in (lambda: http.serve, lambda: http.create_app, lambda: lstm_export.serve):\n"
+        "    try:\n"
+        "        get()\n"
+        "    except lstm_export.UsageError as exc:\n"
+        "        print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and all("pip install 'lstm-export[serve]'" in line for line in lines)
+
+
 def serve_cli(folder: Path, *options: str, files: int | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "lstm_export.cli", "serve", str(folder), "--port", "0"]
     return subprocess.run(
