@@ -154,7 +154,8 @@ class RefuseWebPages:
                     f"requests from web pages (Origin: {origin[:100]}) are refused: this API "
                     "is for programs; send the request without an Origin header",
                 )
-                return await refusal(scope, receive, send)
+                await refusal(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
