@@ -68,8 +68,12 @@ class _LayerNormLayer(nn.Module):
     """One layer_norm=True layer: the cell's submodules, under the cell's names (so the
     state-dict keys stay `cells.{k}.input_lin.weight`, ...), run faster than step by step."""
 
+    # A constant in the scripted code: no interpreter op per step to read it.
+    __constants__ = ("hidden_size",)
+
     def __init__(self, cell: LSTMCell) -> None:
         super().__init__()
+        self.hidden_size = cell.hidden_lin.in_features
         self.input_lin = cell.input_lin
         self.hidden_lin = cell.hidden_lin
         self.layer_norm = cell.layer_norm
@@ -107,13 +111,13 @@ class HoistedLayer(_LayerNormLayer):
         """`LSTMCell.forward`'s equations from $W_x x_t + b$ (`xw_t`), the four gates'
         LayerNorms as one over a [batch, 4, H] view: `gamma`, `beta` are [4, H]."""
         h, c = state
-        batch, hidden = h.size(0), h.size(1)
+        hidden = self.hidden_size
         norm_c = self.layer_norm_c
         # $z = W_x x_t + W_h h_{t-1} + b$, one row per gate: $z_i, z_f, z_g, z_o$
-        z = torch.addmm(xw_t, h, w_h).view(batch, 4, hidden)
+        z = torch.addmm(xw_t, h, w_h).view(-1, 4, hidden)
         # $LN_i(z_i), LN_f(z_f), LN_g(z_g), LN_o(z_o)$: normalize each row, then its scale, shift
         gates = torch.addcmul(beta, F.layer_norm(z, [hidden], None, None, norm_c.eps), gamma)
-        # $i, f, g, o$ (a tensor's unbind has a known length: TorchScript unpacks it)
+        # $i, f, g, o$: the four rows
         i, f, g, o = gates.unbind(1)
         # $c_t = \sigma(f) \odot c_{t-1} + \sigma(i) \odot \tanh(g)$
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
