@@ -121,9 +121,9 @@ class LSTMCell(nn.Module):
         for k, norm in enumerate(self.layer_norm):
             # $LN_i(z_i), LN_f(z_f), LN_g(z_g), LN_o(z_o)$, in turn
             ifgo.append(norm(chunks[k]))
-        # Indexed, not `i, f, g, o = ifgo`: TorchScript cannot unpack a List[Tensor], whose
-        # length it does not know when compiling.
-        i, f, g, o = ifgo[0], ifgo[1], ifgo[2], ifgo[3]
+        # $i, f, g, o$: TorchScript unpacks a List[Tensor] too (its length checked when run),
+        # so no `ifgo[0], ifgo[1], ...` is needed.
+        i, f, g, o = ifgo
         # $c_t = \sigma(f) \odot c_{t-1} + \sigma(i) \odot \tanh(g)$
         c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         # $h_t = \sigma(o) \odot \tanh(LN_c(c_t))$
