@@ -1,10 +1,10 @@
 """verify: prove an export folder's artifacts compute the model, with the parity engine.
 
-The artifacts are loaded back from disk and run as backends of `lstm_export.verification.parity`:
-TorchScript (`model.pt`, and `model.fused.pt` when there is one), onnxruntime on
-`model.onnx` (streamed through `OnnxLSTM.stream`, as users stream), and onnxruntime on the
-batch-first variant Triton serves. The reference is the eager model, rebuilt from
-`model.pt`'s weights, in float64.
+The artifacts are loaded back from disk and run by the parity engine (`verification.parity`)
+as its backends (`verification.backends`): TorchScript (`model.pt`, and `model.fused.pt` when
+there is one), onnxruntime on `model.onnx` (streamed through `OnnxLSTM.stream`, as users
+stream), and onnxruntime on the batch-first variant Triton serves. The reference is the eager
+model, rebuilt from `model.pt`'s weights, in float64.
 
 The manifest is a claim, checked like one: its hashes against the files, its config against
 the artifacts' own (model.pt's config.json and attributes, model.onnx's metadata, the
@@ -20,11 +20,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lstm_export.artifacts import (
+    ATOL,
+    FACTOR,
     FUSED_TORCHSCRIPT_FILE,
+    KERNEL_LIBRARY,
     MANIFEST_FILE,
     ONNX_FILE,
     TORCHSCRIPT_FILE,
@@ -32,44 +34,22 @@ from lstm_export.artifacts import (
 )
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
-from lstm_export.exporters.kernel import KERNEL_LIBRARY
+from lstm_export.exporters.batch_first import batch_first_onnx
 from lstm_export.files import check_export_folder, read_manifest, sha256
 from lstm_export.runtime.onnx import OnnxLSTM, load_onnx
-from lstm_export.serving.triton import BATCH_FIRST_BACKEND, batch_first_backend, batch_first_onnx
-from lstm_export.verification.parity import (
-    ATOL,
-    FACTOR,
-    Backend,
-    Outputs,
-    ParityReport,
-    Reference,
-    State,
-    Tolerance,
-    check_parity,
+from lstm_export.verification.backends import (
+    BATCH_FIRST_BACKEND,
+    FUSED_BACKEND,
+    ONNX_BACKEND,
+    TORCHSCRIPT_BACKEND,
+    batch_first_backend,
+    onnx_backend,
     torch_backend,
 )
+from lstm_export.verification.parity import ParityReport, Reference, Tolerance, check_parity
 
-FUSED_BACKEND = "torchscript (fused kernel)"
 NAME_MAX = 255
 """The longest file name (in bytes) of common filesystems; a longer manifest entry is not ours."""
-
-
-def onnx_backend(name: str, runtime: OnnxLSTM) -> Backend:
-    """`model.onnx` under onnxruntime; streamed cases go through `OnnxLSTM.stream`."""
-
-    def run(x: np.ndarray, state: State | None) -> Outputs:
-        y, (h, c) = runtime.run(x, state)
-        return y, h, c
-
-    def run_chunks(x: np.ndarray, state: State | None, chunks: tuple[int, ...]) -> Outputs:
-        stream, ys, start = runtime.stream(state), [], 0
-        for length in chunks:
-            ys.append(stream.step(x[start : start + length]))
-            start += length
-        assert stream.state is not None
-        return np.concatenate(ys), *stream.state
-
-    return Backend(name, run, run_chunks)
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -110,8 +90,8 @@ def _check_artifacts(
         )
         return report, configs
     backends = [
-        torch_backend("torchscript", scripted),
-        onnx_backend("onnxruntime", runtime),
+        torch_backend(TORCHSCRIPT_BACKEND, scripted),
+        onnx_backend(ONNX_BACKEND, runtime),
         # The batch-first variant Triton serves (lstm-export triton), derived from model.onnx.
         batch_first_backend(batch_first_onnx(load_onnx(onnx_path)), BATCH_FIRST_BACKEND),
     ]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lstm_export.artifacts import ATOL, FACTOR
-from lstm_export.config import LSTMConfig, finite_number
+from lstm_export.config import LSTMConfig, finite_number, positive_int
 from lstm_export.errors import ParityError, UsageError, first_line
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ REALIZATIONS = 16
 NOISY_FLOOR = 1e-3
 """A floor above this gets a note: the model itself amplifies float32 rounding that far."""
 OUTPUTS = ("y", "h", "c")
+EAGER_BACKEND = "eager"
+"""The engine's own row: eager float32, whose error is part of every case's floor."""
 RULE = "error <= max(atol, factor x floor)"
 
 Array = np.ndarray
@@ -161,7 +163,8 @@ class Backend:
 
 
 def torch_backend(name: str, module: Any) -> Backend:
-    """An eager or scripted model (float32) as a numpy backend."""
+    """An eager or scripted model (float32) as a numpy backend: the engine's own eager row,
+    and the TorchScript artifacts' (imported from `verification.backends` like every adapter)."""
     import torch
 
     def run(x: Array, state: State | None) -> Outputs:
@@ -202,12 +205,10 @@ class Reference:
     def __init__(self, model: LSTM, realizations: int = REALIZATIONS) -> None:
         import copy
 
-        if isinstance(realizations, bool) or not isinstance(realizations, int) or realizations < 1:
-            raise UsageError(f"realizations must be an integer >= 1, got {realizations!r}")
+        self.realizations = positive_int("realizations", realizations)
         self.model = model.eval()
         self.model64 = copy.deepcopy(self.model).double()
-        self.realizations = realizations
-        self.eager = torch_backend("eager", self.model)
+        self.eager = torch_backend(EAGER_BACKEND, self.model)
 
     @classmethod
     def from_scripted(cls, scripted: Any, config: LSTMConfig) -> Reference:
@@ -366,7 +367,7 @@ class ParityReport:
     def worst(self) -> CaseResult | None:
         """The row closest to (or furthest past) its allowance, a NaN row first; an artifact's
         row before eager float32's, whose own error is part of its floor."""
-        artifacts = [r for r in self.results if r.backend != "eager"] or self.results
+        artifacts = [r for r in self.results if r.backend != EAGER_BACKEND] or self.results
         return max(artifacts, key=_ratio_key, default=None)
 
     @property
