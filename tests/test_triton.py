@@ -27,23 +27,30 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb2
 
-import lstm_export.serving.triton as triton
 import parity_corpus as corpus
-from conftest import small_model
+from helpers import small_model
 from lstm_export.artifacts import check_model_name
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
+from lstm_export.exporters import batch_first
+from lstm_export.exporters.batch_first import batch_first_onnx
 from lstm_export.exporters.torchscript import quiet_torchscript
 from lstm_export.pipeline import export
+from lstm_export.serving import triton
 from lstm_export.serving.triton import (
-    BATCH_FIRST_BACKEND,
-    batch_first_backend,
-    batch_first_onnx,
+    model_config,
+    repository,
+    validate,
     validate_triton_repo,
     write_triton_repo,
 )
-from lstm_export.verification.parity import Case, Reference, check_parity, torch_backend
+from lstm_export.verification.backends import (
+    BATCH_FIRST_BACKEND,
+    batch_first_backend,
+    torch_backend,
+)
+from lstm_export.verification.parity import Case, Reference, check_parity
 
 TOL = 1e-5
 INPUT, HIDDEN, LAYERS = 5, 8, 2
@@ -89,7 +96,7 @@ def test_batch_first_graph_signature_metadata_and_full_check(served):
     onnx.checker.check_model(model, full_check=True)
 
     def dims(values):
-        return {v.name: triton._dims(v) for v in values}
+        return {v.name: batch_first.dims(v) for v in values}
 
     assert dims(model.graph.input) == {
         "x": ["batch", "seq", INPUT],
@@ -101,8 +108,8 @@ def test_batch_first_graph_signature_metadata_and_full_check(served):
         "hn": ["batch", LAYERS, HIDDEN],
         "cn": ["batch", LAYERS, HIDDEN],
     }
-    meta = triton._metadata(model)
-    assert meta == {**triton._metadata(time_major), "lstm_export.layout": "batch_first"}
+    meta = batch_first.metadata(model)
+    assert meta == {**batch_first.metadata(time_major), "lstm_export.layout": "batch_first"}
     assert model.ir_version == time_major.ir_version
     assert list(model.opset_import) == list(time_major.opset_import)
     # The derived graph equals what batch_first_onnx builds from the export's model.onnx.
@@ -169,10 +176,10 @@ def test_self_check_catches_a_broken_batch_first_graph(served):
     first = {n.input[0]: n for n in broken.graph.node if n.op_type == "Transpose"}
     first["h0"].input[0], first["c0"].input[0] = "c0", "h0"
     with pytest.raises(ParityError, match=r"parity failed for the batch-first graph") as error:
-        triton.check_batch_first(export_dir, time_major, broken)
+        repository.check_batch_first(export_dir, time_major, broken)
     assert f"{BATCH_FIRST_BACKEND}, case " in str(error.value)
     # The sound graph passes the same check.
-    assert triton.check_batch_first(export_dir, time_major, batch_first_onnx(time_major)).passed
+    assert repository.check_batch_first(export_dir, time_major, batch_first_onnx(time_major)).passed
 
 
 # --- what Triton's sequence batcher does with the implicit state ------------------------
@@ -510,8 +517,8 @@ def test_a_failure_leaves_nothing_behind(served, tmp_path, monkeypatch, where):
         def fail(*_args, **_kwargs):
             raise error
 
-        attribute = "_validate" if where == "validation" else "write_file"
-        monkeypatch.setattr(triton, attribute, fail)
+        attribute = "validate_model_folder" if where == "validation" else "write_file"
+        monkeypatch.setattr(repository, attribute, fail)
 
     # A full disk while writing becomes one line (staging names it); nothing is left either way.
     refused = "bad" if where == "validation" else "No space left; nothing was changed"
@@ -801,7 +808,8 @@ def test_triton_names_follow_the_one_rule_export_follows(claimed, tmp_path, name
         write_triton_repo(claimed[0], tmp_path / "repo", name)
     assert str(refused.value) == str(rule.value)
     assert not (tmp_path / "repo").exists()
-    assert not hasattr(triton, "_NAME_CHARS")  # no second rule left to drift
+    for module in (triton, repository, model_config, validate):  # no second rule left to drift
+        assert not hasattr(module, "_NAME_CHARS")
 
 
 def test_a_recorded_or_folder_name_outside_the_rule_asks_for_name(claimed, tmp_path):

@@ -14,13 +14,15 @@ import pytest
 import torch
 
 import parity_corpus as corpus
-from conftest import small_model
+from helpers import small_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
+from lstm_export.exporters.batch_first import batch_first_onnx
 from lstm_export.exporters.torchscript import quiet_torchscript
 from lstm_export.files import sha256
 from lstm_export.pipeline import export
-from lstm_export.serving import triton
+from lstm_export.serving.triton import repository as triton_repository
+from lstm_export.serving.triton import write_triton_repo
 from lstm_export.verification import folder as verification
 from lstm_export.verification.folder import verify
 from lstm_export.verification.parity import default_cases
@@ -175,7 +177,7 @@ def test_state_not_carried_between_chunks_fails(sound_export, call_main):
 
 
 def test_a_batch_first_graph_that_reshapes_the_state_fails(sound_export, call_main, monkeypatch):
-    real = triton.batch_first_onnx
+    real = batch_first_onnx
 
     def broken(proto):
         return corpus.reshape_state_instead_of_transposing(real(proto))
@@ -183,10 +185,10 @@ def test_a_batch_first_graph_that_reshapes_the_state_fails(sound_export, call_ma
     monkeypatch.setattr(verification, "batch_first_onnx", broken)
     _verify_fails(call_main, sound_export, "onnxruntime batch-first")
     # `triton` runs the same engine before writing: it refuses, and writes nothing.
-    monkeypatch.setattr(triton, "batch_first_onnx", broken)
+    monkeypatch.setattr(triton_repository, "batch_first_onnx", broken)
     repo = sound_export.parent / "repo"
     with pytest.raises(ParityError, match="onnxruntime batch-first, case "):
-        triton.write_triton_repo(sound_export, repo)
+        write_triton_repo(sound_export, repo)
     assert not repo.exists()
 
 

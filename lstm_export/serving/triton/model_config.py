@@ -1,0 +1,132 @@
+"""config.pbtxt: the text `write_triton_repo` writes, and reading it back as Triton does.
+
+Writing needs nothing but the batch-first graph; reading parses with the `ModelConfig`
+protobuf that `tritonclient` ships (the `triton` extra), so a config is judged by the
+schema Triton itself loads, not by our own reading of the text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import TensorProto
+
+from lstm_export.artifacts import BATCH_FIRST, CONFIG_KEY, LAYOUT_KEY
+from lstm_export.errors import UsageError
+from lstm_export.exporters.batch_first import (
+    INPUT,
+    OUTPUT,
+    STATE_OUTPUTS,
+    STATE_PAIRS,
+    dims,
+    metadata,
+)
+from lstm_export.files import read_text
+from lstm_export.runtime.onnx import config_from_metadata
+
+CONFIG_FILE = "config.pbtxt"
+BACKEND = "onnxruntime"
+PLATFORM = "onnxruntime_onnx"  # the legacy spelling of the same backend, accepted on reading
+TRITONCLIENT_REQUIREMENT = "tritonclient[grpc]>=2.68"
+MAX_IDLE_SECONDS = 5.0
+ONNX_TO_TRITON = {TensorProto.FLOAT: "TYPE_FP32"}
+
+
+def triton_dims(value: onnx.ValueInfoProto) -> list[int]:
+    """A graph tensor's dims as a batching Triton config lists them: no batch dim, -1 symbolic."""
+    return [d if isinstance(d, int) else -1 for d in dims(value)[1:]]
+
+
+def _dims_text(values: list[int]) -> str:
+    return "[ " + ", ".join(map(str, values)) + " ]"
+
+
+def config_pbtxt(
+    model_proto: onnx.ModelProto,
+    name: str,
+    *,
+    max_batch_size: int = 64,
+    max_idle_seconds: float = MAX_IDLE_SECONDS,
+    expose_state: bool = False,
+) -> str:
+    """The Triton config of a batch-first graph; `expose_state` also lists hn/cn as outputs."""
+    meta = metadata(model_proto)
+    if meta.get(LAYOUT_KEY) != BATCH_FIRST or CONFIG_KEY not in meta:
+        raise UsageError("config_pbtxt needs the batch-first graph of batch_first_onnx(...)")
+    config = config_from_metadata(meta, "the batch-first graph")
+    values = {v.name: v for v in (*model_proto.graph.input, *model_proto.graph.output)}
+
+    def tensor(tensor_name: str) -> str:
+        value = values[tensor_name]
+        dtype = ONNX_TO_TRITON[value.type.tensor_type.elem_type]
+        return (
+            f'  {{\n    name: "{tensor_name}"\n    data_type: {dtype}\n'
+            f"    dims: {_dims_text(triton_dims(value))}\n  }}"
+        )
+
+    def state(input_name: str, output_name: str) -> str:
+        shape = _dims_text(triton_dims(values[input_name]))
+        return (
+            f'    {{\n      input_name: "{input_name}"\n      output_name: "{output_name}"\n'
+            f"      data_type: TYPE_FP32\n      dims: {shape}\n"
+            f"      initial_state {{\n        data_type: TYPE_FP32\n        dims: {shape}\n"
+            f'        zero_data: true\n        name: "zeros"\n      }}\n    }}'
+        )
+
+    outputs = [OUTPUT, *(STATE_OUTPUTS if expose_state else ())]
+    lines = [
+        "# Written by lstm-export for Triton's onnxruntime backend; 1/model.onnx is batch-first.",
+        f"# Model: input_size={config.input_size} hidden_size={config.hidden_size}"
+        f" num_layers={config.num_layers} layer_norm={str(config.layer_norm).lower()}.",
+        "# One request is one chunk of one stream (correlation id): x [1, chunk, input_size]",
+        "# -> y [1, chunk, hidden_size]. The sequence batcher keeps each stream's h and c",
+        "# (implicit state), zeros at the stream's first request; up to max_batch_size",
+        "# streams run together, stacked along dim 0.",
+        f'name: "{name}"',
+        f'backend: "{BACKEND}"',
+        f"max_batch_size: {max_batch_size}",
+        "input [",
+        tensor(INPUT),
+        "]",
+        "output [",
+        ",\n".join(tensor(o) for o in outputs),
+        "]",
+        "sequence_batching {",
+        f"  max_sequence_idle_microseconds: {round(max_idle_seconds * 1e6)}",
+        "  direct { }",
+        "  state [",
+        ",\n".join(state(i, o) for i, o in STATE_PAIRS),
+        "  ]",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def model_config_module() -> Any:
+    """tritonclient's `model_config_pb2`; a UsageError saying how to install it if missing."""
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as exc:
+        raise UsageError(
+            f"validating a Triton config needs tritonclient ({exc}); "
+            f"install it with pip install '{TRITONCLIENT_REQUIREMENT}'"
+        ) from None
+    return model_config_pb2
+
+
+def read_model_config(model_dir: Path) -> tuple[Path, Any]:
+    """`<model_dir>/config.pbtxt` and its parsed `ModelConfig`; UsageError if it is not one."""
+    pb2 = model_config_module()
+    from google.protobuf import text_format
+
+    config_path = model_dir / CONFIG_FILE
+    if not (config_path.exists() or config_path.is_symlink()):  # what is there: read_text says
+        raise UsageError(f"{model_dir} has no {CONFIG_FILE}: not a Triton model folder")
+    text = read_text(config_path, "Triton config")  # a regular file, at most 1 MiB
+    try:
+        config = text_format.Parse(text, pb2.ModelConfig())
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{config_path} is not a valid Triton ModelConfig: {exc}") from None
+    return config_path, config
