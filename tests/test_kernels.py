@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,8 +34,9 @@ from lstm_export.verification.parity import Case, Reference, check_parity, torch
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _kernel() -> None:
-    kernels.build_kernel()
+def _kernel() -> Path:
+    """The kernel library, built (or found in the cache) and loaded once for this module."""
+    return kernels.build_kernel()
 
 
 @pytest.mark.parametrize(
@@ -325,9 +327,15 @@ def test_inspect_lists_model_fused_pt_in_a_folder(tmp_path):
     assert files[FUSED_TORCHSCRIPT_FILE]["config"] == files[TORCHSCRIPT_FILE]["config"]
 
 
-def test_a_damaged_cached_library_is_rebuilt_not_loaded(fresh_cache):
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(_kernel, fresh_cache):
     """A truncated .so can kill the process when loaded (SIGBUS); the stamp catches it."""
-    library = kernels.build_kernel()  # compiles into the fresh cache (the op is loaded already)
+    # The fresh cache starts with a copy of the module's build (library and stamp), so that
+    # the rebuild is the one compile here. The op is loaded already: no copy is loaded.
+    library = kernels._cache_dir() / kernels.KERNEL_LIBRARY  # same key, the fresh root
+    library.parent.mkdir(parents=True)
+    for name in (kernels.KERNEL_LIBRARY, kernels.STAMP):
+        shutil.copy2(_kernel.parent / name, library.parent / name)
+    assert kernels.build_kernel() == library and kernels._intact(library)  # the copy is used
     intact = library.read_bytes()
     library.write_bytes(intact[: len(intact) // 3])
     assert kernels.build_kernel() == library
