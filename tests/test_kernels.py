@@ -39,6 +39,14 @@ def _kernel() -> Path:
     return kernels.build_kernel()
 
 
+@pytest.fixture(scope="module")
+def fused_export(_kernel, tmp_path_factory) -> Path:
+    """One export with model.fused.pt, shared by the tests that only read it (copy to edit)."""
+    return export(
+        small_model(True, 2), tmp_path_factory.mktemp("fused") / "m", fused_kernel=True
+    ).out_dir
+
+
 @pytest.mark.parametrize(
     "sizes", [(5, 13, 3), (3, 8, 1), (7, 1, 2), (4, 20, 1), (16, 36, 2)], ids=str
 )
@@ -132,8 +140,8 @@ def test_export_with_fused_kernel_writes_verified_artifacts(tmp_path):
     assert verify(folder).passed
 
 
-def test_verify_never_loads_the_folders_library_and_flags_it_when_changed(tmp_path):
-    folder = export(small_model(True, 1), tmp_path / "m", fused_kernel=True).out_dir
+def test_verify_never_loads_the_folders_library_and_flags_it_when_changed(fused_export, tmp_path):
+    folder = Path(shutil.copytree(fused_export, tmp_path / "m"))
     (folder / kernels.KERNEL_LIBRARY).write_bytes(b"not a shared library")
     report = verify(folder)
     assert any("lstm_export_kernels.so does not match" in p for p in report.problems)
@@ -155,8 +163,8 @@ def test_verify_flags_a_kernel_library_nobody_listed(tmp_path):
     assert any("lstm_export_kernels.so is not listed" in p for p in report.problems)
 
 
-def test_verify_without_a_compiler_or_cache_still_checks_the_rest(tmp_path):
-    folder = export(small_model(True, 1), tmp_path / "m", fused_kernel=True).out_dir
+def test_verify_without_a_compiler_or_cache_still_checks_the_rest(fused_export, tmp_path):
+    folder = fused_export
     env = {k: v for k, v in os.environ.items() if k != "CXX"}
     env["PATH"] = os.path.dirname(sys.executable)
     env[kernels.CACHE_ENV] = str(tmp_path / "empty-cache")
@@ -262,8 +270,8 @@ def test_the_shipped_library_runs_model_fused_pt_in_a_fresh_interpreter(tmp_path
     assert float(done.stdout) <= TOLERANCE
 
 
-def test_without_the_library_model_fused_pt_does_not_load(tmp_path):
-    folder = export(small_model(True, 1), tmp_path / "m", fused_kernel=True).out_dir
+def test_without_the_library_model_fused_pt_does_not_load(fused_export):
+    folder = fused_export
     code = "import sys, torch; torch.jit.load(sys.argv[1])"
     done = subprocess.run(
         [sys.executable, "-c", code, str(folder / FUSED_TORCHSCRIPT_FILE)],
@@ -274,8 +282,8 @@ def test_without_the_library_model_fused_pt_does_not_load(tmp_path):
     assert (folder / TORCHSCRIPT_FILE).is_file()  # the pure-libtorch model.pt is always there
 
 
-def test_cli_verify_loads_the_kernel_from_source_in_a_fresh_process(tmp_path):
-    folder = export(small_model(True, 2), tmp_path / "m", fused_kernel=True).out_dir
+def test_cli_verify_loads_the_kernel_from_source_in_a_fresh_process(fused_export):
+    folder = fused_export
     env = {**os.environ, "COLUMNS": "200"}
     done = subprocess.run(
         [sys.executable, "-m", "lstm_export.cli", "verify", str(folder)],
@@ -319,10 +327,10 @@ def test_the_portable_scalar_route_matches_too():
     assert float(done.stdout) <= TOLERANCE
 
 
-def test_inspect_lists_model_fused_pt_in_a_folder(tmp_path):
+def test_inspect_lists_model_fused_pt_in_a_folder(fused_export):
     from lstm_export.inspection import inspect
 
-    folder = export(small_model(True, 1), tmp_path / "m", fused_kernel=True).out_dir
+    folder = fused_export
     files = inspect(folder)["files"]
     assert files[FUSED_TORCHSCRIPT_FILE]["config"] == files[TORCHSCRIPT_FILE]["config"]
 
@@ -362,9 +370,9 @@ print(kernels.build_kernel())
         assert done.stdout.strip().startswith(tmp)
 
 
-def test_loading_the_folders_library_by_hand_then_exporting_does_not_abort(tmp_path):
+def test_loading_the_folders_library_by_hand_then_exporting_does_not_abort(fused_export, tmp_path):
     """torch aborts on a second registration of the op; build_kernel must not cause one."""
-    folder = export(small_model(True, 1), tmp_path / "m", fused_kernel=True).out_dir
+    folder = fused_export
     code = f"""
 import torch
 torch.ops.load_library({str(folder / kernels.KERNEL_LIBRARY)!r})
