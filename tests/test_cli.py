@@ -26,7 +26,7 @@ import torch
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from conftest import SizesWithoutLayerNorm
+from helpers import SizesWithoutLayerNorm
 from lstm_export import LSTM, cli
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
@@ -158,6 +158,7 @@ def test_console_script_is_installed(tmp_path):
 # --------------------------------------------------------------------------- export
 
 
+@pytest.mark.slow  # the built-in default model, exported in a fresh process
 def test_default_export_without_arguments(tmp_path):
     proc = run_cli("export", cwd=tmp_path)
 
@@ -501,6 +502,7 @@ def test_cli_flags_override_the_config_file(tmp_path, monkeypatch):
     assert manifest["config"] == LSTMConfig(4, 12, 1, True).to_dict()
 
 
+@pytest.mark.slow  # compiles the fused kernel on first use
 def test_config_file_asks_for_the_fused_kernel_and_a_flag_turns_it_off(tmp_path, monkeypatch):
     _write_toml(
         tmp_path / "export.toml",
@@ -985,6 +987,7 @@ def test_verify_refuses_a_tolerance_that_is_not_a_finite_number_at_least_0(
 # --------------------------------------------------------------------------- progress
 
 
+@pytest.mark.slow  # two exports of the default sizes (the spinner needs time to draw)
 def test_export_shows_its_steps_on_a_terminal_and_nothing_when_piped(
     monkeypatch, call_main, tmp_path
 ):
