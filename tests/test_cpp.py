@@ -19,11 +19,14 @@ import numpy as np
 import pytest
 import torch
 
+from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, KERNEL_LIBRARY
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.exporters.torchscript import quiet_torchscript, save_torchscript
 from lstm_export.model import LSTM
 from lstm_export.runtime import cpp
+from lstm_export.verification.backends import CPP_BACKEND, FUSED_CPP_BACKEND
+from lstm_export.verification.cpp import cpp_check
 
 INPUT, HIDDEN, LAYERS = 5, 8, 2
 TOL = 1e-5
@@ -403,10 +406,10 @@ def test_time_forward_raises_the_binary_error(binary: Path, tmp_path: Path) -> N
 
 
 def test_cpp_check_passes_on_an_export_folder(binary: Path, exported: Exported) -> None:
-    report = cpp.cpp_check(exported.model_pt.parent)
+    report = cpp_check(exported.model_pt.parent)
     assert report.binary == binary
     assert report.cpp_config == exported.config
-    rows = [r for r in report.parity.results if r.backend == cpp.CPP_BACKEND]
+    rows = [r for r in report.parity.results if r.backend == CPP_BACKEND]
     assert [r.case for r in rows] == [
         "9x3 zeros",
         "9x3 h0/c0",
@@ -430,9 +433,9 @@ def test_cpp_check_fails_when_outputs_differ(
         return y, (h, c + 1e-4)
 
     monkeypatch.setattr(cpp, "run", off_by_a_bit)
-    report = cpp.cpp_check(model_pt.parent)
+    report = cpp_check(model_pt.parent)
     assert not report.passed
-    rows = [r for r in report.parity.results if r.backend == cpp.CPP_BACKEND]
+    rows = [r for r in report.parity.results if r.backend == CPP_BACKEND]
     assert len(rows) == 4 and all(r.error["c"] >= 1e-4 > r.allowed["c"] for r in rows)
     assert all(r.passed for r in report.parity.results if r.backend == "eager")
     assert "FAIL" in str(report)
@@ -442,9 +445,9 @@ def test_cpp_check_fails_when_outputs_differ(
 
 def test_cpp_check_refuses_missing_input(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
-        cpp.cpp_check(tmp_path / "no-such-export")
+        cpp_check(tmp_path / "no-such-export")
     with pytest.raises(UsageError, match=r"model\.pt"):
-        cpp.cpp_check(tmp_path)  # exists, but holds no model.pt
+        cpp_check(tmp_path)  # exists, but holds no model.pt
 
 
 # --- toolchain discovery (no build needed) ---------------------------------------------
@@ -476,12 +479,12 @@ def test_missing_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.fixture(scope="session")
 def fused(tmp_path_factory: pytest.TempPathFactory) -> tuple[Exported, Path]:
     """model.fused.pt and the kernel library as an export writes them."""
-    from lstm_export.exporters import kernel as kernels
+    from lstm_export.exporters.kernel import build_kernel
 
     exported = _export(True, tmp_path_factory.mktemp("fused"), seed=21)
-    library = exported.model_pt.parent / kernels.KERNEL_LIBRARY
-    shutil.copyfile(kernels.build_kernel(), library)
-    fused_pt = exported.model_pt.parent / "model.fused.pt"
+    library = exported.model_pt.parent / KERNEL_LIBRARY
+    shutil.copyfile(build_kernel(), library)
+    fused_pt = exported.model_pt.parent / FUSED_TORCHSCRIPT_FILE
     save_torchscript(exported.eager, fused_pt, fused_kernel=True)
     return Exported(exported.eager, fused_pt), library
 
@@ -507,7 +510,7 @@ def test_fused_model_without_its_library_says_what_to_load(binary: Path, fused) 
 
 def test_cpp_check_also_checks_model_fused_pt(binary: Path, fused) -> None:
     exported, _library = fused
-    report = cpp.cpp_check(exported.model_pt.parent)
+    report = cpp_check(exported.model_pt.parent)
     backends = [r.backend for r in report.parity.results]
-    assert backends.count(cpp.CPP_BACKEND) == backends.count(cpp.FUSED_CPP_BACKEND) == 4
+    assert backends.count(CPP_BACKEND) == backends.count(FUSED_CPP_BACKEND) == 4
     assert report.passed, str(report)

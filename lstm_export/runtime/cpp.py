@@ -1,14 +1,14 @@
-"""Build and run the libtorch C++ example (`cpp/lstm_run`), and prove it matches eager PyTorch.
+"""Build and run the libtorch C++ example (`cpp/lstm_run`), as a C++ user would.
 
-The TorchScript export exists so that C++ programs can run the model; this module is
-the proof that they really can. It compiles `cpp/` against the libtorch inside the
-installed torch wheel (so there is no separate libtorch download to keep in sync),
-caches the build per torch version, and drives the binary through `.npy` files.
+The TorchScript export exists so that C++ programs can run the model. This module
+compiles `cpp/` against the libtorch inside the installed torch wheel (so there is no
+separate libtorch download to keep in sync), caches the build per torch version, and
+drives the binary through `.npy` files; `lstm_export.verification.cpp` proves with it
+that C++ computes the model (`cpp_check`), the benchmark times it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -17,30 +17,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE as FUSED_MODEL_FILE
-from lstm_export.artifacts import TORCHSCRIPT_FILE as MODEL_FILE
-from lstm_export.config import LSTMConfig
+from lstm_export.artifacts import TORCHSCRIPT_FILE
+from lstm_export.config import LSTMConfig, positive_int
 from lstm_export.errors import LSTMExportError, UsageError
 from lstm_export.files import artifact, locked_folder
-from lstm_export.verification.parity import (
-    ATOL,
-    FACTOR,
-    Backend,
-    Case,
-    Outputs,
-    ParityReport,
-    Reference,
-    Tolerance,
-    check_parity,
-)
 
 SOURCE_ENV = "LSTM_EXPORT_CPP_SOURCE"
 """Environment variable: the `cpp/` folder to build (default: the one beside the package)."""
@@ -295,7 +282,7 @@ def _invoke(binary: Path, args: Sequence[str | Path], timeout: float) -> str:
 
 def model_config(binary: Path, model_pt: Path, *, timeout: float = 120) -> LSTMConfig:
     """The config as C++ reads it from the module's attributes (`lstm_run MODEL.pt`)."""
-    stdout = _invoke(binary, [artifact(model_pt, MODEL_FILE)], timeout)
+    stdout = _invoke(binary, [artifact(model_pt, TORCHSCRIPT_FILE)], timeout)
     line = next((ln for ln in stdout.splitlines() if ln.startswith("config:")), None)
     if line is None:
         raise CppRunError(f"no 'config:' line in {BINARY_NAME} output", 0, stdout)
@@ -325,9 +312,9 @@ def run(
     `lstm_export_kernels.so`). Inputs are converted to float32, the only dtype the
     binary reads.
     """
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise UsageError(f"chunk must be an integer >= 1 or None, got {chunk!r}")
-    model_pt = artifact(model_pt, MODEL_FILE)
+    if chunk is not None:
+        positive_int("chunk", chunk)
+    model_pt = artifact(model_pt, TORCHSCRIPT_FILE)
     with tempfile.TemporaryDirectory(prefix="lstm-export-cpp-") as tmp:
         work = Path(tmp)
         args: list[str | Path] = [model_pt, "--x", _save(work / "x.npy", x, "x")]
@@ -346,11 +333,6 @@ def run(
 
 def _kernel_args(kernels: Path | None) -> list[str | Path]:
     return [] if kernels is None else ["--kernels", Path(kernels).resolve()]
-
-
-def _check_count(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def time_forward(
@@ -379,8 +361,8 @@ def time_forward(
         ("warmup", warmup, 0),
         ("threads", threads, 1),
     ):
-        _check_count(name, value, minimum)
-    args: list[str | Path] = [artifact(model_pt, MODEL_FILE), "--time-seq", str(seq)]
+        positive_int(name, value, minimum)
+    args: list[str | Path] = [artifact(model_pt, TORCHSCRIPT_FILE), "--time-seq", str(seq)]
     args += ["--time-batch", str(batch), "--repeats", str(repeats)]
     args += ["--warmup", str(warmup), "--threads", str(threads), *_kernel_args(kernels)]
     stdout = _invoke(binary, args, timeout)
@@ -412,147 +394,3 @@ def _save(path: Path, value: Any, name: str) -> Path:
         ) from None
     np.save(path, array)
     return path
-
-
-def cpp_backend(name: str, binary: Path, model_pt: Path, kernels: Path | None = None) -> Backend:
-    """`lstm_run` on `model_pt` as a parity backend; streamed cases stream inside C++.
-
-    `lstm_run --chunk N` feeds N steps per forward call and carries (h, c) in C++, the
-    way a C++ program streams, so a case's chunks must all be N long but the last.
-    """
-
-    def whole(x: Array, state: State | None) -> Outputs:
-        y, (h, c) = run(binary, model_pt, x, state, kernels=kernels)
-        return y, h, c
-
-    def chunked(x: Array, state: State | None, chunks: tuple[int, ...]) -> Outputs:
-        size = chunks[0]
-        if any(c != size for c in chunks[:-1]) or chunks[-1] > size:
-            raise UsageError(f"lstm_run streams in chunks of one length, not {list(chunks)}")
-        y, (h, c) = run(binary, model_pt, x, state, size, kernels=kernels)
-        return y, h, c
-
-    return Backend(name, whole, chunked)
-
-
-CPP_BACKEND = "libtorch C++"
-FUSED_CPP_BACKEND = "libtorch C++ (fused kernel)"
-# Whole from zeros, from a given state, streamed 4 steps per call, and a single step:
-# each is a separate lstm_run process, so the C++ matrix is small.
-CPP_CASES = (
-    Case(9, 3, False),
-    Case(9, 3, True),
-    Case(9, 3, True, (4, 4, 1)),
-    Case(1, 1, False),
-)
-
-
-@dataclass
-class CppCheckReport:
-    """What `cpp_check` found: which binary ran what, and the parity engine's report."""
-
-    model: Path
-    binary: Path
-    config: LSTMConfig
-    cpp_config: LSTMConfig
-    build_seconds: float
-    parity: ParityReport
-
-    @property
-    def passed(self) -> bool:
-        return self.parity.passed
-
-    def lines(self) -> list[str]:
-        """Human-readable summary: the build, the config C++ read, one line per C++ row."""
-        out = [
-            f"C++ (libtorch) vs the eager model in float64 for {self.model}",
-            f"binary {self.binary} (build step {self.build_seconds:.1f} s)",
-            f"config read in C++: {self.cpp_config.to_json()}"
-            + (
-                ""
-                if self.cpp_config == self.config
-                else f"  MISMATCH, expected {self.config.to_json()}"
-            ),
-        ]
-        for result in self.parity.results:
-            verdict = "ok" if result.passed else "FAIL"
-            out.append(f"  {verdict:<4} {result.line()}")
-        verdict = "PASS" if self.passed else "FAIL"
-        out.append(f"{verdict}: {self.parity.summary()} ({self.parity.tolerance})")
-        return out
-
-    def __str__(self) -> str:
-        return "\n".join(self.lines())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": str(self.model),
-            "binary": str(self.binary),
-            "build_seconds": self.build_seconds,
-            "config": self.config.to_dict(),
-            "cpp_config": self.cpp_config.to_dict(),
-            "passed": self.passed,
-            "parity": self.parity.to_dict(),
-        }
-
-    def raise_if_failed(self) -> CppCheckReport:
-        """Raise ParityError (exit code 1) carrying this report when the check failed."""
-        self.parity.raise_if_failed(f"C++ on {self.model}")
-        return self
-
-
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny matmuls: one thread is fastest and immune to spin-waiting on a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def cpp_check(
-    export_dir: Path,
-    *,
-    build_dir: Path | None = None,
-    seed: int = 0,
-    atol: float = ATOL,
-    factor: float = FACTOR,
-) -> CppCheckReport:
-    """Build `lstm_run`, run the exported model.pt (and model.fused.pt, if the folder has
-    one) in C++ and hold it to the parity rule against the eager model in float64.
-
-    The reference is `lstm_export.model.LSTM` rebuilt from the config with the scripted
-    module's weights, so a pass means libtorch computes what the Python source says,
-    whole, from a given state and streamed in chunks.
-    """
-    from lstm_export.exporters.torchscript import load_torchscript
-
-    tolerance = Tolerance(atol, factor)
-    export_dir = Path(export_dir)
-    if not export_dir.exists():
-        raise UsageError(f"export folder {export_dir} does not exist")
-    model_pt = artifact(export_dir, MODEL_FILE)
-    scripted, config = load_torchscript(model_pt)
-    reference = Reference.from_scripted(scripted, config)
-
-    start = time.perf_counter()
-    binary = build(build_dir)
-    build_seconds = time.perf_counter() - start
-    cpp_config = model_config(binary, model_pt)
-    backends = [cpp_backend(CPP_BACKEND, binary, model_pt)]
-    fused_pt = model_pt.parent / FUSED_MODEL_FILE
-    if fused_pt.is_file():  # export --fused-kernel; run with our own build of its library
-        from lstm_export.exporters.kernel import build_kernel
-
-        backends.append(cpp_backend(FUSED_CPP_BACKEND, binary, fused_pt, build_kernel()))
-    with _one_torch_thread():
-        parity = check_parity(reference, backends, CPP_CASES, tolerance, seed=seed)
-    if cpp_config != config:
-        parity.problems.append(
-            f"C++ reads config {cpp_config.to_json()}, expected {config.to_json()}"
-        )
-    return CppCheckReport(model_pt, binary, config, cpp_config, build_seconds, parity)

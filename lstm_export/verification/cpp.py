@@ -1,0 +1,144 @@
+"""cpp-check: prove the libtorch C++ program computes the model, with the parity engine.
+
+`lstm_export.runtime.cpp` builds and runs `lstm_run` as a C++ user would; here its
+outputs on the exported model.pt (and model.fused.pt, with our build of the kernel
+library) are held to the parity rule against the eager model in float64, whole, from a
+given state and streamed in chunks inside C++.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lstm_export.artifacts import ATOL, FACTOR, FUSED_TORCHSCRIPT_FILE, TORCHSCRIPT_FILE
+from lstm_export.config import LSTMConfig
+from lstm_export.errors import UsageError
+from lstm_export.files import artifact
+from lstm_export.runtime.cpp import build, model_config
+from lstm_export.verification.backends import CPP_BACKEND, FUSED_CPP_BACKEND, cpp_backend
+from lstm_export.verification.parity import Case, ParityReport, Reference, Tolerance, check_parity
+
+# Whole from zeros, from a given state, streamed 4 steps per call, and a single step:
+# each is a separate lstm_run process, so the C++ matrix is small.
+CPP_CASES = (
+    Case(9, 3, False),
+    Case(9, 3, True),
+    Case(9, 3, True, (4, 4, 1)),
+    Case(1, 1, False),
+)
+
+
+@dataclass
+class CppCheckReport:
+    """What `cpp_check` found: which binary ran what, and the parity engine's report."""
+
+    model: Path
+    binary: Path
+    config: LSTMConfig
+    cpp_config: LSTMConfig
+    build_seconds: float
+    parity: ParityReport
+
+    @property
+    def passed(self) -> bool:
+        return self.parity.passed
+
+    def lines(self) -> list[str]:
+        """Human-readable summary: the build, the config C++ read, one line per C++ row."""
+        out = [
+            f"C++ (libtorch) vs the eager model in float64 for {self.model}",
+            f"binary {self.binary} (build step {self.build_seconds:.1f} s)",
+            f"config read in C++: {self.cpp_config.to_json()}"
+            + (
+                ""
+                if self.cpp_config == self.config
+                else f"  MISMATCH, expected {self.config.to_json()}"
+            ),
+        ]
+        for result in self.parity.results:
+            verdict = "ok" if result.passed else "FAIL"
+            out.append(f"  {verdict:<4} {result.line()}")
+        verdict = "PASS" if self.passed else "FAIL"
+        out.append(f"{verdict}: {self.parity.summary()} ({self.parity.tolerance})")
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": str(self.model),
+            "binary": str(self.binary),
+            "build_seconds": self.build_seconds,
+            "config": self.config.to_dict(),
+            "cpp_config": self.cpp_config.to_dict(),
+            "passed": self.passed,
+            "parity": self.parity.to_dict(),
+        }
+
+    def raise_if_failed(self) -> CppCheckReport:
+        """Raise ParityError (exit code 1) carrying this report when the check failed."""
+        self.parity.raise_if_failed(f"C++ on {self.model}")
+        return self
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny matmuls: one thread is fastest and immune to spin-waiting on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cpp_check(
+    export_dir: Path,
+    *,
+    build_dir: Path | None = None,
+    seed: int = 0,
+    atol: float = ATOL,
+    factor: float = FACTOR,
+) -> CppCheckReport:
+    """Build `lstm_run`, run the exported model.pt (and model.fused.pt, if the folder has
+    one) in C++ and hold it to the parity rule against the eager model in float64.
+
+    The reference is `lstm_export.model.LSTM` rebuilt from the config with the scripted
+    module's weights, so a pass means libtorch computes what the Python source says,
+    whole, from a given state and streamed in chunks.
+    """
+    from lstm_export.exporters.torchscript import load_torchscript
+
+    tolerance = Tolerance(atol, factor)
+    export_dir = Path(export_dir)
+    if not export_dir.exists():
+        raise UsageError(f"export folder {export_dir} does not exist")
+    model_pt = artifact(export_dir, TORCHSCRIPT_FILE)
+    scripted, config = load_torchscript(model_pt)
+    reference = Reference.from_scripted(scripted, config)
+
+    start = time.perf_counter()
+    binary = build(build_dir)
+    build_seconds = time.perf_counter() - start
+    cpp_config = model_config(binary, model_pt)
+    backends = [cpp_backend(CPP_BACKEND, binary, model_pt)]
+    fused_pt = model_pt.parent / FUSED_TORCHSCRIPT_FILE
+    if fused_pt.is_file():  # export --fused-kernel; run with our own build of its library
+        from lstm_export.exporters.kernel import build_kernel
+
+        backends.append(cpp_backend(FUSED_CPP_BACKEND, binary, fused_pt, build_kernel()))
+    with _one_torch_thread():
+        parity = check_parity(reference, backends, CPP_CASES, tolerance, seed=seed)
+    if cpp_config != config:
+        parity.problems.append(
+            f"C++ reads config {cpp_config.to_json()}, expected {config.to_json()}"
+        )
+    return CppCheckReport(model_pt, binary, config, cpp_config, build_seconds, parity)
