@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import small_model
+from helpers import small_model
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.verification.parity import (
     Backend,

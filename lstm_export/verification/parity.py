@@ -15,6 +15,10 @@ batch shape, with or without an initial state, whole or streamed in chunks) it r
 A backend passes an output (y, h or c) of a case when its max abs error against float64 is
 at most `max(atol, factor * floor)`: the float32 noise of this case, with a margin, or the
 absolute tolerance where that noise is tiny. The README's Parity section says why.
+
+About 500 lines on purpose: the rule (`Tolerance`), the matrix (`Case`), the reference and
+its floor, the report and `check_parity` are one argument, read top to bottom beside that
+section; the adapters that run artifacts are in `verification.backends`.
 """
 
 from __future__ import annotations
