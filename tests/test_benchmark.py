@@ -48,6 +48,7 @@ def test_bench_times_every_backend_on_every_shape(tmp_path, ln):
     assert ts.ratio_to_best_anchor == pytest.approx(ts.median_ms / best)
 
 
+@pytest.mark.slow  # builds the C++ example (cpp_binary) where no cache holds it
 def test_bench_times_libtorch_from_cpp_when_the_example_is_built(tmp_path, cpp_binary):
     folder = export(small_model(True, 1), tmp_path / "m").out_dir
     report = bench(
@@ -70,6 +71,7 @@ def test_bench_times_libtorch_from_cpp_when_the_example_is_built(tmp_path, cpp_b
     assert LIBTORCH_CPP not in {t.backend for t in without.timings}
 
 
+@pytest.mark.slow  # compiles the kernel and the C++ example where no cache holds them
 def test_bench_times_the_fused_kernel_in_python_and_cpp_when_exported(tmp_path, cpp_binary):
     folder = export(small_model(True, 2), tmp_path / "m", fused_kernel=True).out_dir
     report = bench(
@@ -84,6 +86,7 @@ def test_bench_times_the_fused_kernel_in_python_and_cpp_when_exported(tmp_path, 
     assert rows[LIBTORCH_CPP_FUSED].median_ms > 0
 
 
+@pytest.mark.slow  # a child process that exports and benchmarks
 def test_cli_bench_writes_json_with_export_time_and_memory(tmp_path):
     folder = export(small_model(True, 1), tmp_path / "m").out_dir
     out = tmp_path / "bench.json"

@@ -32,6 +32,10 @@ from lstm_export.verification.folder import FUSED_BACKEND, verify
 from lstm_export.verification.parity import ATOL as TOLERANCE
 from lstm_export.verification.parity import Case, Reference, check_parity, torch_backend
 
+# Every test here needs the kernel, which is compiled C++ (about 15 s where no cache holds it);
+# many also export with it or start Python processes. `-m "not slow"` leaves them out.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _kernel() -> Path:
