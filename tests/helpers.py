@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,23 @@ def nn_lstm_with_weights_of(model: LSTM, ih_share: float = 0.0) -> nn.LSTM:
             getattr(reference, f"bias_ih_l{k}").copy_(ih_share * cell.hidden_lin.bias)
             getattr(reference, f"bias_hh_l{k}").copy_((1 - ih_share) * cell.hidden_lin.bias)
     return reference.eval()
+
+
+def run_cli(
+    *args: object,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`python -m lstm_export.cli ARGS` in a fresh process, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "lstm_export.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # --------------------------------------------------------------------------- not a model file

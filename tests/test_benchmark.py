@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
-from helpers import small_model
+from helpers import run_cli, small_model
 from lstm_export.benchmarks.latency import (
     ANCHORS,
     LIBTORCH_CPP,
@@ -90,9 +88,8 @@ def test_bench_times_the_fused_kernel_in_python_and_cpp_when_exported(tmp_path, 
 def test_cli_bench_writes_json_with_export_time_and_memory(tmp_path):
     folder = export(small_model(True, 1), tmp_path / "m").out_dir
     out = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "lstm_export.cli", "bench", str(folder), "--shapes", "4x2"]
-    command += ["--repeats", "2", "--warmup", "1", "--threads", "1", "--json", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    options = ["--repeats", "2", "--warmup", "1", "--threads", "1", "--json", out]
+    done = run_cli("bench", folder, "--shapes", "4x2", *options)
     assert done.returncode == 0, done.stderr
     data = json.loads(out.read_text())
     assert {t["backend"] for t in data["timings"]} >= PYTHON_BACKENDS

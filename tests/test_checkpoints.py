@@ -11,7 +11,6 @@ import math
 import os
 import pickle
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from helpers import not_regular_files
+from helpers import not_regular_files, run_cli
 from lstm_export import LSTM, UsageError
 from lstm_export.checkpoints import (
     MAX_ABS_WEIGHT,
@@ -339,13 +338,7 @@ def test_cli_refuses_malicious_pickle_with_one_line_and_exit_2(tmp_path, fmt):
     marker = tmp_path / "marker"
     _write_malicious(tmp_path / "evil.pt", marker, fmt)
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "lstm_export.cli", "export", "--checkpoint", "evil.pt"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli("export", "--checkpoint", "evil.pt", cwd=tmp_path, timeout=300)
 
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -588,25 +581,8 @@ def test_exported_scratch_checkpoint_matches_the_saved_eager_model(tmp_path, lay
 def test_cli_checkpoint_mismatch_is_one_line_exit_2_and_writes_nothing(tmp_path):
     torch.save(_seeded_lstm(16, 4, 8, num_layers=1).state_dict(), tmp_path / "ck.pt")
 
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lstm_export.cli",
-            "export",
-            "--checkpoint",
-            "ck.pt",
-            "--hidden-size",
-            "12",
-            "--layer-norm",
-            "--out",
-            "out",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = ("--checkpoint", "ck.pt", "--hidden-size", "12", "--layer-norm", "--out", "out")
+    proc = run_cli("export", *args, cwd=tmp_path, timeout=300)
 
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

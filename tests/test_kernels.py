@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import small_model
+from helpers import run_cli, small_model
 from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, TORCHSCRIPT_FILE
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
@@ -172,8 +172,7 @@ def test_verify_without_a_compiler_or_cache_still_checks_the_rest(fused_export, 
     env = {k: v for k, v in os.environ.items() if k != "CXX"}
     env["PATH"] = os.path.dirname(sys.executable)
     env[kernels.CACHE_ENV] = str(tmp_path / "empty-cache")
-    command = [sys.executable, "-m", "lstm_export.cli", "verify", str(folder), "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = run_cli("verify", folder, "--json", env=env)
     assert done.returncode == 1, done.stderr
     report = json.loads(done.stdout)
     assert any(p.startswith("model.fused.pt was not checked: ") for p in report["problems"])
@@ -184,9 +183,7 @@ def test_fused_kernel_is_refused_for_a_plain_model_and_nothing_is_written(tmp_pa
     with pytest.raises(UsageError, match="the fused kernel is for layer_norm=True models"):
         export(small_model(False, 1), tmp_path / "m", fused_kernel=True)
     assert not (tmp_path / "m").exists()
-    command = [sys.executable, "-m", "lstm_export.cli", "export", "--no-layer-norm"]
-    command += ["--fused-kernel", "--out", str(tmp_path / "m")]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = run_cli("export", "--no-layer-norm", "--fused-kernel", "--out", tmp_path / "m")
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "the fused kernel is for layer_norm=True models" in lines[0]
@@ -288,13 +285,7 @@ def test_without_the_library_model_fused_pt_does_not_load(fused_export):
 
 def test_cli_verify_loads_the_kernel_from_source_in_a_fresh_process(fused_export):
     folder = fused_export
-    env = {**os.environ, "COLUMNS": "200"}
-    done = subprocess.run(
-        [sys.executable, "-m", "lstm_export.cli", "verify", str(folder)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    done = run_cli("verify", folder, env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
     assert FUSED_BACKEND in done.stdout and "Parity passed" in done.stdout
 
