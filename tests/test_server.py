@@ -28,7 +28,7 @@ import onnx
 import pytest
 import torch
 
-from helpers import small_model
+from helpers import run_cli, small_model
 from lstm_export.benchmarks.load import all_failed, first_error_reason, load_test
 from lstm_export.errors import UsageError
 from lstm_export.pipeline import export
@@ -843,9 +843,8 @@ def test_load_test_says_why_requests_failed(server):
 
 @pytest.mark.slow
 def test_serve_bench_cli_fails_when_every_request_fails(exported):
-    command = [sys.executable, "-m", "lstm_export.cli", "serve-bench", str(exported.folder)]
-    command += ["--clients", "1", "--requests", "2", "--seq", "1", "--batch", "65", "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    options = ["--clients", "1", "--requests", "2", "--seq", "1", "--batch", "65", "--json"]
+    done = run_cli("serve-bench", exported.folder, *options, timeout=180)
     assert done.returncode == 1, (done.stdout, done.stderr)
     report = json.loads(done.stdout)
     assert report["errors"] == report["requests"] == 2
@@ -877,9 +876,8 @@ def test_serve_bench_stream_fraction_help_matches_what_it_does():
 
 @pytest.mark.slow
 def test_serve_bench_cli_starts_loads_and_stops_a_server(exported, tmp_path):
-    command = [sys.executable, "-m", "lstm_export.cli", "serve-bench", str(exported.folder)]
-    command += ["--clients", "2", "--requests", "4", "--seq", "3", "--batch", "1", "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    options = ["--clients", "2", "--requests", "4", "--seq", "3", "--batch", "1", "--json"]
+    done = run_cli("serve-bench", exported.folder, *options, timeout=180)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["errors"] == 0 and report["requests"] == 8
@@ -888,8 +886,7 @@ def test_serve_bench_cli_starts_loads_and_stops_a_server(exported, tmp_path):
 
 
 def test_serve_bench_reports_a_server_that_cannot_start(tmp_path):
-    command = [sys.executable, "-m", "lstm_export.cli", "serve-bench", str(tmp_path / "nope")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    done = run_cli("serve-bench", tmp_path / "nope", timeout=180)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"error: the server did not start: expected an export folder or a .onnx file, "
