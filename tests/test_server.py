@@ -1,7 +1,9 @@
 """The HTTP server, run for real: a subprocess on a free loopback port, driven over HTTP.
 
 Only 127.0.0.1 is ever contacted. Every request has a socket timeout, every loop a fixed
-count, and every server is stopped by the test that started it.
+count, and every server is stopped by the test that started it. The tests that start a
+server (or run long) are marked slow. One module of ~1,300 lines because most tests share
+one server process (the module-scoped `server` fixture) and the helpers that drive it.
 """
 
 from __future__ import annotations
