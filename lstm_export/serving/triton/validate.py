@@ -76,6 +76,31 @@ class _Checker:
         if config.WhichOneof("scheduling_choice") != "sequence_batching":
             problems.append("there is no sequence_batching section (implicit state needs it)")
 
+    def entries(
+        self,
+        role: str,
+        entries: Any,
+        values: dict[str, onnx.ValueInfoProto],
+        where: str,
+        states: set[str] | None = None,
+    ) -> set[str]:
+        """Config inputs (or outputs) against the graph's: each one of them, not one of
+        `states` (listed only under state), without a reshape, of the right type and dims.
+        Returns the names listed."""
+        listed = set()
+        for entry in entries:
+            label = f"{role} {entry.name!r}"
+            listed.add(entry.name)
+            if entry.name not in values:
+                self.problems.append(f"{label} is not an {role} of the graph{where}")
+                continue
+            if entry.name in (states or ()):
+                self.problems.append(f"{label} is a state; list it only under state")
+            if entry.HasField("reshape"):
+                self.problems.append(f"{label} has a reshape; the graph needs none")
+            self.tensor(label, entry, values[entry.name])
+        return listed
+
     def graph(self, config: Any, model: onnx.ModelProto, where: str) -> None:
         """Every config input, output and state against one version's graph, and back."""
         problems, batching = self.problems, config.sequence_batching
@@ -86,30 +111,12 @@ class _Checker:
         controls = {c.name for c in batching.control_input}
         for control in sorted(controls - set(graph_inputs)):
             problems.append(f"control input {control!r} is not an input of the graph{where}")
-        listed = set()
-        for entry in config.input:
-            listed.add(entry.name)
-            if entry.name not in graph_inputs:
-                problems.append(f"input {entry.name!r} is not an input of the graph{where}")
-                continue
-            if entry.name in state_inputs:
-                problems.append(f"input {entry.name!r} is a state; list it only under state")
-            if entry.HasField("reshape"):
-                problems.append(f"input {entry.name!r} has a reshape; the graph needs none")
-            self.tensor(f"input {entry.name!r}", entry, graph_inputs[entry.name])
+        listed = self.entries("input", config.input, graph_inputs, where, state_inputs)
         for missing in sorted(set(graph_inputs) - listed - state_inputs - controls):
             problems.append(f"graph input {missing!r} is neither a config input nor a state{where}")
 
         state_outputs = {s.output_name for s in batching.state}
-        listed = set()
-        for entry in config.output:
-            listed.add(entry.name)
-            if entry.name not in graph_outputs:
-                problems.append(f"output {entry.name!r} is not an output of the graph{where}")
-                continue
-            if entry.HasField("reshape"):
-                problems.append(f"output {entry.name!r} has a reshape; the graph needs none")
-            self.tensor(f"output {entry.name!r}", entry, graph_outputs[entry.name])
+        listed = self.entries("output", config.output, graph_outputs, where)
         for missing in sorted(set(graph_outputs) - listed - state_outputs):
             problems.append(f"graph output {missing!r} is neither a config output nor a state")
 
