@@ -266,6 +266,31 @@ def check_destination(out_dir: Path, force: bool) -> Path:
     return out_dir
 
 
+def check_keep_failed(keep_failed: Path | str, out_dir: Path) -> Path:
+    """Where a refused export's files may go: a new folder that can be made, outside the
+    destination (which a refused export leaves untouched)."""
+    keep_failed = Path(keep_failed)
+    if keep_failed.exists() or keep_failed.is_symlink():
+        raise UsageError(f"{keep_failed} already exists; --keep-failed needs a new folder")
+    kept, destination = keep_failed.resolve(), Path(out_dir).resolve()
+    if kept == destination or destination in kept.parents:
+        raise UsageError(
+            f"--keep-failed {keep_failed} is inside the export's destination {out_dir}; "
+            "choose a folder elsewhere"
+        )
+    if kept in destination.parents:  # the export would create it on its way to out_dir
+        raise UsageError(
+            f"--keep-failed {keep_failed} holds the export's destination {out_dir}; "
+            "choose a folder beside it instead"
+        )
+    parent = next(p for p in kept.parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"--keep-failed {keep_failed} cannot be created: {parent} is not a writable folder"
+        )
+    return keep_failed
+
+
 def _check_not_a_link_or_file(out_dir: Path) -> None:
     if out_dir.is_symlink():  # replacing a link would replace the link, not its folder
         raise UsageError(

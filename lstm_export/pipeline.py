@@ -8,7 +8,6 @@ half-replaces an old one. It sits above both: the one module that writes and the
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +31,12 @@ from lstm_export.exporters.kernel import build_kernel
 from lstm_export.exporters.manifest import build_manifest
 from lstm_export.exporters.onnx_graph import save_onnx
 from lstm_export.exporters.torchscript import config_of, forward_signature, save_torchscript
-from lstm_export.files import check_destination, replaceable_export, write_json
+from lstm_export.files import (
+    check_destination,
+    check_keep_failed,
+    replaceable_export,
+    write_json,
+)
 from lstm_export.model import LSTM
 from lstm_export.staging import staged_folder
 from lstm_export.verification.folder import verify_artifacts
@@ -57,31 +61,6 @@ def _check_float32(model: LSTM) -> None:
     if dtypes != ["float32"]:
         got = ", ".join(d for d in dtypes if d != "float32")
         raise UsageError(f"export needs a float32 model, got {got}; call model.float()")
-
-
-def check_keep_failed(keep_failed: Path | str, out_dir: Path) -> Path:
-    """Where a refused export's files may go: a new folder that can be made, outside the
-    destination (which a refused export leaves untouched)."""
-    keep_failed = Path(keep_failed)
-    if keep_failed.exists() or keep_failed.is_symlink():
-        raise UsageError(f"{keep_failed} already exists; --keep-failed needs a new folder")
-    kept, destination = keep_failed.resolve(), Path(out_dir).resolve()
-    if kept == destination or destination in kept.parents:
-        raise UsageError(
-            f"--keep-failed {keep_failed} is inside the export's destination {out_dir}; "
-            "choose a folder elsewhere"
-        )
-    if kept in destination.parents:  # the export would create it on its way to out_dir
-        raise UsageError(
-            f"--keep-failed {keep_failed} holds the export's destination {out_dir}; "
-            "choose a folder beside it instead"
-        )
-    parent = next(p for p in kept.parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(
-            f"--keep-failed {keep_failed} cannot be created: {parent} is not a writable folder"
-        )
-    return keep_failed
 
 
 def _keep(staging: Path, keep_failed: Path, report: ParityReport) -> None:

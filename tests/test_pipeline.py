@@ -270,7 +270,7 @@ def test_a_model_beyond_the_size_limits_is_refused_before_any_artifact(tmp_path,
 
 
 def test_keep_failed_that_would_hold_the_destination_is_refused_first(tmp_path):
-    from lstm_export.pipeline import check_keep_failed
+    from lstm_export.files import check_keep_failed
 
     with pytest.raises(UsageError, match="holds the export's destination"):
         check_keep_failed(tmp_path / "new", tmp_path / "new" / "m")

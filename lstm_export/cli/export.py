@@ -125,7 +125,7 @@ def export(
     )
     settings = settings.resolve(force)  # the name, the destination, the tolerance
     if keep_failed is not None:
-        from lstm_export.pipeline import check_keep_failed
+        from lstm_export.files import check_keep_failed  # no torch: refused at once
 
         check_keep_failed(keep_failed, settings.out)
     overrides = {
