@@ -28,6 +28,10 @@ from lstm_export.runtime import cpp
 from lstm_export.verification.backends import CPP_BACKEND, FUSED_CPP_BACKEND
 from lstm_export.verification.cpp import cpp_check
 
+# Nearly every test here runs lstm_run, built from C++ (minutes where no cache holds it), in
+# child processes; `-m "not slow"` leaves the module out.
+pytestmark = pytest.mark.slow
+
 INPUT, HIDDEN, LAYERS = 5, 8, 2
 TOL = 1e-5
 

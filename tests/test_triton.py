@@ -14,8 +14,6 @@ import os
 import re
 import resource
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb2
 
 import parity_corpus as corpus
-from helpers import small_model
+from helpers import NOT_AN_ONNX_FILE, run_cli, small_model
 from lstm_export.artifacts import check_model_name
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
@@ -595,16 +593,16 @@ def test_batch_first_graph_for_other_depths(layer_norm, num_layers):
     assert report.passed, report.summary()
 
 
+@pytest.mark.slow  # two child processes
 def test_cli_writes_a_validated_repo_and_refuses_to_overwrite(served, tmp_path):
     _, export_dir, _ = served
-    command = [sys.executable, "-m", "lstm_export.cli", "triton", str(export_dir)]
-    command += ["--repo", str(tmp_path / "repo"), "--name", "lstm", "--json"]
-    first = subprocess.run(command, capture_output=True, text=True)
+    args = ("triton", export_dir, "--repo", tmp_path / "repo", "--name", "lstm", "--json")
+    first = run_cli(*args)
     assert first.returncode == 0, first.stderr
     summary = json.loads(first.stdout)
     assert summary["name"] == "lstm" and summary["max_batch_size"] == 64
     assert _parse(tmp_path / "repo" / "lstm").name == "lstm"
-    again = subprocess.run(command, capture_output=True, text=True)
+    again = run_cli(*args)
     assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'repo' / 'lstm'} already exists; pass --force to replace it"
@@ -825,19 +823,7 @@ def test_a_recorded_or_folder_name_outside_the_rule_asks_for_name(claimed, tmp_p
     assert not (tmp_path / "repo").exists()
 
 
-def _big(path: Path) -> None:
-    subprocess.run(["truncate", "-s", "2500M", str(path)], check=True)  # sparse: no disk used
-
-
-@pytest.mark.parametrize(
-    ("make", "reason"),
-    [
-        pytest.param(_big, "is 2,621,440,000 bytes; an ONNX model is one protobuf", id="2500M"),
-        pytest.param(lambda p: p.write_bytes(b""), "is empty (0 bytes)", id="empty"),
-        pytest.param(lambda p: p.symlink_to("/dev/zero"), "it is a device", id="dev-zero"),
-        pytest.param(os.mkfifo, "it is a named pipe", id="fifo"),
-    ],
-)
+@pytest.mark.parametrize(("make", "reason"), NOT_AN_ONNX_FILE)
 def test_onnx_files_are_judged_before_they_are_read(served, tmp_path, make, reason):
     _, _, model_dir = served
     path = tmp_path / "x.onnx"

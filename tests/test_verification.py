@@ -6,7 +6,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 
 import numpy as np
 import onnx
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 import parity_corpus as corpus
-from helpers import small_model
+from helpers import small_model, sparse_2500m
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.exporters.batch_first import batch_first_onnx
@@ -446,7 +445,7 @@ def _peak_rss_mib() -> float:
 
 def test_inspect_refuses_a_2500_mb_onnx_before_reading_it(tmp_path, call_main):
     big = tmp_path / "big.onnx"
-    subprocess.run(["truncate", "-s", "2500M", str(big)], check=True)  # sparse: no disk used
+    sparse_2500m(big)
     before = _peak_rss_mib()
 
     line = _one_line(*call_main("inspect", big)[::2], expected_code=2)
