@@ -44,8 +44,8 @@ def dims(value: onnx.ValueInfoProto) -> list[int | str]:
 
 
 def _config(meta: dict[str, str], source: str) -> LSTMConfig:
-    """`runtime.onnx.config_from_metadata`, which exporters may not import (runtime is a
-    sibling): one copy once that function lives in the core."""
+    """A copy of `runtime.onnx.config_from_metadata`, which exporters may not import (runtime
+    is a sibling); it goes once that function moves to the core."""
     if CONFIG_KEY not in meta:
         raise UsageError(f"{source} has no {CONFIG_KEY} metadata: not an lstm-export model")
     return LSTMConfig.from_json(meta[CONFIG_KEY], source=f"{source} {CONFIG_KEY} metadata")
