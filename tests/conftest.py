@@ -6,6 +6,7 @@ Plain helpers live in helpers.py (`from helpers import ...`).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,19 @@ def call_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
         return (0 if code is None else code), captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """The tests run tiny matmuls in process: one thread is faster and immune to a busy CPU.
+
+    With two, every small op waits for a second thread; where the cores are taken (a child
+    process, another run) that wait becomes a time slice, and an export takes minutes.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
