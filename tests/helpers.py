@@ -53,6 +53,17 @@ def nn_lstm_with_weights_of(model: LSTM, ih_share: float = 0.0) -> nn.LSTM:
     return reference.eval()
 
 
+def run_python(
+    code: str,
+    *args: object,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`python -c CODE ARGS` in a fresh interpreter, its output captured as text."""
+    return _python(["-c", code, *map(str, args)], cwd=cwd, env=env, timeout=timeout)
+
+
 def run_cli(
     *args: object,
     cwd: Path | None = None,
@@ -60,14 +71,12 @@ def run_cli(
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """`python -m lstm_export.cli ARGS` in a fresh process, its output captured as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "lstm_export.cli", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    argv = ["-m", "lstm_export.cli", *map(str, args)]
+    return _python(argv, cwd=cwd, env=env, timeout=timeout)
+
+
+def _python(argv: list[str], **options: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, **options)
 
 
 # --------------------------------------------------------------------------- not a model file

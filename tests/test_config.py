@@ -5,12 +5,11 @@ Also the size limits (check_size, the export flags that raise them) and export T
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
 
+from helpers import run_python
 from lstm_export.config import (
     DEFAULT_LIMITS,
     MAX_LAYERS,
@@ -192,9 +191,7 @@ def test_cli_oversized_hidden_size_is_one_line_exit_2_before_torch_is_imported(
         "    print(exc.code, 'torch' in sys.modules)\n"
     )
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
+    proc = run_python(script, cwd=tmp_path, timeout=300)
     assert time.monotonic() - start < 5  # a generous bound: the work itself is never started
     assert proc.stdout.split() == ["2", "False"], (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
@@ -268,9 +265,7 @@ def test_a_config_that_is_a_device_is_refused_without_reading_it(tmp_path):
         "except UsageError as exc:\n"
         "    print(exc)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(link)], capture_output=True, text=True, timeout=120
-    )
+    proc = run_python(script, link, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"config file {link} must be a regular file, but it is a device"
 

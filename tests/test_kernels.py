@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_cli, small_model
+from helpers import run_cli, run_python, small_model
 from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, TORCHSCRIPT_FILE
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
@@ -232,7 +232,7 @@ def test_a_cached_kernel_needs_no_compiler():
     code = "from lstm_export.exporters import kernel as kernels; print(kernels.build_kernel())"
     env = {k: v for k, v in os.environ.items() if k != "CXX"}
     env["PATH"] = os.path.dirname(sys.executable)  # no c++ there
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    done = run_python(code, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(kernels.build_kernel())
 
@@ -264,9 +264,7 @@ def test_the_shipped_library_runs_model_fused_pt_in_a_fresh_interpreter(tmp_path
     folder = export(
         build_model(LSTMConfig(4, 24, 2, True), 5), tmp_path / "m", fused_kernel=True
     ).out_dir
-    done = subprocess.run(
-        [sys.executable, "-c", _DEPLOYED, str(folder)], capture_output=True, text=True
-    )
+    done = run_python(_DEPLOYED, folder)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) <= TOLERANCE
 
@@ -274,11 +272,7 @@ def test_the_shipped_library_runs_model_fused_pt_in_a_fresh_interpreter(tmp_path
 def test_without_the_library_model_fused_pt_does_not_load(fused_export):
     folder = fused_export
     code = "import sys, torch; torch.jit.load(sys.argv[1])"
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(folder / FUSED_TORCHSCRIPT_FILE)],
-        capture_output=True,
-        text=True,
-    )
+    done = run_python(code, folder / FUSED_TORCHSCRIPT_FILE)
     assert done.returncode != 0 and kernels.OP_NAME in done.stderr
     assert (folder / TORCHSCRIPT_FILE).is_file()  # the pure-libtorch model.pt is always there
 
@@ -315,9 +309,7 @@ print(worst)
 def test_the_portable_scalar_route_matches_too():
     """What a CPU without AVX2 builds: the kernel's scalar code alone."""
     env = {**os.environ, kernels.PORTABLE_ENV: "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", _PORTABLE], capture_output=True, text=True, env=env
-    )
+    done = run_python(_PORTABLE, env=env)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) <= TOLERANCE
 
@@ -360,7 +352,7 @@ import os; os.environ[kernels.CACHE_ENV] = sys.argv[1]
 print(kernels.build_kernel())
 """
     with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([sys.executable, "-c", code, tmp], capture_output=True, text=True)
+        done = run_python(code, tmp)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip().startswith(tmp)
 
@@ -377,7 +369,7 @@ result = export(small_model(True, 1), {str(tmp_path / "again")!r}, fused_kernel=
 print(result.report.passed)
 """
     env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    done = run_python(code, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import subprocess
 import sys
 
 import lstm_export
+from helpers import run_python
 
 
 def test_every_public_name_is_its_function_or_class_even_after_all_submodules_load():
@@ -23,7 +23,7 @@ def test_every_public_name_is_its_function_or_class_even_after_all_submodules_lo
 
 def test_import_does_not_load_torch():
     code = "import sys, lstm_export; print('torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = run_python(code)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import subprocess
-import sys
 import textwrap
 import zipfile
 
@@ -17,7 +15,7 @@ import torch
 import lstm_export.exporters.onnx_graph as onnx_graph
 import lstm_export.pipeline as pipeline
 import parity_corpus as corpus
-from helpers import small_model
+from helpers import run_python, small_model
 from lstm_export.config import SizeLimits
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.pipeline import export
@@ -101,7 +99,7 @@ def test_model_pt_runs_in_a_fresh_interpreter_without_lstm_export(exported, tmp_
             np.save(f"{{d}}/out_{{name}}.npy", t.detach().numpy())
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    done = run_python(script)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["5", "8", "2", str(model.layer_norm)]
     with torch.no_grad():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import resource
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from helpers import NOT_AN_ONNX_FILE, small_model
+from helpers import NOT_AN_ONNX_FILE, run_python, small_model
 from lstm_export.errors import UsageError
 from lstm_export.exporters.onnx_graph import build_onnx
 from lstm_export.runtime.onnx import OnnxLSTM, session_options
@@ -282,7 +280,8 @@ def test_runtime_does_not_import_torch():
         "import sys, lstm_export.runtime.onnx as r, lstm_export.serving.http.server as s\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    done = run_python(code, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 # --- files that are not what they claim (issue 11) ---------------------------------------

@@ -5,12 +5,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_python
 from lstm_export import staging
 from lstm_export.errors import UsageError
 from lstm_export.staging import staged_folder
@@ -199,9 +198,7 @@ with staging.staged_folder(final, lambda folder: None) as building:
 def test_after_kill_9_the_folder_is_whole_and_the_next_writer_cleans_up(tmp_path, when):
     final = tmp_path / "m"
     _complete(final, "old")
-    killed = subprocess.run(
-        [sys.executable, "-c", _KILLED, str(final), when], capture_output=True, text=True
-    )
+    killed = run_python(_KILLED, final, when)
     assert killed.returncode == 137, killed.stderr
     left = sorted(p.name for p in tmp_path.iterdir() if p.name != "m")
     assert left, "the kill left nothing to clean: the test did not interrupt anything"
