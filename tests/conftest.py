@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# Re-exported FOR NOW so that `from conftest import small_model` keeps working in the test
-# files not yet switched to `from helpers import ...` (issue 12); remove once none is left.
-from helpers import SizesWithoutLayerNorm, nn_lstm_with_weights_of, small_model  # noqa: F401
+from helpers import small_model
 from lstm_export.model import LSTM
 
 
