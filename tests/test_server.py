@@ -30,7 +30,7 @@ import onnx
 import pytest
 import torch
 
-from helpers import run_cli, small_model
+from helpers import run_cli, run_python, small_model
 from lstm_export.benchmarks.load import all_failed, first_error_reason, load_test
 from lstm_export.errors import UsageError
 from lstm_export.pipeline import export
@@ -1309,7 +1309,7 @@ def test_serving_without_the_extra_says_which_extra_to_install():
         "    except lstm_export.UsageError as exc:\n"
         "        print(exc)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    done = run_python(code, timeout=60)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 3 and all("pip install 'lstm-export[serve]'" in line for line in lines)
