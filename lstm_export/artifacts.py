@@ -40,6 +40,9 @@ BATCH_FIRST = "batch_first"
 """The two LAYOUT_KEY values: model.onnx is time-major, Triton's variant batch-first."""
 OPSET = 17
 """The ONNX opset model.onnx is built for: the first with LayerNormalization."""
+ONNX_INPUTS = ("x", "h0", "c0")
+ONNX_OUTPUTS = ("y", "hn", "cn")
+"""model.onnx's inputs and outputs, in order (the batch-first variant keeps the names)."""
 
 ATOL = 1e-5
 """Parity: the absolute error every backend may have against the float64 reference."""

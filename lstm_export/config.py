@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from lstm_export.artifacts import check_model_name
+from lstm_export.artifacts import CONFIG_KEY, check_model_name
 from lstm_export.errors import UsageError
 from lstm_export.files import check_destination, check_regular_file, parse_json, read_text
 
@@ -342,3 +342,11 @@ def read_export_config(path: Path) -> ExportConfig:
         fused_kernel=fused_kernel,
         **tolerance,
     )
+
+
+def config_from_metadata(meta: Mapping[str, str], source: str) -> LSTMConfig:
+    """The config an ONNX graph's metadata records, parsed as every config is
+    (`LSTMConfig.from_json`: depth-limited JSON, every key checked)."""
+    if CONFIG_KEY not in meta:
+        raise UsageError(f"{source} has no {CONFIG_KEY} metadata: not an lstm-export model")
+    return LSTMConfig.from_json(meta[CONFIG_KEY], source=f"{source} {CONFIG_KEY} metadata")

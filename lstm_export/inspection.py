@@ -19,7 +19,7 @@ from lstm_export.artifacts import (
     TORCHSCRIPT_FILE,
     check_model_name,
 )
-from lstm_export.config import LSTMConfig
+from lstm_export.config import LSTMConfig, config_from_metadata
 from lstm_export.errors import UsageError
 from lstm_export.files import read_manifest
 
@@ -45,7 +45,7 @@ def inspect_torchscript(path: Path) -> dict:
 
 def inspect_onnx(path: Path) -> dict:
     from lstm_export.exporters.onnx_graph import onnx_signature
-    from lstm_export.runtime.onnx import config_from_metadata, load_onnx
+    from lstm_export.runtime.onnx import load_onnx
 
     model = load_onnx(path)  # refused before reading: not a file, empty, over 2 GiB
     meta = {p.key: p.value for p in model.metadata_props}

@@ -15,15 +15,20 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from lstm_export.artifacts import BATCH_FIRST, CONFIG_KEY, LAYOUT_KEY, TIME_MAJOR
-from lstm_export.config import LSTMConfig
+from lstm_export.artifacts import (
+    BATCH_FIRST,
+    LAYOUT_KEY,
+    ONNX_INPUTS,
+    ONNX_OUTPUTS,
+    TIME_MAJOR,
+)
+from lstm_export.config import LSTMConfig, config_from_metadata
 from lstm_export.errors import UsageError
 
 VERSION = "1"
 """The Triton version folder that holds the batch-first graph: `<repo>/<name>/1/model.onnx`."""
-INPUT = "x"
-OUTPUT = "y"
-STATE_PAIRS = (("h0", "hn"), ("c0", "cn"))
+INPUT, OUTPUT = ONNX_INPUTS[0], ONNX_OUTPUTS[0]
+STATE_PAIRS = tuple(zip(ONNX_INPUTS[1:], ONNX_OUTPUTS[1:], strict=True))
 """(state input, state output) pairs: request i's output is request i+1's input."""
 STATE_INPUTS = tuple(i for i, _ in STATE_PAIRS)
 STATE_OUTPUTS = tuple(o for _, o in STATE_PAIRS)
@@ -43,18 +48,10 @@ def dims(value: onnx.ValueInfoProto) -> list[int | str]:
     ]
 
 
-def _config(meta: dict[str, str], source: str) -> LSTMConfig:
-    """A copy of `runtime.onnx.config_from_metadata`, which exporters may not import (runtime
-    is a sibling); it goes once that function moves to the core."""
-    if CONFIG_KEY not in meta:
-        raise UsageError(f"{source} has no {CONFIG_KEY} metadata: not an lstm-export model")
-    return LSTMConfig.from_json(meta[CONFIG_KEY], source=f"{source} {CONFIG_KEY} metadata")
-
-
 def check_time_major(model_proto: onnx.ModelProto, source: str) -> LSTMConfig:
     """The config of an lstm-export time-major graph; UsageError for anything else."""
     meta = metadata(model_proto)
-    config = _config(meta, source)
+    config = config_from_metadata(meta, source)
     if meta.get(LAYOUT_KEY, TIME_MAJOR) != TIME_MAJOR:
         raise UsageError(
             f"{source} is already {meta[LAYOUT_KEY]}; give the time-major model.onnx of an export"

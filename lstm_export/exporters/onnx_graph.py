@@ -30,8 +30,6 @@ from lstm_export.config import LSTMConfig
 from lstm_export.files import write_file
 from lstm_export.model import LSTM
 
-INPUTS = ("x", "h0", "c0")
-OUTPUTS = ("y", "hn", "cn")
 FLOAT = TensorProto.FLOAT
 
 # Rows of our [4H, ...] weights for ONNX's gate order i, o, f, c (ours: i, f, g, o).

@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
-from lstm_export.artifacts import CONFIG_KEY, LAYOUT_KEY, ONNX_FILE, TIME_MAJOR
-from lstm_export.config import LSTMConfig
+from lstm_export.artifacts import (
+    CONFIG_KEY,
+    LAYOUT_KEY,
+    ONNX_FILE,
+    ONNX_INPUTS,
+    ONNX_OUTPUTS,
+    TIME_MAJOR,
+)
+from lstm_export.config import config_from_metadata
 from lstm_export.errors import UsageError, first_line
 from lstm_export.files import check_regular_file, read_bytes
 
@@ -86,14 +93,6 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     except Exception as exc:  # protobuf's DecodeError and friends
         first = first_line(exc)
         raise UsageError(f"{path} is not an ONNX file: {first}") from None
-
-
-def config_from_metadata(meta: Mapping[str, str], source: str) -> LSTMConfig:
-    """The config an ONNX graph's metadata records, parsed as every config is
-    (`LSTMConfig.from_json`: depth-limited JSON, every key checked)."""
-    if CONFIG_KEY not in meta:
-        raise UsageError(f"{source} has no {CONFIG_KEY} metadata: not an lstm-export model")
-    return LSTMConfig.from_json(meta[CONFIG_KEY], source=f"{source} {CONFIG_KEY} metadata")
 
 
 def session_options(
@@ -163,7 +162,7 @@ class OnnxLSTM:
                 f"{self.path} is the {layout} variant (for Triton); this runtime takes the "
                 "time-major model.onnx of an export"
             )
-        names = {"inputs": ["x", "h0", "c0"], "outputs": ["y", "hn", "cn"]}
+        names = {"inputs": list(ONNX_INPUTS), "outputs": list(ONNX_OUTPUTS)}
         found = {
             "inputs": [i.name for i in self.session.get_inputs()],
             "outputs": [o.name for o in self.session.get_outputs()],
@@ -178,7 +177,7 @@ class OnnxLSTM:
         cfg = self.config
         layers, hidden = cfg.num_layers, cfg.hidden_size
         expected = {"x": [None, None, cfg.input_size], "y": [None, None, hidden]}
-        expected.update({n: [layers, None, hidden] for n in ("h0", "c0", "hn", "cn")})
+        expected.update({n: [layers, None, hidden] for n in (*ONNX_INPUTS[1:], *ONNX_OUTPUTS[1:])})
         for value in (*self.session.get_inputs(), *self.session.get_outputs()):
             want, got = expected[value.name], list(value.shape)
             pairs = zip(got, want, strict=False)

@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from lstm_export.artifacts import BATCH_FIRST, CONFIG_KEY, LAYOUT_KEY, ONNX_FILE
+from lstm_export.config import config_from_metadata
 from lstm_export.errors import UsageError, first_line
 from lstm_export.exporters.batch_first import (
     INPUT,
@@ -27,7 +28,7 @@ from lstm_export.exporters.batch_first import (
     metadata,
 )
 from lstm_export.runtime import cpp as cpp_runtime  # looked up per call: tests replace run
-from lstm_export.runtime.onnx import OnnxLSTM, config_from_metadata, load_onnx, read_onnx
+from lstm_export.runtime.onnx import OnnxLSTM, load_onnx, read_onnx
 from lstm_export.verification.parity import Backend, Outputs, State, torch_backend
 
 __all__ = [

@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto
 
 from lstm_export.artifacts import BATCH_FIRST, CONFIG_KEY, LAYOUT_KEY
+from lstm_export.config import config_from_metadata
 from lstm_export.errors import UsageError
 from lstm_export.exporters.batch_first import (
     INPUT,
@@ -24,7 +25,6 @@ from lstm_export.exporters.batch_first import (
     metadata,
 )
 from lstm_export.files import read_text
-from lstm_export.runtime.onnx import config_from_metadata
 
 CONFIG_FILE = "config.pbtxt"
 BACKEND = "onnxruntime"

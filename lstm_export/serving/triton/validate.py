@@ -16,9 +16,10 @@ from typing import Any
 import onnx
 
 from lstm_export.artifacts import BATCH_FIRST, CONFIG_KEY, LAYOUT_KEY, ONNX_FILE
+from lstm_export.config import config_from_metadata
 from lstm_export.errors import UsageError, first_line
 from lstm_export.exporters.batch_first import STATE_PAIRS, VERSION, dims, metadata
-from lstm_export.runtime.onnx import config_from_metadata, load_onnx
+from lstm_export.runtime.onnx import load_onnx
 from lstm_export.serving.triton.model_config import (
     BACKEND,
     ONNX_TO_TRITON,
