@@ -23,10 +23,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import parity_corpus as corpus
+from lstm_export.artifacts import ATOL, FACTOR
 from lstm_export.exporters.torchscript import save_torchscript
 from lstm_export.pipeline import save_onnx
 from lstm_export.verification.folder import verify_artifacts
-from lstm_export.verification.parity import ATOL, FACTOR
 
 SIZES = (
     (5, 1, 1),

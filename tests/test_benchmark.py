@@ -17,7 +17,7 @@ from lstm_export.benchmarks.latency import (
 )
 from lstm_export.errors import UsageError
 from lstm_export.pipeline import export
-from lstm_export.verification.folder import FUSED_BACKEND
+from lstm_export.verification.backends import FUSED_BACKEND
 
 PYTHON_BACKENDS = {"eager", "torchscript (scratch cell)", "torchscript", "onnxruntime", *ANCHORS}
 

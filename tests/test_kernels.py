@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from helpers import run_cli, run_python, small_model
+from lstm_export.artifacts import ATOL as TOLERANCE
 from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, TORCHSCRIPT_FILE
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
@@ -28,9 +29,9 @@ from lstm_export.exporters import kernel as kernels
 from lstm_export.exporters.routes import KernelLSTM
 from lstm_export.exporters.torchscript import script
 from lstm_export.pipeline import export
-from lstm_export.verification.folder import FUSED_BACKEND, verify
-from lstm_export.verification.parity import ATOL as TOLERANCE
-from lstm_export.verification.parity import Case, Reference, check_parity, torch_backend
+from lstm_export.verification.backends import FUSED_BACKEND, torch_backend
+from lstm_export.verification.folder import verify
+from lstm_export.verification.parity import Case, Reference, check_parity
 
 # Every test here needs the kernel, which is compiled C++ (about 15 s where no cache holds it);
 # many also export with it or start Python processes. `-m "not slow"` leaves them out.

@@ -32,19 +32,16 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, ONNX_FILE, TORCHSCRIPT_FILE
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.exporters.kernel import build_kernel
 from lstm_export.exporters.torchscript import load_torchscript, script
 from lstm_export.model import LSTM
 from lstm_export.runtime.cpp import built_binary, time_forward
-from lstm_export.runtime.onnx import ONNX_FILE, OnnxLSTM
-from lstm_export.verification.folder import (
-    FUSED_BACKEND,
-    FUSED_TORCHSCRIPT_FILE,
-    TORCHSCRIPT_FILE,
-)
-from lstm_export.verification.parity import eager_from_scripted
+from lstm_export.runtime.onnx import OnnxLSTM
+from lstm_export.verification.backends import FUSED_BACKEND, ONNX_BACKEND, TORCHSCRIPT_BACKEND
+from lstm_export.verification.parity import EAGER_BACKEND, eager_from_scripted
 
 DEFAULT_SHAPES = ((100, 1), (100, 16), (500, 4))
 NN_LSTM = "nn.LSTM"
@@ -54,10 +51,10 @@ ORT_LSTM_OP = "onnxruntime LSTM op"
 ANCHORS = (NN_LSTM, ORT_LSTM_OP)
 # backend -> (anchor it is held to, allowed ratio) for plain and LayerNorm models.
 TARGETS = {
-    False: {"onnxruntime": (ORT_LSTM_OP, 1.05), "torchscript": (NN_LSTM, 1.2)},
+    False: {ONNX_BACKEND: (ORT_LSTM_OP, 1.05), TORCHSCRIPT_BACKEND: (NN_LSTM, 1.2)},
     True: {
-        "onnxruntime": (ORT_LSTM_OP, 1.5),
-        "torchscript": (NN_LSTM, 2.5),
+        ONNX_BACKEND: (ORT_LSTM_OP, 1.5),
+        TORCHSCRIPT_BACKEND: (NN_LSTM, 2.5),
         FUSED_BACKEND: (NN_LSTM, 2.5),
     },
 }
@@ -180,10 +177,10 @@ def _backends(folder: Path, threads: int) -> tuple[LSTMConfig, dict[str, Callabl
         return bind
 
     backends = {
-        "eager": torch_runner(eager),
+        EAGER_BACKEND: torch_runner(eager),
         "torchscript (scratch cell)": torch_runner(scratch_scripted),
-        "torchscript": torch_runner(scripted),
-        "onnxruntime": ort_runner(onnx_model.session),
+        TORCHSCRIPT_BACKEND: torch_runner(scripted),
+        ONNX_BACKEND: ort_runner(onnx_model.session),
         NN_LSTM: torch_runner(anchor),
         ORT_LSTM_OP: ort_runner(anchor_session),
     }
