@@ -42,7 +42,7 @@ def call_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     """Run `cli.main()` (the console-script entry) in-process: (exit code, stdout, stderr)."""
     import sys
 
-    from lstm_export.cli import commands as cli
+    from lstm_export import cli
 
     def run(*args: object) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["lstm-export", *map(str, args)])

@@ -486,7 +486,7 @@ def test_bidirectional_and_projected_nn_lstm_are_refused(tmp_path, kwargs, expec
 
 
 def test_cli_refuses_bidirectional_nn_lstm_in_one_line(tmp_path, monkeypatch, capsys):
-    from lstm_export.cli import commands as cli
+    from lstm_export import cli
 
     torch.save(_seeded_nn_lstm(10, 4, 8, bidirectional=True).state_dict(), tmp_path / "bi.pt")
     out = tmp_path / "out"

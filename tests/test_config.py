@@ -183,7 +183,7 @@ def test_cli_oversized_hidden_size_is_one_line_exit_2_before_torch_is_imported(
     """Was a RuntimeError traceback (100000: a 160 GB allocation), or 83 s then MemoryError."""
     script = (
         "import sys\n"
-        "from lstm_export.cli import commands as cli\n"
+        "from lstm_export import cli\n"
         f"sys.argv = ['lstm-export', 'export', '--hidden-size', '{hidden}', '--out', 'out']\n"
         "try:\n"
         "    cli.main()\n"
