@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from helpers import not_regular_files, run_cli
 from lstm_export import LSTM, UsageError
+from lstm_export.checkpoint_file import read_state_dict
 from lstm_export.checkpoints import (
     MAX_ABS_WEIGHT,
     expected_shapes,
@@ -32,7 +33,6 @@ from lstm_export.checkpoints import (
     model_from_state_dict,
     nn_lstm_shapes,
     read_checkpoint,
-    read_state_dict,
     to_nn_lstm_state_dict,
 )
 from lstm_export.cli import app

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "artifacts": 0,
     # the model
     "model": 1,
+    "checkpoint_file": 1,
     "checkpoints": 1,
     # writing artifacts | running them: siblings that never import each other
     "exporters": 2,
