@@ -26,6 +26,7 @@ import torch
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
+import helpers
 from helpers import SizesWithoutLayerNorm
 from lstm_export import LSTM, cli
 from lstm_export.checkpoints import build_model
@@ -45,16 +46,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:Deprecat
 
 
 def run_cli(*args: object, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m lstm_export.cli ARGS` in a fresh process."""
+    """`python -m lstm_export.cli ARGS` in a fresh process, 200 columns wide (whole lines)."""
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "lstm_export.cli", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return helpers.run_cli(*args, cwd=cwd, env=env, timeout=timeout)
 
 
 def invoke(*args: object):
