@@ -277,7 +277,7 @@ def test_signature_names_symbolic_dims(exported):
 
 def test_runtime_does_not_import_torch():
     code = (
-        "import sys, lstm_export.runtime.onnx as r, lstm_export.serving.http.server as s\n"
+        "import sys, lstm_export.runtime.onnx as r, lstm_export.serving.http.run as s\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     done = run_python(code, timeout=60)
