@@ -1,7 +1,7 @@
 """ExportConfig as a library call: the layers `lstm-export export` merges (a TOML file, then the
 flags), the checks done before any slow work, and `checkpoints.model_for`.
 
-The command's own tests (tests/test_cli.py) prove the same end to end; these say which call
+The command's own tests (tests/cli/test_cli.py) prove the same end to end; these say which call
 decides what, so a Python caller gets the CLI's rules without the CLI.
 """
 

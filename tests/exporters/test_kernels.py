@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import helpers
 from helpers import run_cli, run_python, small_model
 from lstm_export.artifacts import ATOL as TOLERANCE
 from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, TORCHSCRIPT_FILE
@@ -369,7 +370,7 @@ from lstm_export.pipeline import export
 result = export(small_model(True, 1), {str(tmp_path / "again")!r}, fused_kernel=True)
 print(result.report.passed)
 """
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(helpers.__file__)}
     done = run_python(code, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
