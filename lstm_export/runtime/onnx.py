@@ -27,7 +27,7 @@ from lstm_export.artifacts import (
     ONNX_OUTPUTS,
     TIME_MAJOR,
 )
-from lstm_export.config import config_from_metadata
+from lstm_export.config import config_from_metadata, positive_int
 from lstm_export.errors import UsageError, first_line
 from lstm_export.files import check_regular_file, read_bytes
 
@@ -113,9 +113,7 @@ def session_options(
     options = ort.SessionOptions()
     options.graph_optimization_level = optimization
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise UsageError(f"threads must be an integer >= 1, got {threads!r}")
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = positive_int("threads", threads)
         options.inter_op_num_threads = 1
     return options
 
