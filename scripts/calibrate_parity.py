@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import parity_corpus as corpus
 from lstm_export.artifacts import ATOL, FACTOR
+from lstm_export.exporters.onnx_graph import save_onnx
 from lstm_export.exporters.torchscript import save_torchscript
-from lstm_export.pipeline import save_onnx
 from lstm_export.verification.folder import verify_artifacts
 
 SIZES = (
