@@ -14,6 +14,10 @@ from rich.markup import escape
 
 from lstm_export.cli.base import app, err, out, print_json, status
 from lstm_export.cli.render import load_table
+from lstm_export.serving.http.limits import ServerLimits
+
+DEFAULT = ServerLimits()
+"""The server's limits as the library sets them: each flag's default is read from here."""
 
 
 @app.command()
@@ -21,32 +25,42 @@ def serve(
     folder: Annotated[Path, typer.Argument(help="An export folder or a .onnx file.")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
-    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body.")] = 8 << 20,
-    max_seq_len: Annotated[int, typer.Option(min=1, help="Most steps per request.")] = 4096,
-    max_batch: Annotated[int, typer.Option(min=1, help="Most sequences per request.")] = 64,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1, help="Largest request body.")
+    ] = DEFAULT.max_body_bytes,
+    max_seq_len: Annotated[
+        int, typer.Option(min=1, help="Most steps per request.")
+    ] = DEFAULT.max_seq_len,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="Most sequences per request.")
+    ] = DEFAULT.max_batch,
     max_elements: Annotated[
         int, typer.Option(min=1, help="Most steps x sequences per predict or chunk.")
-    ] = 8192,
-    max_streams: Annotated[int, typer.Option(min=1, help="Most open streams.")] = 256,
-    stream_ttl: Annotated[float, typer.Option(help="Seconds an idle stream lives.")] = 300.0,
+    ] = DEFAULT.max_elements,
+    max_streams: Annotated[
+        int, typer.Option(min=1, help="Most open streams.")
+    ] = DEFAULT.max_streams,
+    stream_ttl: Annotated[
+        float, typer.Option(help="Seconds an idle stream lives.")
+    ] = DEFAULT.stream_ttl,
     header_timeout: Annotated[
         float, typer.Option(help="Seconds for a request's line and headers to arrive.")
-    ] = 10.0,
+    ] = DEFAULT.header_timeout,
     body_timeout: Annotated[
         float, typer.Option(help="Seconds for a request's body to arrive after its headers.")
-    ] = 30.0,
+    ] = DEFAULT.body_timeout,
     write_timeout: Annotated[
         float, typer.Option(help="Seconds for an answer backed up in the server to drain.")
-    ] = 30.0,
+    ] = DEFAULT.write_timeout,
     max_connections: Annotated[
         int, typer.Option(min=1, help="Connections open at once (then 503).")
-    ] = 256,
+    ] = DEFAULT.max_connections,
     max_bytes_in_flight: Annotated[
         int, typer.Option(min=1, help="Request bodies plus unsent answers held (then 503).")
-    ] = 256 << 20,
+    ] = DEFAULT.max_bytes_in_flight,
     shutdown_timeout: Annotated[
         float, typer.Option(help="Seconds requests in flight get after SIGINT/SIGTERM.")
-    ] = 1.0,
+    ] = DEFAULT.shutdown_timeout,
     threads: Annotated[
         int, typer.Option(min=1, help="onnxruntime threads per request; at most CPU count.")
     ] = 1,
@@ -63,7 +77,6 @@ def serve(
     ] = True,
 ) -> None:
     """Serve an export over HTTP, JSON in and out (needs the serve extra); Ctrl+C stops it."""
-    from lstm_export.serving.http import ServerLimits
     from lstm_export.serving.http import serve as run_serve
 
     limits = ServerLimits(
