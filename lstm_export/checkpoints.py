@@ -278,8 +278,7 @@ def check_state(
 
 def check_state_dict(model: LSTM, state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
     """Refuse a state dict that does not fit `model`, naming the keys that are off."""
-    config = LSTMConfig(model.input_size, model.hidden_size, model.num_layers, model.layer_norm)
-    _check_fit(state, config, source)  # the model exists: its size is not in question
+    _check_fit(state, model.config(), source)  # the model exists: its size is not in question
 
 
 def _check_fit(state: Mapping[str, Tensor], config: LSTMConfig, source: str) -> None:
@@ -330,7 +329,7 @@ def model_from_state_dict(
     """
     check_state(state, config, source, limits)
     check_weights(state, source)
-    model = LSTM(config.input_size, config.hidden_size, config.num_layers, config.layer_norm)
+    model = LSTM.from_config(config)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     return model.eval()
 
@@ -356,7 +355,7 @@ def build_model(config: LSTMConfig, seed: int = 0, limits: SizeLimits = DEFAULT_
     check_size(config, limits)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LSTM(config.input_size, config.hidden_size, config.num_layers, config.layer_norm)
+        model = LSTM.from_config(config)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if ".layer_norm" in name and name.endswith("weight"):

@@ -1,4 +1,4 @@
-"""Model configuration: the four numbers that fix an LSTM's shape, and where they come from.
+"""Model configuration: the numbers and switches that fix an LSTM's shape, and where they come from.
 
 This module must not import torch: the CLI reads configs before deciding whether
 any heavy work is needed.
@@ -38,20 +38,47 @@ def positive_int(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
+LAYOUT_FIELDS = ("batch_first", "bidirectional")
+"""Fields added after the first artifacts were written: a config without them is one of those
+artifacts, time-major and unidirectional, and reads as False for both."""
+
+
 @dataclass(frozen=True)
 class LSTMConfig:
-    """input_size, hidden_size, num_layers and layer_norm, checked on creation."""
+    """input_size, hidden_size, num_layers, layer_norm, batch_first and bidirectional,
+    checked on creation."""
 
     input_size: int = 64
     hidden_size: int = 256
     num_layers: int = 2
     layer_norm: bool = True
+    batch_first: bool = False
+    """x and y are [batch, seq, ...] instead of [seq, batch, ...]; states stay layer-major."""
+    bidirectional: bool = False
+    """Each layer runs a forward and a reverse cell; outputs are [..., 2 * hidden_size]."""
 
     def __post_init__(self) -> None:
         for name in ("input_size", "hidden_size", "num_layers"):
             positive_int(name, getattr(self, name))
-        if not isinstance(self.layer_norm, bool):
-            raise UsageError(f"layer_norm must be true or false, got {self.layer_norm!r}")
+        for name in ("layer_norm", *LAYOUT_FIELDS):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise UsageError(f"{name} must be true or false, got {value!r}")
+
+    @property
+    def num_directions(self) -> int:
+        """D: 2 for a bidirectional model, else 1."""
+        return 2 if self.bidirectional else 1
+
+    @property
+    def state_layers(self) -> int:
+        """The first dimension of h0, c0, hn and cn: num_layers * D (nn.LSTM's order)."""
+        return self.num_layers * self.num_directions
+
+    @property
+    def output_size(self) -> int:
+        """The last dimension of y: D * hidden_size."""
+        return self.num_directions * self.hidden_size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +104,7 @@ class LSTMConfig:
         if unknown:
             expected = sorted(known)
             raise UsageError(f"{source}: unknown key(s) {unknown}; expected some of {expected}")
-        missing = [name for name in known if name not in data]
+        missing = [name for name in known if name not in data and name not in LAYOUT_FIELDS]
         if missing and not partial:
             raise UsageError(f"{source}: missing key(s) {missing}; expected all of {known}")
         try:
@@ -95,10 +122,12 @@ class LSTMConfig:
         return cls.from_dict(parse_json(text, source), source)
 
     def describe(self) -> str:
-        """`LSTM(input_size=4, hidden_size=8, num_layers=1, layer_norm=False)`, for messages."""
+        """`LSTM(input_size=4, hidden_size=8, num_layers=1, layer_norm=False)`, for messages;
+        batch_first and bidirectional are named when they are on."""
+        switches = "".join(f", {name}=True" for name in LAYOUT_FIELDS if getattr(self, name))
         return (
             f"LSTM(input_size={self.input_size}, hidden_size={self.hidden_size}, "
-            f"num_layers={self.num_layers}, layer_norm={self.layer_norm})"
+            f"num_layers={self.num_layers}, layer_norm={self.layer_norm}{switches})"
         )
 
     def parameter_count(self) -> int:
@@ -106,9 +135,9 @@ class LSTMConfig:
         hidden = self.hidden_size
         gates = 4 * hidden
         first = gates * (self.input_size + hidden + 1)  # input_lin, hidden_lin and its bias
-        others = (self.num_layers - 1) * gates * (2 * hidden + 1)
+        others = (self.num_layers - 1) * gates * (self.output_size + hidden + 1)
         norms = self.num_layers * 5 * 2 * hidden if self.layer_norm else 0  # 5 LayerNorms
-        return first + others + norms
+        return self.num_directions * (first + others + norms)  # one cell per direction
 
 
 @dataclass(frozen=True)

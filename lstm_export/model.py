@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from lstm_export.config import positive_int
+from lstm_export.config import LSTMConfig, positive_int
 
 State = Tuple[Tensor, Tensor]
 
@@ -41,6 +41,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return "another dtype"
 
 
+def _layout(batch_first: bool, last: str) -> str:
+    return f"[batch, seq, {last}]" if batch_first else f"[seq, batch, {last}]"
+
+
 def check_inputs(
     x: Tensor,
     state: Optional[State],
@@ -48,23 +52,31 @@ def check_inputs(
     hidden_size: int,
     num_layers: int,
     dtype: torch.dtype,
+    batch_first: bool = False,
+    num_directions: int = 1,
 ) -> None:
-    """Refuse bad input with the expected and received shapes, also in TorchScript."""
+    """Refuse bad input with the expected and received shapes, also in TorchScript.
+
+    `x` is as the caller gave it (batch-first or not); states are [num_layers * D, batch,
+    hidden_size] either way, as in nn.LSTM.
+    """
     if x.dtype != dtype:
         raise ValueError(
             f"x must be a {_dtype_name(dtype)} tensor like the model's weights, "
             f"got {_dtype_name(x.dtype)}"
         )
     if x.dim() != 3 or x.size(2) != input_size or x.size(0) < 1 or x.size(1) < 1:
-        raise ValueError(
-            f"x must have shape [seq>=1, batch>=1, input_size={input_size}], got {list(x.shape)}"
-        )
+        expected = _layout(batch_first, f"input_size={input_size}")
+        expected = expected.replace("seq", "seq>=1").replace("batch", "batch>=1")
+        raise ValueError(f"x must have shape {expected}, got {list(x.shape)}")
     if state is not None:
-        expected = [num_layers, x.size(1), hidden_size]
+        batch = x.size(0) if batch_first else x.size(1)
+        layers = "num_layers" if num_directions == 1 else "num_layers*2"
+        expected = [num_layers * num_directions, batch, hidden_size]
         for name, tensor in (("h0", state[0]), ("c0", state[1])):
             if list(tensor.shape) != expected:
                 raise ValueError(
-                    f"{name} must have shape [num_layers={expected[0]}, batch={expected[1]}, "
+                    f"{name} must have shape [{layers}={expected[0]}, batch={expected[1]}, "
                     f"hidden_size={expected[2]}], got {list(tensor.shape)}"
                 )
             if tensor.dtype != dtype:
@@ -74,12 +86,47 @@ def check_inputs(
                 )
 
 
-def initial_state(x: Tensor, state: Optional[State], num_layers: int, hidden_size: int) -> State:
-    """The given (h0, c0), or zeros for x's batch."""
+def check_lengths(lengths: Tensor, seq: int, batch: int) -> None:
+    """Refuse `lengths` unless it is int64 [batch] with every value in 1..seq."""
+    if lengths.dtype != torch.int64:
+        raise ValueError(f"lengths must be an int64 tensor, got {_dtype_name(lengths.dtype)}")
+    if lengths.dim() != 1 or lengths.size(0) != batch:
+        raise ValueError(f"lengths must have shape [batch={batch}], got {list(lengths.shape)}")
+    shortest = int(lengths.min())
+    longest = int(lengths.max())
+    if shortest < 1 or longest > seq:
+        bad = shortest if shortest < 1 else longest
+        raise ValueError(f"lengths must each be in 1..seq={seq}, got {bad}")
+
+
+def initial_state(x: Tensor, state: Optional[State], layers: int, hidden_size: int) -> State:
+    """The given (h0, c0), or zeros for time-major x's batch; `layers` is num_layers * D."""
     if state is not None:
         return state
-    zeros = torch.zeros(num_layers, x.size(1), hidden_size, dtype=x.dtype, device=x.device)
+    zeros = torch.zeros(layers, x.size(1), hidden_size, dtype=x.dtype, device=x.device)
     return zeros, zeros
+
+
+def valid_steps(lengths: Tensor, seq: int) -> Tensor:
+    """[seq, batch, 1] bool: step t of sequence b is valid when t < lengths[b]."""
+    steps = torch.arange(seq, device=lengths.device).unsqueeze(1)
+    return (steps < lengths.unsqueeze(0)).unsqueeze(2)
+
+
+def reverse_index(lengths: Tensor, seq: int) -> Tensor:
+    """[seq, batch]: the step each step is swapped with when every sequence is reversed
+    within its own length (t -> lengths[b] - 1 - t; padding steps stay where they are)."""
+    steps = torch.arange(seq, device=lengths.device).unsqueeze(1)
+    ends = lengths.unsqueeze(0)
+    return torch.where(steps < ends, ends - 1 - steps, steps)
+
+
+def reverse_steps(x: Tensor, index: Optional[Tensor]) -> Tensor:
+    """Time-major x with each sequence reversed within its length (`reverse_index`), or
+    wholly when every sequence is full (`index` None). Its own inverse."""
+    if index is None:
+        return x.flip(0)
+    return x.gather(0, index.unsqueeze(2).expand(x.size(0), x.size(1), x.size(2)))
 
 
 class LSTMCell(nn.Module):
@@ -130,24 +177,34 @@ class LSTMCell(nn.Module):
         h_next = torch.sigmoid(o) * torch.tanh(self.layer_norm_c(c_next))
         return h_next, c_next
 
-    def scan(self, x: Tensor, state: State) -> Tuple[Tensor, State]:
+    def scan(self, x: Tensor, state: State, valid: Optional[Tensor] = None) -> Tuple[Tensor, State]:
         """The layer: this cell over x [seq, batch, input_size] from state (h0, c0); returns
-        every h_t [seq, batch, hidden_size] and the last (h, c)."""
+        every h_t [seq, batch, hidden_size] and the last (h, c).
+
+        `valid` ([seq, batch, 1] bool, `valid_steps`) marks the padding: there h_t is 0 and
+        (h, c) is carried unchanged, so each sequence ends with its last valid step's state.
+        """
         h, c = state
         outputs: List[Tensor] = []
-        for x_t in x.unbind(0):
-            h, c = self(x_t, (h, c))
-            outputs.append(h)
+        for t, x_t in enumerate(x.unbind(0)):
+            h_t, c_t = self(x_t, (h, c))
+            if valid is None:
+                h, c = h_t, c_t
+            else:
+                h, c = torch.where(valid[t], h_t, h), torch.where(valid[t], c_t, c)
+                h_t = h_t.masked_fill(~valid[t], 0.0)
+            outputs.append(h_t)
         return torch.stack(outputs), (h, c)
 
 
 class LayerStack(nn.Module):
     """The one loop over layers (fastrnns' StackedLSTM): layer k runs the whole sequence and
-    its h_t are layer k+1's x_t.
+    its outputs are layer k+1's x_t.
 
     The eager `LSTM` and the TorchScript routes differ only in their layers: each module of
-    `cells` (the state-dict prefix) has `scan(x, (h0, c0)) -> (y, (h, c))` and an `input_lin`
-    whose weight's dtype is the model's. Inputs and outputs as in `LSTM`.
+    `cells` (forward direction, the state-dict prefix) and `reverse_cells` (the reverse one,
+    empty unless bidirectional) has `scan(x, (h0, c0), valid) -> (y, (h, c))` and an
+    `input_lin` whose weight's dtype is the model's. Inputs and outputs as in `LSTM`.
     """
 
     def __init__(
@@ -157,6 +214,9 @@ class LayerStack(nn.Module):
         num_layers: int,
         layer_norm: bool,
         cells: nn.ModuleList,
+        reverse_cells: nn.ModuleList,
+        batch_first: bool = False,
+        bidirectional: bool = False,
     ) -> None:
         super().__init__()
         # Plain attributes (not Final) so TorchScript keeps them readable on the
@@ -165,38 +225,130 @@ class LayerStack(nn.Module):
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.layer_norm = bool(layer_norm)
+        self.batch_first = bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        self.num_directions = 2 if bidirectional else 1
         self.cells = cells
+        self.reverse_cells = reverse_cells
 
-    def _checked_state(self, x: Tensor, state: Optional[State]) -> State:
-        """The input checks, then the given or zero (h0, c0)."""
+    def _checked(
+        self, x: Tensor, state: Optional[State], lengths: Optional[Tensor]
+    ) -> Tuple[Tensor, State]:
+        """The input checks, then time-major x and the given or zero (h0, c0)."""
         dtype = self.cells[0].input_lin.weight.dtype
-        check_inputs(x, state, self.input_size, self.hidden_size, self.num_layers, dtype)
-        return initial_state(x, state, self.num_layers, self.hidden_size)
+        check_inputs(
+            x,
+            state,
+            self.input_size,
+            self.hidden_size,
+            self.num_layers,
+            dtype,
+            self.batch_first,
+            self.num_directions,
+        )
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        if lengths is not None:
+            check_lengths(lengths, x.size(0), x.size(1))
+        layers = self.num_layers * self.num_directions
+        return x, initial_state(x, state, layers, self.hidden_size)
 
-    def forward(self, x: Tensor, state: Optional[State] = None) -> Tuple[Tensor, State]:
-        h0, c0 = self._checked_state(x, state)
+    def _output(self, y: Tensor) -> Tensor:
+        """Time-major y in the caller's layout."""
+        return y.transpose(0, 1) if self.batch_first else y
+
+    def forward(
+        self, x: Tensor, state: Optional[State] = None, lengths: Optional[Tensor] = None
+    ) -> Tuple[Tensor, State]:
+        x, (h0, c0) = self._checked(x, state, lengths)
+        valid: Optional[Tensor] = None
+        index: Optional[Tensor] = None
+        if lengths is not None:
+            valid = valid_steps(lengths, x.size(0))
+            index = reverse_index(lengths, x.size(0))
         layer_input = x
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []
-        for k, layer in enumerate(self.cells):
-            layer_input, (h, c) = layer.scan(layer_input, (h0[k], c0[k]))
-            h_n.append(h)
-            c_n.append(c)
-        return layer_input, (torch.stack(h_n), torch.stack(c_n))
+        if self.bidirectional:
+            # State index layer*2 + direction; outputs [..., forward | reverse].
+            for k, (cell, reverse) in enumerate(zip(self.cells, self.reverse_cells)):  # noqa: B905 (TorchScript has no strict=)
+                y, (h, c) = cell.scan(layer_input, (h0[2 * k], c0[2 * k]), valid)
+                backward = reverse_steps(layer_input, index)
+                y_rev, (h_rev, c_rev) = reverse.scan(
+                    backward, (h0[2 * k + 1], c0[2 * k + 1]), valid
+                )
+                layer_input = torch.cat([y, reverse_steps(y_rev, index)], dim=2)
+                h_n += [h, h_rev]
+                c_n += [c, c_rev]
+        else:
+            for k, layer in enumerate(self.cells):
+                layer_input, (h, c) = layer.scan(layer_input, (h0[k], c0[k]), valid)
+                h_n.append(h)
+                c_n.append(c)
+        return self._output(layer_input), (torch.stack(h_n), torch.stack(c_n))
 
 
 class LSTM(LayerStack):
-    """A stack of `LSTMCell`s run over a sequence; layer k's h_t feeds layer k+1.
+    """A stack of `LSTMCell`s run over a sequence; layer k's outputs feed layer k+1.
 
-    `x` is [seq, batch, input_size]; `state` is (h0, c0), each
-    [num_layers, batch, hidden_size], zeros when omitted. Returns
-    y [seq, batch, hidden_size] (the top layer) and the final (h, c).
+    `x` is [seq, batch, input_size] ([batch, seq, input_size] when `batch_first`);
+    `state` is (h0, c0), each [num_layers * D, batch, hidden_size] (D = 2 when
+    `bidirectional`, index layer*2 + direction), zeros when omitted; `lengths` (int64
+    [batch], each in 1..seq) is where each padded sequence ends, all of seq when omitted.
+    Returns y [seq, batch, D * hidden_size] (the top layer, forward direction first, zero
+    past each length) and each sequence's (h, c) after its last valid step, as nn.LSTM
+    gives on a packed sequence.
+
+    The reverse cells' keys sit beside the forward ones: `reverse_cells.{k}.input_lin.weight`
+    beside `cells.{k}.input_lin.weight`.
     """
 
     def __init__(
-        self, input_size: int, hidden_size: int, num_layers: int = 1, layer_norm: bool = False
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        layer_norm: bool = False,
+        batch_first: bool = False,
+        bidirectional: bool = False,
     ) -> None:
         positive_int("num_layers", num_layers)
-        sizes = [input_size] + [hidden_size] * (num_layers - 1)
+        directions = 2 if bidirectional else 1
+        sizes = [input_size] + [directions * hidden_size] * (num_layers - 1)
         cells = nn.ModuleList([LSTMCell(n, hidden_size, layer_norm) for n in sizes])
-        super().__init__(input_size, hidden_size, num_layers, layer_norm, cells)
+        reverse_cells = nn.ModuleList(
+            [LSTMCell(n, hidden_size, layer_norm) for n in sizes] if bidirectional else []
+        )
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            layer_norm,
+            cells,
+            reverse_cells,
+            batch_first,
+            bidirectional,
+        )
+
+    @classmethod
+    def from_config(cls, config: LSTMConfig) -> LSTM:
+        """The model a config describes, with fresh weights."""
+        return cls(
+            config.input_size,
+            config.hidden_size,
+            config.num_layers,
+            config.layer_norm,
+            config.batch_first,
+            config.bidirectional,
+        )
+
+    def config(self) -> LSTMConfig:
+        """This model's config, read off its attributes."""
+        return LSTMConfig(
+            self.input_size,
+            self.hidden_size,
+            self.num_layers,
+            self.layer_norm,
+            self.batch_first,
+            self.bidirectional,
+        )

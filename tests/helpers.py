@@ -38,19 +38,44 @@ def small_model(layer_norm: bool, num_layers: int = 2, seed: int = 0) -> LSTM:
 
 
 def nn_lstm_with_weights_of(model: LSTM, ih_share: float = 0.0) -> nn.LSTM:
-    """An independent reference: torch.nn.LSTM holding a plain model's weights.
+    """An independent reference: torch.nn.LSTM holding a plain model's weights (its layout:
+    batch_first, bidirectional, as the model's).
 
     Our single bias is split between nn.LSTM's two (`ih_share` of it in bias_ih);
     only their sum matters, so any split must give the same numbers.
     """
-    reference = nn.LSTM(model.input_size, model.hidden_size, model.num_layers)
+    reference = nn.LSTM(
+        model.input_size,
+        model.hidden_size,
+        model.num_layers,
+        batch_first=model.batch_first,
+        bidirectional=model.bidirectional,
+    )
+    directions = [("", model.cells)]
+    if model.bidirectional:
+        directions.append(("_reverse", model.reverse_cells))
     with torch.no_grad():
-        for k, cell in enumerate(model.cells):
-            getattr(reference, f"weight_ih_l{k}").copy_(cell.input_lin.weight)
-            getattr(reference, f"weight_hh_l{k}").copy_(cell.hidden_lin.weight)
-            getattr(reference, f"bias_ih_l{k}").copy_(ih_share * cell.hidden_lin.bias)
-            getattr(reference, f"bias_hh_l{k}").copy_((1 - ih_share) * cell.hidden_lin.bias)
+        for suffix, cells in directions:
+            for k, cell in enumerate(cells):
+                getattr(reference, f"weight_ih_l{k}{suffix}").copy_(cell.input_lin.weight)
+                getattr(reference, f"weight_hh_l{k}{suffix}").copy_(cell.hidden_lin.weight)
+                bias = cell.hidden_lin.bias
+                getattr(reference, f"bias_ih_l{k}{suffix}").copy_(ih_share * bias)
+                getattr(reference, f"bias_hh_l{k}{suffix}").copy_((1 - ih_share) * bias)
     return reference.eval()
+
+
+def run_packed(reference: nn.LSTM, x: torch.Tensor, state, lengths: torch.Tensor):
+    """nn.LSTM on a padded batch through pack_padded_sequence (unsorted lengths), padded back
+    to x's length with zeros: what nn.LSTM users run on ragged batches."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    first = reference.batch_first
+    packed = pack_padded_sequence(x, lengths, batch_first=first, enforce_sorted=False)
+    out, (h, c) = reference(packed, state)
+    total = x.size(1 if first else 0)
+    y, _ = pad_packed_sequence(out, batch_first=first, total_length=total)
+    return y, (h, c)
 
 
 def run_python(

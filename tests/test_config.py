@@ -32,7 +32,7 @@ COMPLETE = {"input_size": 4, "hidden_size": 8, "num_layers": 1, "layer_norm": Fa
         pytest.param(
             [1, 2],
             "m.onnx: expected an object with keys input_size, hidden_size, num_layers, "
-            "layer_norm, got list [1, 2]",
+            "layer_norm, batch_first, bidirectional, got list [1, 2]",
             id="a-list",
         ),
         pytest.param(
@@ -43,7 +43,8 @@ COMPLETE = {"input_size": 4, "hidden_size": 8, "num_layers": 1, "layer_norm": Fa
         pytest.param(
             {"input_size": 4},
             "m.onnx: missing key(s) ['hidden_size', 'num_layers', 'layer_norm']; expected all "
-            "of ['input_size', 'hidden_size', 'num_layers', 'layer_norm']",
+            "of ['input_size', 'hidden_size', 'num_layers', 'layer_norm', 'batch_first', "
+            "'bidirectional']",
             id="missing-keys",
         ),
         pytest.param(

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import nn_lstm_with_weights_of, small_model
+from helpers import nn_lstm_with_weights_of, run_packed, small_model
 from lstm_export.exporters.torchscript import script
 from lstm_export.model import LSTM, LSTMCell
 
@@ -196,3 +196,194 @@ def test_a_cell_is_one_step_of_its_layer(model):
         h, c = cell(x[0], (h0[0], c0[0]))
         y, (h_n, c_n) = cell.scan(x, (h0[0], c0[0]))
     assert torch.equal(y[0], h) and torch.equal(h_n, h) and torch.equal(c_n, c)
+
+
+# --- padded batches, batch-first and bidirectional layers -------------------------------
+
+LAYOUTS = [
+    pytest.param(False, False, id="time_major"),
+    pytest.param(True, False, id="batch_first"),
+    pytest.param(False, True, id="bidirectional"),
+    pytest.param(True, True, id="batch_first-bidirectional"),
+]
+
+
+def layout_model(ln: bool, batch_first: bool, bidirectional: bool, layers: int = 2) -> LSTM:
+    torch.manual_seed(3)
+    model = LSTM(5, 8, layers, ln, batch_first, bidirectional)
+    with torch.no_grad():  # weights of a trained model's scale, not init's gentle ones
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def reference_direction(state, prefix, x, h0, c0, hidden, ln):
+    """One direction of one layer from raw weights: the equations over x [seq, 1, in]."""
+    h, c, ys = h0, c0, []
+    for t in range(x.shape[0]):
+        z = x[t] @ state[prefix + "input_lin.weight"].T + h @ state[prefix + "hidden_lin.weight"].T
+        gates = list((z + state[prefix + "hidden_lin.bias"]).split(hidden, dim=-1))
+        if ln:
+            gates = [
+                layer_norm(
+                    g,
+                    state[f"{prefix}layer_norm.{n}.weight"],
+                    state[f"{prefix}layer_norm.{n}.bias"],
+                )
+                for n, g in enumerate(gates)
+            ]
+        i, f, g, o = gates
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        c_out = (
+            layer_norm(
+                c, state[prefix + "layer_norm_c.weight"], state[prefix + "layer_norm_c.bias"]
+            )
+            if ln
+            else c
+        )
+        h = torch.sigmoid(o) * torch.tanh(c_out)
+        ys.append(h)
+    return torch.stack(ys), h, c
+
+
+def reference_sequence(model: LSTM, x, h0, c0):
+    """One unpadded time-major sequence x [L, 1, in] through every layer and direction."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    directions = [("cells", False)] + ([("reverse_cells", True)] if model.bidirectional else [])
+    hs, cs, inp = [], [], x
+    for k in range(model.num_layers):
+        outs = []
+        for d, (name, backwards) in enumerate(directions):
+            s = k * len(directions) + d
+            seq = inp.flip(0) if backwards else inp
+            y, h, c = reference_direction(
+                state, f"{name}.{k}.", seq, h0[s], c0[s], 8, model.layer_norm
+            )
+            outs.append(y.flip(0) if backwards else y)
+            hs.append(h)
+            cs.append(c)
+        inp = torch.cat(outs, dim=-1)
+    return inp, torch.stack(hs), torch.stack(cs)
+
+
+@pytest.mark.parametrize("batch_first,bidirectional", LAYOUTS)
+@pytest.mark.parametrize("ln", [False, True], ids=["plain", "layer_norm"])
+def test_ragged_batches_give_each_sequence_its_own_answer(ln, batch_first, bidirectional):
+    """Each padded sequence gets what it gets alone, unpadded (the equations written out);
+    y is zero past its length. Lengths 1 and full sit in one batch."""
+    model = layout_model(ln, batch_first, bidirectional).double()
+    seq, lengths = 7, torch.tensor([7, 1, 4])
+    x = torch.randn(seq, 3, 5, dtype=torch.float64)
+    D = 2 if bidirectional else 1
+    h0, c0 = torch.randn(2, 2 * D, 3, 8, dtype=torch.float64).unbind(0)
+    given = x.transpose(0, 1) if batch_first else x
+    for module in (model, script(model)):
+        with torch.no_grad():
+            y, (h, c) = module(given, (h0, c0), lengths)
+        y = y.transpose(0, 1) if batch_first else y
+        assert y.shape == (seq, 3, D * 8)
+        for b, length in enumerate(lengths.tolist()):
+            want_y, want_h, want_c = reference_sequence(
+                model, x[:length, b : b + 1], h0[:, b : b + 1], c0[:, b : b + 1]
+            )
+            torch.testing.assert_close(y[:length, b : b + 1], want_y, atol=1e-10, rtol=0)
+            assert torch.count_nonzero(y[length:, b]) == 0
+            torch.testing.assert_close(h[:, b : b + 1], want_h, atol=1e-10, rtol=0)
+            torch.testing.assert_close(c[:, b : b + 1], want_c, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("batch_first,bidirectional", LAYOUTS)
+def test_plain_layouts_match_nn_lstm_on_packed_sequences(batch_first, bidirectional):
+    model = layout_model(False, batch_first, bidirectional, layers=3)
+    reference = nn_lstm_with_weights_of(model, ih_share=0.25)
+    lengths = torch.tensor([1, 9, 5, 9])
+    x = torch.randn(4, 9, 5) if batch_first else torch.randn(9, 4, 5)
+    D = 2 if bidirectional else 1
+    state = tuple(torch.randn(2, 3 * D, 4, 8).unbind(0))
+    with torch.no_grad():
+        want_y, (want_h, want_c) = run_packed(reference, x, state, lengths)
+        want_full = reference(x, state)
+        for module in (model, script(model)):
+            y, (h, c) = module(x, state, lengths)
+            for got, want in zip((y, h, c), (want_y, want_h, want_c), strict=True):
+                torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+            y, (h, c) = module(x, state)  # no lengths: every sequence is full
+            for got, want in zip((y, h, c), (want_full[0], *want_full[1]), strict=True):
+                torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+
+
+def test_lengths_all_full_equals_no_lengths():
+    model = layout_model(True, False, True)
+    x = torch.randn(6, 2, 5)
+    with torch.no_grad():
+        plain = model(x)
+        full = model(x, None, torch.tensor([6, 6]))
+    for got, want in zip((plain[0], *plain[1]), (full[0], *full[1]), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_reverse_keys_sit_beside_the_forward_ones():
+    uni = set(LSTM(5, 8, 2, True).state_dict())
+    bi = set(LSTM(5, 8, 2, True, bidirectional=True).state_dict())
+    assert uni < bi  # the forward keys stay exactly as they are
+    assert bi - uni == {"reverse_" + key for key in uni}
+    assert LSTM(5, 8, 2, bidirectional=True).reverse_cells[1].input_lin.in_features == 16
+
+
+LAYOUT_BAD_INPUTS = [
+    (
+        "lengths dtype",
+        dict(lengths=torch.tensor([3, 2], dtype=torch.int32)),
+        "lengths must be an int64 tensor, got int32",
+    ),
+    (
+        "lengths float",
+        dict(lengths=torch.tensor([3.0, 2.0])),
+        "lengths must be an int64 tensor, got float32",
+    ),
+    (
+        "lengths shape",
+        dict(lengths=torch.tensor([3, 2, 1])),
+        "lengths must have shape [batch=2], got [3]",
+    ),
+    (
+        "lengths rank",
+        dict(lengths=torch.tensor([[3, 2]])),
+        "lengths must have shape [batch=2], got [1, 2]",
+    ),
+    ("length zero", dict(lengths=torch.tensor([3, 0])), "lengths must each be in 1..seq=4, got 0"),
+    (
+        "length past seq",
+        dict(lengths=torch.tensor([5, 2])),
+        "lengths must each be in 1..seq=4, got 5",
+    ),
+    (
+        "bidirectional state",
+        dict(state=(torch.zeros(2, 2, 8), torch.zeros(2, 2, 8))),
+        "h0 must have shape [num_layers*2=4, batch=2, hidden_size=8], got [2, 2, 8]",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "given,message", [b[1:] for b in LAYOUT_BAD_INPUTS], ids=[b[0] for b in LAYOUT_BAD_INPUTS]
+)
+def test_bad_lengths_and_states_name_expected_and_received(given, message):
+    model = layout_model(False, False, True)
+    x = torch.randn(4, 2, 5)
+    args = (x, given.get("state"), given.get("lengths"))
+    with pytest.raises(ValueError) as eager_error:
+        model(*args)
+    assert message in str(eager_error.value)
+    with pytest.raises(torch.jit.Error) as scripted_error:
+        script(model)(*args)
+    assert message in str(scripted_error.value)
+
+
+def test_batch_first_x_is_described_batch_first():
+    model = layout_model(False, True, False)
+    with pytest.raises(ValueError, match=r"x must have shape \[batch>=1, seq>=1, input_size=5\]"):
+        model(torch.randn(2, 4, 6))
+    x = torch.randn(3, 4, 5)  # batch 3: a state for batch 4 (the time-major reading) is refused
+    with pytest.raises(ValueError, match=r"batch=3"):
+        model(x, (torch.zeros(2, 4, 8), torch.zeros(2, 4, 8)))

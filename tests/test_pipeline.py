@@ -49,6 +49,8 @@ def test_manifest_records_hashes_config_versions_and_parity(exported):
         "hidden_size": 8,
         "num_layers": 2,
         "layer_norm": model.layer_norm,
+        "batch_first": False,
+        "bidirectional": False,
     }
     assert manifest["artifacts"]["model.onnx"]["opset"] >= 17
     assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "lstm-export"}

@@ -38,30 +38,70 @@ class _Route(LayerStack):
 
     route = ""
 
-    def __init__(self, model: LSTM, cells: nn.ModuleList) -> None:
+    def __init__(self, model: LSTM, cells: nn.ModuleList, reverse_cells: nn.ModuleList) -> None:
         super().__init__(
-            model.input_size, model.hidden_size, model.num_layers, model.layer_norm, cells
+            model.input_size,
+            model.hidden_size,
+            model.num_layers,
+            model.layer_norm,
+            cells,
+            reverse_cells,
+            model.batch_first,
+            model.bidirectional,
         )
 
 
+def _aten_weights(w_ih: Tensor, w_hh: Tensor, bias: Tensor) -> List[Tensor]:
+    """One direction of one layer as torch.lstm takes it: (w_ih, w_hh, b_ih=0, b_hh)."""
+    return [w_ih, w_hh, torch.zeros_like(bias), bias]
+
+
 class AtenLSTM(_Route):
-    """layer_norm=False through `torch.lstm`, aten's plain kernel behind `nn.LSTM`."""
+    """layer_norm=False through `torch.lstm`, aten's plain kernel behind `nn.LSTM`; a ragged
+    batch goes in packed, as `pack_padded_sequence` packs it for nn.LSTM."""
 
     route = "aten fused LSTM kernel (torch.lstm, as nn.LSTM), same weights"
 
     def __init__(self, model: LSTM) -> None:
-        super().__init__(model, model.cells)
+        super().__init__(model, model.cells, model.reverse_cells)
 
     def forward(
-        self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None
+        self, x: Tensor, state: Optional[State] = None, lengths: Optional[Tensor] = None
     ) -> Tuple[Tensor, State]:
-        h0, c0 = self._checked_state(x, state)
+        x, (h0, c0) = self._checked(x, state, lengths)
         weights: List[Tensor] = []
-        for cell in self.cells:
-            bias = cell.hidden_lin.bias
-            weights += [cell.input_lin.weight, cell.hidden_lin.weight, torch.zeros_like(bias), bias]
-        y, h, c = torch.lstm(x, [h0, c0], weights, True, self.num_layers, 0.0, False, False, False)
-        return y, (h, c)
+        if self.bidirectional:  # per layer: forward direction, then reverse (nn.LSTM's order)
+            for cell, reverse in zip(self.cells, self.reverse_cells):  # noqa: B905 (TorchScript has no strict=)
+                weights += _aten_weights(
+                    cell.input_lin.weight, cell.hidden_lin.weight, cell.hidden_lin.bias
+                )
+                weights += _aten_weights(
+                    reverse.input_lin.weight, reverse.hidden_lin.weight, reverse.hidden_lin.bias
+                )
+        else:
+            for layer in self.cells:
+                weights += _aten_weights(
+                    layer.input_lin.weight, layer.hidden_lin.weight, layer.hidden_lin.bias
+                )
+        layers, bidirectional = self.num_layers, self.bidirectional
+        if lengths is None:
+            y, h, c = torch.lstm(
+                x, [h0, c0], weights, True, layers, 0.0, False, bidirectional, False
+            )
+            return self._output(y), (h, c)
+        # Packed: sorted longest first, run, padded back, and put back in the caller's order.
+        sorted_lengths, order = torch.sort(lengths, descending=True)
+        unsort = torch.argsort(order)
+        data, batch_sizes = torch._pack_padded_sequence(
+            x.index_select(1, order), sorted_lengths, False
+        )
+        hx = [h0.index_select(1, order), c0.index_select(1, order)]
+        packed, h, c = torch.lstm(
+            data, batch_sizes, hx, weights, True, layers, 0.0, False, bidirectional
+        )
+        y, _ = torch._pad_packed_sequence(packed, batch_sizes, False, 0.0, x.size(0))
+        y = y.index_select(1, unsort)
+        return self._output(y), (h.index_select(1, unsort), c.index_select(1, unsort))
 
 
 class _LayerNormLayer(nn.Module):
@@ -96,15 +136,20 @@ class _LayerNormLayer(nn.Module):
 class HoistedLayer(_LayerNormLayer):
     """The input projection hoisted out of the time loop; one step per x_t after it."""
 
-    def scan(self, x: Tensor, state: State) -> Tuple[Tensor, State]:
+    def scan(self, x: Tensor, state: State, valid: Optional[Tensor] = None) -> Tuple[Tensor, State]:
         gamma, beta = self._gate_norms()
         x_proj = self._project(x)
         w_h = self.hidden_lin.weight.t()
         h, c = state
         outputs: List[Tensor] = []
-        for xw_t in x_proj.unbind(0):
-            h, c = self.step(xw_t, (h, c), w_h, gamma, beta)
-            outputs.append(h)
+        for t, xw_t in enumerate(x_proj.unbind(0)):
+            h_t, c_t = self.step(xw_t, (h, c), w_h, gamma, beta)
+            if valid is None:
+                h, c = h_t, c_t
+            else:  # padding: carry (h, c), output 0 (as `LSTMCell.scan`)
+                h, c = torch.where(valid[t], h_t, h), torch.where(valid[t], c_t, c)
+                h_t = h_t.masked_fill(~valid[t], 0.0)
+            outputs.append(h_t)
         return torch.stack(outputs), (h, c)
 
     def step(self, xw_t: Tensor, state: State, w_h: Tensor, gamma: Tensor, beta: Tensor) -> State:
@@ -131,7 +176,9 @@ class HoistedLayer(_LayerNormLayer):
 class KernelLayer(_LayerNormLayer):
     """The hoisted input projection, then the whole time loop in the fused kernel's one op."""
 
-    def scan(self, x: Tensor, state: State) -> Tuple[Tensor, State]:
+    def scan(self, x: Tensor, state: State, valid: Optional[Tensor] = None) -> Tuple[Tensor, State]:
+        if valid is not None:
+            raise ValueError("the fused kernel does not take lengths yet")
         gamma, beta = self._gate_norms()
         norm_c = self.layer_norm_c
         y, h, c = torch.ops.lstm_export.layer_norm_lstm_layer(
@@ -148,13 +195,21 @@ class KernelLayer(_LayerNormLayer):
         return y, (h, c)
 
 
+def _layers(kind: type[_LayerNormLayer], model: LSTM) -> Tuple[nn.ModuleList, nn.ModuleList]:
+    """`kind` over each forward and each reverse cell of `model`."""
+    return (
+        nn.ModuleList([kind(cell) for cell in model.cells]),
+        nn.ModuleList([kind(cell) for cell in model.reverse_cells]),
+    )
+
+
 class HoistedLSTM(_Route):
     """layer_norm=True with the input projection hoisted out of the time loop."""
 
     route = "hoisted input projection + one layer_norm over [batch, 4, hidden] per step"
 
     def __init__(self, model: LSTM) -> None:
-        super().__init__(model, nn.ModuleList([HoistedLayer(cell) for cell in model.cells]))
+        super().__init__(model, *_layers(HoistedLayer, model))
 
 
 class KernelLSTM(_Route):
@@ -166,7 +221,7 @@ class KernelLSTM(_Route):
     )
 
     def __init__(self, model: LSTM) -> None:
-        super().__init__(model, nn.ModuleList([KernelLayer(cell) for cell in model.cells]))
+        super().__init__(model, *_layers(KernelLayer, model))
 
 
 def _route_class(layer_norm: bool, fused_kernel: bool = False) -> type[_Route]:

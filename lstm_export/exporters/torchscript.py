@@ -35,12 +35,16 @@ def quiet_torchscript() -> Iterator[None]:
 
 
 def config_of(model: LSTM | torch.jit.ScriptModule) -> LSTMConfig:
-    """Read the config from an eager or scripted model's own attributes."""
+    """Read the config from an eager or scripted model's own attributes; a module saved
+    before batch_first and bidirectional existed has neither and is time-major and
+    unidirectional."""
     return LSTMConfig(
         input_size=int(model.input_size),
         hidden_size=int(model.hidden_size),
         num_layers=int(model.num_layers),
         layer_norm=bool(model.layer_norm),
+        batch_first=bool(getattr(model, "batch_first", False)),
+        bidirectional=bool(getattr(model, "bidirectional", False)),
     )
 
 
@@ -141,9 +145,7 @@ def check_weights(module: torch.nn.Module, config: LSTMConfig, source: str) -> N
         )
     else:
         with torch.device("meta"):
-            expected = LSTM(
-                config.input_size, config.hidden_size, config.num_layers, config.layer_norm
-            ).state_dict()
+            expected = LSTM.from_config(config).state_dict()
         missing = [k for k in expected if k not in state]
         unexpected = [k for k in state if k not in expected]
         wrong = [

@@ -184,7 +184,7 @@ def eager_from_scripted(scripted: Any, config: LSTMConfig) -> LSTM:
     """Rebuild the eager model from a scripted module's weights (it must hold ours)."""
     from lstm_export.model import LSTM
 
-    model = LSTM(config.input_size, config.hidden_size, config.num_layers, config.layer_norm)
+    model = LSTM.from_config(config)
     try:
         model.load_state_dict(scripted.state_dict())
     except RuntimeError as exc:

@@ -69,3 +69,36 @@ def test_the_layer_norm_routes_run_the_models_one_loop_over_layers():
     assert HoistedLSTM.forward is KernelLSTM.forward is LSTM.forward is LayerStack.forward
     deployed = deployable(small_model(True, 2))
     assert [type(layer) for layer in deployed.cells] == [HoistedLayer, HoistedLayer]
+
+
+@pytest.mark.parametrize(
+    "batch_first,bidirectional",
+    [(False, True), (True, False), (True, True)],
+    ids=["bidirectional", "batch_first", "batch_first-bidirectional"],
+)
+@pytest.mark.parametrize("ln", [False, True], ids=["plain", "layer_norm"])
+def test_scripted_route_matches_the_reference_on_ragged_batches(ln, batch_first, bidirectional):
+    """Every layout and ragged lengths (1 beside full): the routes against the eager model
+    in float64, y zero past each length; the aten route runs the batch packed."""
+    torch.manual_seed(0)
+    model = LSTM(5, 8, 2, ln, batch_first, bidirectional).eval()
+    deployed = script(deployable(model))
+    assert deployed.state_dict().keys() == model.state_dict().keys()
+    assert (deployed.batch_first, deployed.bidirectional) == (batch_first, bidirectional)
+    reference = LSTM(5, 8, 2, ln, batch_first, bidirectional).double().eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(4, 11, 5) if batch_first else torch.randn(11, 4, 5)
+    layers = 4 if bidirectional else 2
+    state = tuple(torch.randn(2, layers, 4, 8).unbind(0))
+    lengths = torch.tensor([11, 1, 6, 11])
+    with torch.no_grad():
+        for s in (None, state):
+            for given in (None, lengths):
+                got_y, got_state = deployed(x, s, given)
+                double = None if s is None else (s[0].double(), s[1].double())
+                want_y, want_state = reference(x.double(), double, given)
+                torch.testing.assert_close(got_y.double(), want_y, atol=1e-5, rtol=0)
+                for got, want in zip(got_state, want_state, strict=True):
+                    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    with pytest.raises(torch.jit.Error, match=r"lengths must each be in 1..seq=11, got 12"):
+        deployed(x, None, torch.tensor([12, 1, 1, 1]))

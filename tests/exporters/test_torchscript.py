@@ -59,8 +59,9 @@ def test_a_config_json_that_contradicts_the_attributes_is_refused(tmp_path):
 
     assert str(error.value) == (
         f"{path}: its config.json says {{'input_size': 5, 'hidden_size': 16, 'num_layers': 1, "
-        "'layer_norm': False}, but its attributes say {'input_size': 5, 'hidden_size': 8, "
-        "'num_layers': 1, 'layer_norm': False}"
+        "'layer_norm': False, 'batch_first': False, 'bidirectional': False}, but its "
+        "attributes say {'input_size': 5, 'hidden_size': 8, 'num_layers': 1, "
+        "'layer_norm': False, 'batch_first': False, 'bidirectional': False}"
     )
 
 
@@ -82,7 +83,8 @@ def test_a_module_without_the_weights_its_config_describes_is_refused(tmp_path):
         load_torchscript(path)
     assert str(error.value) == (
         f"{path} does not hold the weights of the lstm-export LSTM its config describes "
-        "({'input_size': 5, 'hidden_size': 8, 'num_layers': 1, 'layer_norm': False}): it holds "
+        "({'input_size': 5, 'hidden_size': 8, 'num_layers': 1, 'layer_norm': False, '"
+        "batch_first': False, 'bidirectional': False}): it holds "
         "0 tensors, a 1-layer LSTM at least 3"
     )
 

@@ -41,6 +41,8 @@ def test_reads_config_from_metadata(exported):
         "hidden_size": 8,
         "num_layers": 2,
         "layer_norm": True,
+        "batch_first": False,
+        "bidirectional": False,
     }
 
 

@@ -719,7 +719,8 @@ def _swap_model_pt(folder: Path, other_pt: Path) -> None:
         pytest.param(
             _swap_model_pt,
             "model.onnx holds config {'input_size': 5, 'hidden_size': 8, 'num_layers': 2, "
-            "'layer_norm': True}, but model.pt holds {'input_size': 5, 'hidden_size': 16,",
+            "'layer_norm': True, 'batch_first': False, 'bidirectional': False}, "
+            "but model.pt holds {'input_size': 5, 'hidden_size': 16,",
             id="model-pt-of-another-model",
         ),
     ],

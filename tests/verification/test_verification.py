@@ -301,8 +301,9 @@ def test_a_forged_config_fails_verify_naming_both_artifacts(claimed, tmp_path, c
     for artifact in ("model.pt", "model.onnx"):
         assert (
             "manifest.json records config {'input_size': 5, 'hidden_size': 999, 'num_layers': 2, "
-            f"'layer_norm': True}}, but {artifact} holds {{'input_size': 5, 'hidden_size': 8, "
-            "'num_layers': 2, 'layer_norm': True}"
+            "'layer_norm': True, 'batch_first': False, 'bidirectional': False}, "
+            f"but {artifact} holds {{'input_size': 5, 'hidden_size': 8, "
+            "'num_layers': 2, 'layer_norm': True, 'batch_first': False, 'bidirectional': False}"
         ) in report.problems
     assert "manifest.json records config" in _one_line(code, err, expected_code=1)
 
@@ -391,7 +392,7 @@ def test_inspect_labels_the_manifest_as_recorded_and_warns_where_files_disagree(
     assert warnings[0].startswith("the recorded config {'input_size': 5, 'hidden_size': 8, ")
     assert warnings[0].endswith(
         "differs from model.pt's {'input_size': 5, 'hidden_size': 8, "
-        "'num_layers': 2, 'layer_norm': True}"
+        "'num_layers': 2, 'layer_norm': True, 'batch_first': False, 'bidirectional': False}"
     )
     assert "differs from model.onnx's" in warnings[1]
     assert warnings[2].endswith("got '../evil'")
