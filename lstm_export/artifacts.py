@@ -43,6 +43,9 @@ OPSET = 17
 ONNX_INPUTS = ("x", "h0", "c0")
 ONNX_OUTPUTS = ("y", "hn", "cn")
 """model.onnx's inputs and outputs, in order (the batch-first variant keeps the names)."""
+LENGTHS_INPUT = "lengths"
+"""model.onnx's optional fourth input, int64 [batch]: where each padded sequence ends.
+Graphs exported before it existed do not have it; feeding only ONNX_INPUTS always works."""
 
 ATOL = 1e-5
 """Parity: the absolute error every backend may have against the float64 reference."""
