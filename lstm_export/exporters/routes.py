@@ -174,13 +174,18 @@ class HoistedLayer(_LayerNormLayer):
 
 
 class KernelLayer(_LayerNormLayer):
-    """The hoisted input projection, then the whole time loop in the fused kernel's one op."""
+    """The hoisted input projection, then the whole time loop in the fused kernel's one op.
+
+    `valid` goes to the op as its [seq, batch] mask: padding steps carry (h, c) and output
+    0 inside the kernel, as `LSTMCell.scan` masks them; without it the op runs unmasked.
+    """
 
     def scan(self, x: Tensor, state: State, valid: Optional[Tensor] = None) -> Tuple[Tensor, State]:
-        if valid is not None:
-            raise ValueError("the fused kernel does not take lengths yet")
         gamma, beta = self._gate_norms()
         norm_c = self.layer_norm_c
+        mask: Optional[Tensor] = None
+        if valid is not None:
+            mask = valid.squeeze(2)  # [seq, batch, 1] -> [seq, batch]
         y, h, c = torch.ops.lstm_export.layer_norm_lstm_layer(
             self._project(x),
             state[0],
@@ -191,6 +196,7 @@ class KernelLayer(_LayerNormLayer):
             norm_c.weight,
             norm_c.bias,
             norm_c.eps,
+            mask,
         )
         return y, (h, c)
 

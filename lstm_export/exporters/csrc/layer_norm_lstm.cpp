@@ -1,9 +1,13 @@
 // One LayerNorm-LSTM layer over a whole sequence, as one TorchScript custom op:
 //
-//   lstm_export::layer_norm_lstm_layer(x_proj, h0, c0, w_h, gamma, beta, gamma_c, beta_c, eps)
-//       -> (y, h_n, c_n)
+//   lstm_export::layer_norm_lstm_layer(x_proj, h0, c0, w_h, gamma, beta, gamma_c, beta_c, eps,
+//                                      valid=None) -> (y, h_n, c_n)
 //
 // x_proj [seq, batch, 4H] is W_x x_t + b for every t (one matmul, done by the caller).
+// valid, optional bool [seq, batch]: where false (the padding of a ragged batch) the row's
+// (h, c) is carried unchanged and y is 0, as LSTMCell.scan masks; None: every step is real.
+// It is the last argument with a default, so a model.fused.pt saved before it existed (a
+// call with nine arguments) still loads and runs.
 // Per step, in the order of the equations in lstm_export/model.py:
 //   z = x_proj[t] + h W_h^T                         (w_h is hidden_lin.weight, [4H, H])
 //   i, f, g, o = LN_k(z_k) = (z_k - mean) / sqrt(var + eps) * gamma[k] + beta[k]
@@ -22,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -249,7 +254,7 @@ void check(const Tensor& t, const char* name, at::IntArrayRef shape) {
 std::tuple<Tensor, Tensor, Tensor> layer_norm_lstm_layer(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_h,
     const Tensor& gamma, const Tensor& beta, const Tensor& gamma_c, const Tensor& beta_c,
-    double eps) {
+    double eps, const std::optional<Tensor>& valid) {
   TORCH_CHECK(x_proj.dim() == 3 && x_proj.size(2) % 4 == 0,
               "layer_norm_lstm_layer: x_proj must be [seq, batch, 4 * hidden], got ",
               x_proj.sizes());
@@ -263,6 +268,17 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_lstm_layer(
   check(beta, "beta", {4 * hidden});
   check(gamma_c, "gamma_c", {hidden});
   check(beta_c, "beta_c", {hidden});
+  const bool masked = valid.has_value() && valid->defined();
+  if (masked) {
+    TORCH_CHECK(valid->scalar_type() == at::kBool && valid->device().is_cpu(),
+                "layer_norm_lstm_layer: valid must be a bool CPU tensor, got ",
+                valid->scalar_type());
+    TORCH_CHECK(valid->sizes() == at::IntArrayRef({seq, batch}),
+                "layer_norm_lstm_layer: valid must have shape ", at::IntArrayRef({seq, batch}),
+                ", got ", valid->sizes());
+  }
+  const Tensor mask = masked ? valid->contiguous() : Tensor();
+  const bool* mp = masked ? mask.data_ptr<bool>() : nullptr;
 
   const Tensor xp = x_proj.contiguous(), w = w_h.contiguous();
   const Tensor g = gamma.contiguous(), bt = beta.contiguous();
@@ -300,6 +316,10 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_lstm_layer(
     float* yt = y.data_ptr<float>() + t * batch * hidden;
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
+        if (mp != nullptr && !mp[t * batch + b]) {  // padding: (h, c) carried, y = 0
+          std::fill_n(yt + b * hidden, hidden, 0.0f);
+          continue;
+        }
         cell_update(zp + b * 4 * hidden, cp + b * hidden, hp + b * hidden, yt + b * hidden,
                     g.data_ptr<float>(), bt.data_ptr<float>(), gc.data_ptr<float>(),
                     bc.data_ptr<float>(), hidden, eps);
@@ -314,7 +334,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_lstm_layer(
 TORCH_LIBRARY(lstm_export, m) {
   m.def(
       "layer_norm_lstm_layer(Tensor x_proj, Tensor h0, Tensor c0, Tensor w_h, Tensor gamma, "
-      "Tensor beta, Tensor gamma_c, Tensor beta_c, float eps) -> (Tensor, Tensor, Tensor)");
+      "Tensor beta, Tensor gamma_c, Tensor beta_c, float eps, Tensor? valid=None) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lstm_export, CPU, m) {
