@@ -1,6 +1,7 @@
 """The backends the parity engine runs: each artifact as its users run it, numpy in and out.
 
-Every adapter has one shape, `Backend` (time-major float32 numpy in, (y, h, c) out), so
+Every adapter has one shape, `Backend` (float32 numpy in the model's layout, with lengths or
+None, in; (y, h, c) out), so
 `check_parity` holds them all to one rule. Each runs the artifact through the code users
 run (`OnnxLSTM` and its `Stream`, onnxruntime on the graph Triton serves, the `lstm_run`
 program), so a pass says something about what ships. `torch_backend` is defined with the
@@ -16,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from lstm_export.artifacts import BATCH_FIRST, CONFIG_KEY, LAYOUT_KEY, ONNX_FILE
+from lstm_export.artifacts import BATCH_FIRST, CONFIG_KEY, LAYOUT_KEY, LENGTHS_INPUT, ONNX_FILE
 from lstm_export.config import config_from_metadata
 from lstm_export.errors import UsageError, first_line
 from lstm_export.exporters.batch_first import (
@@ -57,17 +58,22 @@ Array = np.ndarray
 def onnx_backend(name: str, runtime: OnnxLSTM) -> Backend:
     """`model.onnx` under onnxruntime; streamed cases go through `OnnxLSTM.stream`."""
 
-    def run(x: Array, state: State | None) -> Outputs:
-        y, (h, c) = runtime.run(x, state)
+    time_axis = 1 if runtime.config.batch_first else 0
+
+    def run(x: Array, state: State | None, lengths: Array | None) -> Outputs:
+        if lengths is None:  # a graph exported before lengths has no such input
+            y, (h, c) = runtime.run(x, state)
+        else:
+            y, (h, c) = runtime.run(x, state, lengths)
         return y, h, c
 
     def run_chunks(x: Array, state: State | None, chunks: tuple[int, ...]) -> Outputs:
         stream, ys, start = runtime.stream(state), [], 0
         for length in chunks:
-            ys.append(stream.step(x[start : start + length]))
+            ys.append(stream.step(x.take(range(start, start + length), axis=time_axis)))
             start += length
         assert stream.state is not None
-        return np.concatenate(ys), *stream.state
+        return np.concatenate(ys, axis=time_axis), *stream.state
 
     return Backend(name, run, run_chunks)
 
@@ -86,12 +92,12 @@ def _session(model: Path | str | onnx.ModelProto, source: str) -> ort.InferenceS
 def batch_first_backend(
     model: Path | str | onnx.ModelProto, name: str = BATCH_FIRST_BACKEND
 ) -> Backend:
-    """A parity `Backend` over a batch-first graph: time-major numpy in and out.
+    """A parity `Backend` over Triton's batch-major graph: numpy in the model's layout.
 
-    `model` is a batch-first ModelProto (`batch_first_onnx(...)`), a .onnx file, or a
-    Triton model folder (`<repo>/<name>`, whose `1/model.onnx` is used). The inputs are
-    transposed to batch-first, run by onnxruntime, and the outputs transposed back, so
-    it drops into `check_parity` beside the other backends.
+    `model` is a batch-major ModelProto (`batch_first_onnx(...)`), a .onnx file, or a
+    Triton model folder (`<repo>/<name>`, whose `1/model.onnx` is used). The states (and
+    x and y, for a time-major model) are transposed to batch-major, run by onnxruntime,
+    and transposed back, so it drops into `check_parity` beside the other backends.
     """
     if isinstance(model, onnx.ModelProto):
         source, meta = "the ONNX model", metadata(model)
@@ -108,20 +114,25 @@ def batch_first_backend(
         raise UsageError(f"{source} is not a batch-first graph (no {LAYOUT_KEY}={BATCH_FIRST})")
     config = config_from_metadata(meta, source)
     session = _session(model, source)
+    takes_lengths = LENGTHS_INPUT in {i.name for i in session.get_inputs()}
 
-    def run(x: Array, state: State | None) -> Outputs:
-        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32).transpose(1, 0, 2))
+    def swap(t: Array) -> Array:
+        return np.ascontiguousarray(np.asarray(t, dtype=np.float32).transpose(1, 0, 2))
+
+    def run(x: Array, state: State | None, lengths: Array | None) -> Outputs:
+        x = np.asarray(x, dtype=np.float32) if config.batch_first else swap(x)
         if state is None:
-            zeros = np.zeros((x.shape[0], config.num_layers, config.hidden_size), np.float32)
+            zeros = np.zeros((x.shape[0], config.state_layers, config.hidden_size), np.float32)
             h0 = c0 = zeros
         else:
-            h0, c0 = (
-                np.ascontiguousarray(np.asarray(s, np.float32).transpose(1, 0, 2)) for s in state
-            )
+            h0, c0 = (swap(s) for s in state)
         feed = dict(zip((INPUT, *STATE_INPUTS), (x, h0, c0), strict=True))
+        if lengths is not None:
+            if not takes_lengths:
+                raise UsageError(f"{source} has no {LENGTHS_INPUT} input: it predates them")
+            feed[LENGTHS_INPUT] = np.asarray(lengths, dtype=np.int64)
         y, hn, cn = session.run([OUTPUT, *STATE_OUTPUTS], feed)
-        y, hn, cn = (np.ascontiguousarray(t.transpose(1, 0, 2)) for t in (y, hn, cn))
-        return y, hn, cn
+        return (y if config.batch_first else swap(y)), swap(hn), swap(cn)
 
     return Backend(name, run)
 
@@ -133,8 +144,13 @@ def cpp_backend(name: str, binary: Path, model_pt: Path, kernels: Path | None = 
     way a C++ program streams, so a case's chunks must all be N long but the last.
     """
 
-    def whole(x: Array, state: State | None) -> Outputs:
-        y, (h, c) = cpp_runtime.run(binary, model_pt, x, state, kernels=kernels)
+    def whole(x: Array, state: State | None, lengths: Array | None) -> Outputs:
+        if lengths is None:
+            y, (h, c) = cpp_runtime.run(binary, model_pt, x, state, kernels=kernels)
+        else:
+            y, (h, c) = cpp_runtime.run(
+                binary, model_pt, x, state, kernels=kernels, lengths=lengths
+            )
         return y, h, c
 
     def chunked(x: Array, state: State | None, chunks: tuple[int, ...]) -> Outputs:

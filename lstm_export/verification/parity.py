@@ -1,7 +1,9 @@
 """The parity engine: every float32 backend measured against the eager model in float64.
 
 One engine serves `export`, `verify`, `triton` and `cpp-check`. For each case (a seq x
-batch shape, with or without an initial state, whole or streamed in chunks) it runs:
+batch shape, with or without an initial state, whole or streamed in chunks, full or a
+ragged padded batch) it runs, in the model's own layout (batch-first x for a batch-first
+model):
 
 - the **reference**: the eager model in float64 (same weights, inputs cast up exactly);
 - the **float32 floor**: what eager float32 itself gets wrong against that reference on
@@ -48,7 +50,8 @@ RULE = "error <= max(atol, factor x floor)"
 Array = np.ndarray
 State = tuple[Array, Array]
 Outputs = tuple[Array, Array, Array]
-Run = Callable[[Array, "State | None"], Outputs]
+Run = Callable[[Array, "State | None", "Array | None"], Outputs]
+"""(x, state or None, lengths or None) -> (y, h, c)."""
 RunChunks = Callable[[Array, "State | None", "tuple[int, ...]"], Outputs]
 
 
@@ -81,12 +84,14 @@ class Tolerance:
 
 @dataclass(frozen=True)
 class Case:
-    """One input shape; `chunks` makes it a streaming case (chunk lengths summing to seq)."""
+    """One input shape; `chunks` makes it a streaming case (chunk lengths summing to seq);
+    `ragged` a padded batch whose sequences end at different `case_lengths`."""
 
     seq: int
     batch: int
     initial_state: bool
     chunks: tuple[int, ...] = ()
+    ragged: bool = False
 
     def __post_init__(self) -> None:
         if self.seq < 1 or self.batch < 1:
@@ -95,6 +100,8 @@ class Case:
             raise UsageError(
                 f"a case's chunks must be >= 1 and add up to seq={self.seq}, got {self.chunks}"
             )
+        if self.ragged and self.chunks:
+            raise UsageError("a case is streamed or ragged, not both: a stream has no lengths")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,68 +109,98 @@ class Case:
             "batch": self.batch,
             "initial_state": self.initial_state,
             "chunks": list(self.chunks),
+            "lengths": None if not self.ragged else case_lengths(self).tolist(),
         }
 
     @property
     def label(self) -> str:
-        """`seq x batch`, the state, and the chunks: short enough for a 100-column table."""
+        """`seq x batch`, the state, the chunks or the lengths: short enough for a
+        100-column table."""
         state = "h0/c0" if self.initial_state else "zeros"
         stream = f" chunks {'+'.join(map(str, self.chunks))}" if self.chunks else ""
+        if self.ragged:
+            stream = f" lengths {','.join(map(str, case_lengths(self).tolist()))}"
         return f"{self.seq}x{self.batch} {state}{stream}"
 
 
-def default_cases() -> list[Case]:
-    """The matrix: every seq x batch x state, plus streaming cases."""
+def case_lengths(case: Case) -> Array:
+    """A ragged case's lengths, int64 [batch]: the full sequence, then one of length 1
+    (the two ends every padded batch can hold), then lengths spread in between."""
+    spread = np.linspace(case.seq, 1, num=max(case.batch, 2)).round().astype(np.int64)
+    lengths = np.concatenate([[case.seq, 1], spread[1:-1]])[: case.batch]
+    return lengths.astype(np.int64)
+
+
+def default_cases(config: LSTMConfig | None = None) -> list[Case]:
+    """The matrix: every seq x batch x state, ragged padded batches, and streaming cases
+    (not for a bidirectional model, which no stream can run)."""
     cases = [
         Case(seq, batch, state)
         for seq in (1, 2, 17, 128)
         for batch in (1, 3)
         for state in (False, True)
     ]
-    cases += [
-        Case(17, 3, False, (1, 7, 9)),
-        Case(17, 1, True, (5, 1, 11)),
-        Case(128, 3, True, (64, 1, 63)),
-    ]
+    cases += [Case(17, 3, False, ragged=True), Case(128, 4, True, ragged=True)]
+    if config is None or not config.bidirectional:
+        cases += [
+            Case(17, 3, False, (1, 7, 9)),
+            Case(17, 1, True, (5, 1, 11)),
+            Case(128, 3, True, (64, 1, 63)),
+        ]
     return cases
 
 
-def case_inputs(config: LSTMConfig, case: Case, seed: int) -> tuple[Array, State | None]:
-    """x [seq, batch, input] ~ N(0, 1), and (h0, c0) when the case has a state."""
+def case_inputs(
+    config: LSTMConfig, case: Case, seed: int
+) -> tuple[Array, State | None, Array | None]:
+    """x ~ N(0, 1) in the model's layout ([seq, batch, input], or [batch, seq, input] when
+    batch_first), (h0, c0) [num_layers * D, batch, hidden] when the case has a state, and
+    the lengths of a ragged case."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((case.seq, case.batch, config.input_size), dtype=np.float32)
+    if config.batch_first:
+        x = np.ascontiguousarray(x.transpose(1, 0, 2))
+    lengths = case_lengths(case) if case.ragged else None
     if not case.initial_state:
-        return x, None
-    shape = (config.num_layers, case.batch, config.hidden_size)
+        return x, None, lengths
+    shape = (config.state_layers, case.batch, config.hidden_size)
     h0 = 0.5 * rng.standard_normal(shape, dtype=np.float32)
     c0 = rng.standard_normal(shape, dtype=np.float32)
-    return x, (h0, c0)
+    return x, (h0, c0), lengths
 
 
 @dataclass(frozen=True)
 class Backend:
-    """Something that runs the model: (x, state or None) -> (y, h, c), float32 numpy.
+    """Something that runs the model: (x, state or None, lengths or None) -> (y, h, c),
+    float32 numpy, x and y in the model's layout.
 
     `run_chunks` streams a sequence its own way (a Stream object, a C++ loop); without it
-    the engine feeds the chunks one call each, carrying (h, c).
+    the engine feeds the chunks one call each along `time_axis`, carrying (h, c).
     """
 
     name: str
     run: Run
     run_chunks: RunChunks | None = None
 
-    def __call__(self, x: Array, state: State | None, chunks: tuple[int, ...] = ()) -> Outputs:
+    def __call__(
+        self,
+        x: Array,
+        state: State | None,
+        chunks: tuple[int, ...] = (),
+        lengths: Array | None = None,
+        time_axis: int = 0,
+    ) -> Outputs:
         if not chunks:
-            return self.run(x, state)
+            return self.run(x, state, lengths)
         if self.run_chunks is not None:
             return self.run_chunks(x, state, chunks)
         ys, start = [], 0
         for length in chunks:
-            y, h, c = self.run(x[start : start + length], state)
+            y, h, c = self.run(x.take(range(start, start + length), axis=time_axis), state, None)
             ys.append(y)
             state, start = (h, c), start + length
         assert state is not None
-        return np.concatenate(ys), state[0], state[1]
+        return np.concatenate(ys, axis=time_axis), state[0], state[1]
 
 
 def torch_backend(name: str, module: Any) -> Backend:
@@ -171,10 +208,13 @@ def torch_backend(name: str, module: Any) -> Backend:
     and the TorchScript artifacts' (imported from `verification.backends` like every adapter)."""
     import torch
 
-    def run(x: Array, state: State | None) -> Outputs:
+    def run(x: Array, state: State | None, lengths: Array | None) -> Outputs:
         with torch.inference_mode():
             given = None if state is None else tuple(map(torch.from_numpy, state))
-            y, (h, c) = module(torch.from_numpy(x), given)
+            if lengths is None:  # an old model.pt's forward has no lengths argument
+                y, (h, c) = module(torch.from_numpy(x), given)
+            else:
+                y, (h, c) = module(torch.from_numpy(x), given, torch.from_numpy(lengths))
         return y.numpy(), h.numpy(), c.numpy()
 
     return Backend(name, run)
@@ -225,18 +265,24 @@ class Reference:
 
         return config_of(self.model)
 
-    def expected(self, x: Array, state: State | None) -> Outputs:
+    def expected(self, x: Array, state: State | None, lengths: Array | None = None) -> Outputs:
         import torch
 
         with torch.inference_mode():
             given = None
             if state is not None:
                 given = (torch.from_numpy(state[0]).double(), torch.from_numpy(state[1]).double())
-            y, (h, c) = self.model64(torch.from_numpy(x).double(), given)
+            steps = None if lengths is None else torch.from_numpy(lengths)
+            y, (h, c) = self.model64(torch.from_numpy(x).double(), given, steps)
         return y.numpy(), h.numpy(), c.numpy()
 
     def floor(
-        self, x: Array, state: State | None, expected: Outputs, eager: Outputs
+        self,
+        x: Array,
+        state: State | None,
+        expected: Outputs,
+        eager: Outputs,
+        lengths: Array | None = None,
     ) -> list[float]:
         """Per output, the worst float32 error over `eager` and the perturbed realizations."""
         worst = max_abs_errors(eager, expected)
@@ -244,15 +290,19 @@ class Reference:
         if extra < 1:
             return worst
         rng = np.random.default_rng(0)
-        batch = x.shape[1]
-        stacked_x = np.concatenate([_one_ulp_away(x, rng) for _ in range(extra)], axis=1)
+        axis = 0 if self.model.batch_first else 1  # x's and y's batch axis; states' is 1
+        batch = x.shape[axis]
+        stacked_x = np.concatenate([_one_ulp_away(x, rng) for _ in range(extra)], axis=axis)
         stacked_state = None
         if state is not None:
             stacked_state = (np.tile(state[0], (1, extra, 1)), np.tile(state[1], (1, extra, 1)))
-        outputs = self.eager(stacked_x, stacked_state)
+        stacked_lengths = None if lengths is None else np.tile(lengths, extra)
+        outputs = self.eager(stacked_x, stacked_state, lengths=stacked_lengths)
         for r in range(extra):
-            rows = slice(r * batch, (r + 1) * batch)
-            errors = max_abs_errors(tuple(o[:, rows] for o in outputs), expected)
+            rows = range(r * batch, (r + 1) * batch)
+            y, h, c = outputs
+            ours = (y.take(rows, axis=axis), h.take(rows, axis=1), c.take(rows, axis=1))
+            errors = max_abs_errors(ours, expected)
             worst = [_nan_max(pair) for pair in zip(worst, errors, strict=True)]
         return worst
 
@@ -477,19 +527,21 @@ def check_parity(
     tolerance = tolerance or Tolerance()
     report = ParityReport(tolerance, realizations=reference.realizations)
     config = reference.config
-    for index, case in enumerate(default_cases() if cases is None else cases):
+    time_axis = 1 if config.batch_first else 0
+    for index, case in enumerate(default_cases(config) if cases is None else cases):
         inputs = {**case.to_dict(), "seed": seed + index}
-        x, state = case_inputs(config, case, seed=seed + index)
-        expected = reference.expected(x, state)
-        eager = reference.eager(x, state)
-        floor = dict(zip(OUTPUTS, reference.floor(x, state, expected, eager), strict=True))
+        x, state, lengths = case_inputs(config, case, seed=seed + index)
+        expected = reference.expected(x, state, lengths)
+        eager = reference.eager(x, state, lengths=lengths)
+        floor = reference.floor(x, state, expected, eager, lengths)
+        floor = dict(zip(OUTPUTS, floor, strict=True))
         allowed = {o: tolerance.allowed(f) for o, f in floor.items()}
         for backend in (reference.eager, *backends):
             try:
                 if backend is reference.eager and not case.chunks:
                     got = eager
                 else:
-                    got = backend(x, state, case.chunks)
+                    got = backend(x, state, case.chunks, lengths, time_axis)
                 errors = max_abs_errors(got, expected)
             except Exception as exc:  # a backend that crashes has failed this case, no more
                 text = " ".join(str(exc).split()) or type(exc).__name__

@@ -6,9 +6,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import small_model
+from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
+from lstm_export.exporters.torchscript import script
+from lstm_export.model import LSTM
 from lstm_export.verification.parity import (
     Backend,
     Case,
@@ -17,6 +21,7 @@ from lstm_export.verification.parity import (
     Reference,
     Tolerance,
     case_inputs,
+    case_lengths,
     check_parity,
     default_cases,
     max_abs_errors,
@@ -69,7 +74,7 @@ def test_the_float64_reference_is_the_equations(layer_norm):
     model = small_model(layer_norm, 2)
     reference = Reference(model)
     for case in (Case(17, 3, True), Case(5, 1, False)):
-        x, state = case_inputs(reference.config, case, seed=3)
+        x, state, _ = case_inputs(reference.config, case, seed=3)
         got = reference.expected(x, state)
         assert all(a.dtype == np.float64 for a in got)
         want = equations(model, x, state)
@@ -80,7 +85,7 @@ def test_the_float64_reference_is_the_equations(layer_norm):
 def test_the_floor_is_what_eager_float32_gets_wrong_at_worst():
     model = small_model(True, 2)
     reference = Reference(model)
-    x, state = case_inputs(reference.config, Case(128, 3, True), seed=1)
+    x, state, _ = case_inputs(reference.config, Case(128, 3, True), seed=1)
     expected = reference.expected(x, state)
     eager = reference.eager(x, state)
     floor = reference.floor(x, state, expected, eager)
@@ -95,7 +100,7 @@ def test_the_floor_is_what_eager_float32_gets_wrong_at_worst():
 def test_one_realization_only_is_the_plain_eager_error():
     model = small_model(True, 1)
     reference = Reference(model, realizations=1)
-    x, state = case_inputs(reference.config, Case(17, 3, False), seed=1)
+    x, state, _ = case_inputs(reference.config, Case(17, 3, False), seed=1)
     expected = reference.expected(x, state)
     eager = reference.eager(x, state)
     assert reference.floor(x, state, expected, eager) == max_abs_errors(eager, expected)
@@ -129,16 +134,16 @@ def test_check_parity_flags_a_backend_just_over_its_allowance():
     reference = Reference(model)
     eager = torch_backend("eager", model)
 
-    def nudged(x, state):
-        y, h, c = eager.run(x, state)
+    def nudged(x, state, lengths):
+        y, h, c = eager.run(x, state, lengths)
         return y + 2e-5, h, c  # twice atol; the small model's float32 floor is far below
 
-    def nan(x, state):
-        y, h, c = eager.run(x, state)
+    def nan(x, state, lengths):
+        y, h, c = eager.run(x, state, lengths)
         return y, h * np.nan, c
 
-    def wrong_shape(x, state):
-        y, h, c = eager.run(x, state)
+    def wrong_shape(x, state, lengths):
+        y, h, c = eager.run(x, state, lengths)
         return y[..., :-1], h, c
 
     backends = [
@@ -166,8 +171,8 @@ def test_a_backend_that_drops_the_state_between_chunks_fails_only_the_stateful_c
     model = small_model(False, 2)
     eager = torch_backend("eager", model)
 
-    def forgetful(x, state):
-        return eager.run(x, None)  # every call starts from zeros
+    def forgetful(x, state, lengths):
+        return eager.run(x, None, lengths)  # every call starts from zeros
 
     report = check_parity(Reference(model), [Backend("forgetful", forgetful)])
     for row in (r for r in report.results if r.backend == "forgetful"):
@@ -211,7 +216,7 @@ def test_a_problem_fails_the_report_even_when_every_row_passes():
 
 def test_matrix_covers_the_required_shapes():
     cases = default_cases()
-    whole = [c for c in cases if not c.chunks]
+    whole = [c for c in cases if not c.chunks and not c.ragged]
     assert {c.seq for c in whole} >= {1, 2, 17} and max(c.seq for c in whole) >= 128
     assert {c.batch for c in whole} >= {1} and max(c.batch for c in whole) > 1
     assert {(c.seq, c.batch, c.initial_state) for c in whole} == {
@@ -242,7 +247,7 @@ def test_a_passing_report_notes_cases_where_float32_itself_is_far_from_float64()
 def test_a_backend_that_raises_fails_its_rows_with_a_problem_not_a_traceback():
     model = small_model(False, 1)
 
-    def crashes(x, state):
+    def crashes(x, state, lengths):
         raise RuntimeError("onnxruntime: Reshape\nfailed at run time")
 
     report = check_parity(Reference(model), [Backend("broken", crashes)], [Case(2, 1, False)])
@@ -258,8 +263,8 @@ def test_nan_rows_are_the_worst_and_json_ready():
     model = small_model(False, 1)
     eager = torch_backend("eager", model)
 
-    def nan_y(x, state):
-        y, h, c = eager.run(x, state)
+    def nan_y(x, state, lengths):
+        y, h, c = eager.run(x, state, lengths)
         return y * np.nan, h, c
 
     report = check_parity(Reference(model), [Backend("nan", nan_y)], [Case(3, 2, True)])
@@ -267,7 +272,7 @@ def test_nan_rows_are_the_worst_and_json_ready():
     recorded = report.to_dict()
     assert recorded["worst_error"] is None and recorded["results"][1]["error"]["y"] is None
     assert recorded["results"][1]["inputs"] == {
-        "seq": 3, "batch": 2, "initial_state": True, "chunks": [], "seed": 0
+        "seq": 3, "batch": 2, "initial_state": True, "chunks": [], "lengths": None, "seed": 0
     }  # fmt: skip
     assert recorded["tolerance"]["realizations"] == 16
 
@@ -288,3 +293,78 @@ def test_numpy_numbers_are_tolerances_too_and_an_overflowing_allowance_fails():
     with pytest.raises(UsageError, match="atol must be a finite number"):
         Tolerance(10**400)
     assert math.isnan(Tolerance(1e-5, 1e300).allowed(1e10))  # factor x floor is inf: fails
+
+
+def test_ragged_cases_put_a_length_one_sequence_beside_a_full_one():
+    ragged = [c for c in default_cases() if c.ragged]
+    assert ragged and {c.initial_state for c in ragged} == {False, True}
+    for case in ragged:
+        lengths = case_lengths(case)
+        assert lengths.dtype == np.int64 and lengths.shape == (case.batch,)
+        assert lengths.max() == case.seq and lengths.min() == 1
+        assert len(set(lengths.tolist())) == case.batch  # every row ends elsewhere
+    with pytest.raises(UsageError, match="streamed or ragged, not both"):
+        Case(5, 2, False, (2, 3), ragged=True)
+
+
+def test_a_bidirectional_model_has_no_streamed_cases():
+    config = LSTMConfig(5, 8, 2, False, bidirectional=True)
+    cases = default_cases(config)
+    assert not any(c.chunks for c in cases) and any(c.ragged for c in cases)
+    x, state, lengths = case_inputs(config, Case(6, 3, True, ragged=True), seed=0)
+    assert x.shape == (6, 3, 5) and state[0].shape == (4, 3, 8) and lengths.tolist()[:2] == [6, 1]
+    x, _, _ = case_inputs(LSTMConfig(5, 8, 2, False, batch_first=True), Case(6, 3, False), 0)
+    assert x.shape == (3, 6, 5)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+def test_the_float64_reference_on_a_ragged_batch_is_each_sequence_alone(layer_norm):
+    """Row b of a padded batch is what the equations give on that sequence cut to its length."""
+    model = small_model(layer_norm, 2)
+    reference = Reference(model)
+    case = Case(17, 4, True, ragged=True)
+    x, state, lengths = case_inputs(reference.config, case, seed=5)
+    y, h, c = reference.expected(x, state, lengths)
+    for b, length in enumerate(lengths.tolist()):
+        rows = slice(b, b + 1)
+        alone = (state[0][:, rows], state[1][:, rows])
+        want_y, want_h, want_c = equations(model, x[:length, rows], alone)
+        assert (
+            max(
+                max_abs_errors((y[:length, rows], h[:, rows], c[:, rows]), (want_y, want_h, want_c))
+            )
+            < 1e-12
+        )
+        assert not y[length:, b].any()
+
+
+def test_a_backend_that_ignores_lengths_fails_the_ragged_cases_only():
+    model = small_model(True, 2)
+    eager = torch_backend("eager", model)
+
+    def unpadded(x, state, lengths):
+        return eager.run(x, state, None)  # runs the padding through the recurrence
+
+    report = check_parity(Reference(model), [Backend("unpadded", unpadded)])
+    rows = [r for r in report.results if r.backend == "unpadded"]
+    assert {r.case for r in rows if not r.passed} == {c.label for c in default_cases() if c.ragged}
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["unidirectional", "bidirectional"])
+def test_a_batch_first_model_is_checked_in_its_own_layout(bidirectional):
+    torch.manual_seed(0)
+    model = LSTM(5, 8, 2, True, batch_first=True, bidirectional=bidirectional).eval()
+    reference = Reference(model)
+    eager = torch_backend("eager", model)
+
+    def time_major_y(x, state, lengths):
+        y, h, c = eager.run(x, state, lengths)
+        return np.ascontiguousarray(y.transpose(1, 0, 2)), h, c
+
+    report = check_parity(
+        reference, [torch_backend("scripted", script(model)), Backend("transposed", time_major_y)]
+    )
+    verdicts = _rows(report)
+    assert verdicts["scripted"] == {True} and verdicts["eager"] == {True}
+    assert False in verdicts["transposed"]  # any non-square case has the wrong shape
+    assert any(r.case.endswith("chunks 64+1+63") for r in report.results) is not bidirectional
