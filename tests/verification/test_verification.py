@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -25,6 +26,8 @@ from lstm_export.serving.triton import write_triton_repo
 from lstm_export.verification import folder as verification
 from lstm_export.verification.folder import verify
 from lstm_export.verification.parity import default_cases
+
+DATA = Path(__file__).parent.parent / "data"
 
 
 @pytest.fixture
@@ -475,3 +478,22 @@ def test_inspect_says_why_what_is_there_is_not_a_model(tmp_path, call_main, make
 
     assert str(path) in line and reason in line, line
     assert "does not exist" not in line and "not an lstm-export model" not in line
+
+
+@pytest.mark.parametrize("kind", ["plain", "layer_norm"])
+def test_an_export_written_before_lengths_still_verifies(kind, tmp_path):
+    """tests/data holds exports of the previous version: no lengths input, no layout fields.
+    They load as time-major and unidirectional and pass every case they can run."""
+    folder = shutil.copytree(DATA / f"export_v2_{kind}", tmp_path / kind)
+    report = verify(folder)
+    assert report.passed, report.summary()
+    ran = {r.case for r in report.results}
+    assert ran == {c.label for c in default_cases() if not c.ragged}
+    assert any("predate padded batches" in note for note in report.notes())
+
+
+def test_a_new_export_runs_the_ragged_cases(good_export):
+    report = verify(good_export)
+    ragged = {c.label for c in default_cases() if c.ragged}
+    assert ragged and ragged <= {r.case for r in report.results if r.passed}
+    assert not any("predate" in note for note in report.notes())
