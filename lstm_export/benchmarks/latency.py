@@ -29,10 +29,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper
 
-from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, ONNX_FILE, TORCHSCRIPT_FILE
+from lstm_export.artifacts import (
+    FUSED_TORCHSCRIPT_FILE,
+    LENGTHS_INPUT,
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+)
+from lstm_export.benchmarks import DEFAULT_SHAPES
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.exporters.kernel import build_kernel
@@ -43,7 +51,7 @@ from lstm_export.runtime.onnx import OnnxLSTM
 from lstm_export.verification.backends import FUSED_BACKEND, ONNX_BACKEND, TORCHSCRIPT_BACKEND
 from lstm_export.verification.parity import EAGER_BACKEND, eager_from_scripted
 
-DEFAULT_SHAPES = ((100, 1), (100, 16), (500, 4))
+RAGGED = ":ragged"
 NN_LSTM = "nn.LSTM"
 LIBTORCH_CPP = "libtorch C++ (model.pt)"
 LIBTORCH_CPP_FUSED = "libtorch C++ (model.fused.pt)"
@@ -66,17 +74,41 @@ SETTLE_SECONDS = 0.2
 ROUNDS = 5
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """'100x1,500x4' -> [(100, 1), (500, 4)]."""
+@dataclass(frozen=True)
+class Shape:
+    """One timed input: seq x batch, full or `ragged` (a padded batch, `ragged_lengths`)."""
+
+    seq: int
+    batch: int
+    ragged: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.seq}x{self.batch}{RAGGED if self.ragged else ''}"
+
+
+def parse_shapes(text: str) -> list[Shape]:
+    """'100x1,100x16:ragged' -> [Shape(100, 1), Shape(100, 16, ragged=True)]."""
     shapes = []
     for part in text.split(","):
-        seq, sep, batch = part.strip().lower().partition("x")
+        spec = part.strip().lower()
+        ragged = spec.endswith(RAGGED)
+        seq, sep, batch = spec.removesuffix(RAGGED).partition("x")
         if not sep or not seq.isdigit() or not batch.isdigit() or int(seq) < 1 or int(batch) < 1:
             raise UsageError(
-                f"--shapes must look like 100x1,500x4 (seq x batch >= 1), got {part!r}"
+                f"--shapes must look like 100x1,100x16{RAGGED} (seq x batch >= 1, "
+                f"{RAGGED} for a padded batch), got {part!r}"
             )
-        shapes.append((int(seq), int(batch)))
+        shapes.append(Shape(int(seq), int(batch), ragged))
     return shapes
+
+
+def ragged_lengths(shape: Shape) -> np.ndarray | None:
+    """A ragged shape's lengths, int64 [batch], spread evenly from seq down to 1 (a padded
+    batch of real utterances or sentences); None for a full one."""
+    if not shape.ragged:
+        return None
+    return np.linspace(shape.seq, 1, num=shape.batch).round().astype(np.int64)
 
 
 @dataclass
@@ -84,6 +116,7 @@ class Timing:
     backend: str
     seq: int
     batch: int
+    ragged: bool
     median_ms: float
     p10_ms: float
     p90_ms: float
@@ -91,6 +124,11 @@ class Timing:
     target: str | None = None
     target_ratio: float | None = None
     meets_target: bool | None = None
+
+    @property
+    def shape(self) -> str:
+        """`100x16`, or `100x16:ragged` for a padded batch."""
+        return Shape(self.seq, self.batch, self.ragged).label
 
 
 @dataclass
@@ -114,21 +152,62 @@ class BenchReport:
 
 
 def nn_lstm_anchor(model: LSTM) -> torch.nn.LSTM:
-    """nn.LSTM with the model's weights (plain) or of the same sizes (LayerNorm)."""
+    """nn.LSTM with the model's weights (plain) or of the same sizes (LayerNorm), in the
+    model's layout (batch_first, bidirectional)."""
     from lstm_export.checkpoints import to_nn_lstm_state_dict
 
-    anchor = torch.nn.LSTM(model.input_size, model.hidden_size, model.num_layers)
+    anchor = torch.nn.LSTM(
+        model.input_size,
+        model.hidden_size,
+        model.num_layers,
+        batch_first=model.batch_first,
+        bidirectional=model.bidirectional,
+    )
     if not model.layer_norm:
         anchor.load_state_dict(to_nn_lstm_state_dict(model))
     return anchor.eval()
 
 
-def ort_lstm_op_anchor(anchor: torch.nn.LSTM, threads: int) -> ort.InferenceSession:
-    """onnxruntime on torch's own export of `anchor`: the ONNX LSTM operator."""
+def _packed_runner(anchor: torch.nn.LSTM) -> Callable[..., object]:
+    """nn.LSTM on a padded batch as its users run one: pack, run, pad back (all timed)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    def run(x: torch.Tensor, state: tuple, lengths: torch.Tensor) -> object:
+        first = anchor.batch_first
+        packed = pack_padded_sequence(x, lengths, batch_first=first, enforce_sorted=False)
+        out, final = anchor(packed, state)
+        return pad_packed_sequence(out, batch_first=first, total_length=x.size(int(first))), final
+
+    return run
+
+
+def _with_sequence_lens(model: onnx.ModelProto) -> onnx.ModelProto:
+    """torch's export of nn.LSTM given an int64 `lengths` input fed to every LSTM node's
+    `sequence_lens`, as onnxruntime's own kernel runs a padded batch."""
+    graph = model.graph
+    graph.input.append(helper.make_tensor_value_info(LENGTHS_INPUT, TensorProto.INT64, ["batch"]))
+    cast = helper.make_node("Cast", [LENGTHS_INPUT], ["anchor_sequence_lens"], to=TensorProto.INT32)
+    for node in graph.node:
+        if node.op_type == "LSTM":
+            while len(node.input) < 5:
+                node.input.append("")
+            node.input[4] = "anchor_sequence_lens"
+    graph.node.insert(0, cast)
+    return model
+
+
+def ort_lstm_op_anchor(
+    anchor: torch.nn.LSTM, threads: int, lengths: bool = False
+) -> ort.InferenceSession:
+    """onnxruntime on torch's own export of `anchor`: the ONNX LSTM operator (with
+    `sequence_lens` fed from a `lengths` input when `lengths`)."""
     buffer = io.BytesIO()
-    x = torch.zeros(3, 2, anchor.input_size)
-    h = torch.zeros(anchor.num_layers, 2, anchor.hidden_size)
+    time_major = (3, 2) if not anchor.batch_first else (2, 3)
+    x = torch.zeros(*time_major, anchor.input_size)
+    directions = 2 if anchor.bidirectional else 1
+    h = torch.zeros(anchor.num_layers * directions, 2, anchor.hidden_size)
     batch = {1: "batch"}
+    x_axes = {0: "batch", 1: "seq"} if anchor.batch_first else {0: "seq", 1: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -139,10 +218,13 @@ def ort_lstm_op_anchor(anchor: torch.nn.LSTM, threads: int) -> ort.InferenceSess
             opset_version=17,
             input_names=["x", "h0", "c0"],
             output_names=["y", "hn", "cn"],
-            dynamic_axes={"x": {0: "seq", 1: "batch"}, "h0": batch, "c0": batch},
+            dynamic_axes={"x": x_axes, "h0": batch, "c0": batch},
         )
+    model = onnx.load_from_string(buffer.getvalue())
+    if lengths:
+        model = _with_sequence_lens(model)
     return ort.InferenceSession(
-        buffer.getvalue(), _session_options(threads), ["CPUExecutionProvider"]
+        model.SerializeToString(), _session_options(threads), ["CPUExecutionProvider"]
     )
 
 
@@ -153,36 +235,57 @@ def _session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def _backends(folder: Path, threads: int) -> tuple[LSTMConfig, dict[str, Callable[..., Runner]]]:
-    """name -> (x, zeros) -> runner; each backend gets its inputs bound once, outside timing."""
+Bind = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], Runner]
+
+
+def _backends(folder: Path, threads: int) -> tuple[LSTMConfig, dict[str, Bind]]:
+    """name -> (x, zeros, lengths or None) -> runner; each backend gets its inputs bound
+    once, outside timing."""
     scripted, config = load_torchscript(folder / TORCHSCRIPT_FILE)
     eager = eager_from_scripted(scripted, config)
     scratch_scripted = script(eager)
     onnx_model = OnnxLSTM(folder / ONNX_FILE, threads=threads)
     anchor = nn_lstm_anchor(eager)
-    anchor_session = ort_lstm_op_anchor(anchor, threads)
+    anchor_sessions = {
+        ragged: ort_lstm_op_anchor(anchor, threads, lengths=ragged) for ragged in (False, True)
+    }
+    packed_anchor = _packed_runner(anchor)
 
-    def torch_runner(module: Callable) -> Callable[..., Runner]:
-        def bind(x: np.ndarray, zeros: np.ndarray) -> Runner:
+    def torch_runner(module: Callable) -> Bind:
+        def bind(x: np.ndarray, zeros: np.ndarray, lengths: np.ndarray | None) -> Runner:
             tx, tz = torch.from_numpy(x), torch.from_numpy(zeros)
-            return lambda: module(tx, (tz, tz))
+            if lengths is None:
+                return lambda: module(tx, (tz, tz))
+            tl = torch.from_numpy(lengths)
+            return lambda: module(tx, (tz, tz), tl)
 
         return bind
 
-    def ort_runner(session: ort.InferenceSession) -> Callable[..., Runner]:
-        def bind(x: np.ndarray, zeros: np.ndarray) -> Runner:
+    def ort_runner(session: Callable[[bool], ort.InferenceSession]) -> Bind:
+        def bind(x: np.ndarray, zeros: np.ndarray, lengths: np.ndarray | None) -> Runner:
             feed = {"x": x, "h0": zeros, "c0": zeros}
-            return lambda: session.run(None, feed)
+            if lengths is not None:
+                feed[LENGTHS_INPUT] = lengths
+            chosen = session(lengths is not None)
+            return lambda: chosen.run(None, feed)
 
         return bind
+
+    nn_lstm = torch_runner(anchor)
+
+    def nn_lstm_packed(x: np.ndarray, zeros: np.ndarray, lengths: np.ndarray | None) -> Runner:
+        if lengths is None:
+            return nn_lstm(x, zeros, None)
+        tx, tz, tl = torch.from_numpy(x), torch.from_numpy(zeros), torch.from_numpy(lengths)
+        return lambda: packed_anchor(tx, (tz, tz), tl)
 
     backends = {
         EAGER_BACKEND: torch_runner(eager),
         "torchscript (scratch cell)": torch_runner(scratch_scripted),
         TORCHSCRIPT_BACKEND: torch_runner(scripted),
-        ONNX_BACKEND: ort_runner(onnx_model.session),
-        NN_LSTM: torch_runner(anchor),
-        ORT_LSTM_OP: ort_runner(anchor_session),
+        ONNX_BACKEND: ort_runner(lambda _ragged: onnx_model.session),
+        NN_LSTM: nn_lstm_packed,
+        ORT_LSTM_OP: ort_runner(anchor_sessions.__getitem__),
     }
     if (folder / FUSED_TORCHSCRIPT_FILE).is_file():  # export --fused-kernel
         fused, _ = load_torchscript(folder / FUSED_TORCHSCRIPT_FILE)
@@ -259,7 +362,7 @@ def measure_export(config: LSTMConfig) -> dict:
 
 def bench(
     folder: Path,
-    shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
+    shapes: Sequence[Shape] | None = None,
     *,
     threads: int = 2,
     repeats: int = 15,
@@ -269,11 +372,14 @@ def bench(
     settle_seconds: float = SETTLE_SECONDS,
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
-    """Time every backend on every shape; ratios are to the faster anchor of each shape.
+    """Time every backend on every shape (default `DEFAULT_SHAPES`); ratios are to the faster
+    anchor of each shape. On a ragged shape every backend is given the lengths, nn.LSTM
+    packs the batch (`pack_padded_sequence`) and onnxruntime's LSTM op gets `sequence_lens`.
 
     libtorch from C++ is included when `cpp` is set and the example's build is
     present (`lstm-export cpp-check` builds it); it is never built here.
     """
+    shapes = parse_shapes(DEFAULT_SHAPES) if shapes is None else shapes
     step = progress or (lambda _message: None)
     torch.set_num_threads(threads)
     folder = Path(folder)
@@ -296,14 +402,19 @@ def bench(
     if cpp_binary is not None and FUSED_BACKEND in backends:  # our build, not the folder's
         cpp_models.append((LIBTORCH_CPP_FUSED, FUSED_TORCHSCRIPT_FILE, build_kernel()))
     rng = np.random.default_rng(0)
-    for seq, batch in shapes:
-        step(f"Timing seq={seq} batch={batch}")
+    for shape in shapes:
+        seq, batch = shape.seq, shape.batch
+        step(f"Timing seq={seq} batch={batch}{' ragged' if shape.ragged else ''}")
         x = rng.standard_normal((seq, batch, config.input_size), dtype=np.float32)
-        zeros = np.zeros((config.num_layers, batch, config.hidden_size), dtype=np.float32)
+        if config.batch_first:
+            x = np.ascontiguousarray(x.transpose(1, 0, 2))
+        zeros = np.zeros((config.state_layers, batch, config.hidden_size), dtype=np.float32)
+        lengths = ragged_lengths(shape)
         with torch.inference_mode():
-            runners = {name: bind(x, zeros) for name, bind in backends.items()}
+            runners = {name: bind(x, zeros, lengths) for name, bind in backends.items()}
             samples = _time_in_rounds(runners, repeats, warmup, settle_seconds=settle_seconds)
-        if cpp_binary is not None:  # its own process: timed after the others, not interleaved
+        # Its own process, timed after the others; it times full batches only.
+        if cpp_binary is not None and not shape.ragged:
             for name, model_file, library in cpp_models:
                 samples[name] = time_forward(
                     cpp_binary,
@@ -322,6 +433,7 @@ def bench(
                 name,
                 seq,
                 batch,
+                shape.ragged,
                 medians[name],
                 float(np.percentile(s, 10)),
                 float(np.percentile(s, 90)),
@@ -356,17 +468,20 @@ def plot(report: BenchReport, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'lstm-export[plot]'") from None
-    shapes = sorted({(t.seq, t.batch) for t in report.timings}, key=lambda s: (s[1], s[0]))
+    shapes = sorted(
+        {(t.seq, t.batch, t.ragged) for t in report.timings}, key=lambda s: (s[2], s[1], s[0])
+    )
     backends = list(dict.fromkeys(t.backend for t in report.timings))
-    median = {(t.backend, t.seq, t.batch): t.median_ms for t in report.timings}
+    median = {(t.backend, t.seq, t.batch, t.ragged): t.median_ms for t in report.timings}
     width = 0.8 / len(backends)
     figure, axis = plt.subplots(figsize=(max(8, 1.6 * len(shapes) + 4), 5))
     for index, backend in enumerate(backends):
         xs = [n + (index - (len(backends) - 1) / 2) * width for n in range(len(shapes))]
-        ys = [median.get((backend, seq, batch), float("nan")) for seq, batch in shapes]
+        ys = [median.get((backend, *shape), float("nan")) for shape in shapes]
         axis.bar(xs, ys, width, label=backend)
     cfg = report.config
-    axis.set_xticks(range(len(shapes)), [f"seq {s}\nbatch {b}" for s, b in shapes])
+    ticks = [f"seq {s}\nbatch {b}{' ragged' if r else ''}" for s, b, r in shapes]
+    axis.set_xticks(range(len(shapes)), ticks)
     axis.set(
         ylabel="median latency (ms, log scale)",
         yscale="log",

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from lstm_export.benchmarks import DEFAULT_SHAPES
 from lstm_export.cli.base import app, out, status
 from lstm_export.cli.render import latency_table
 
@@ -17,7 +18,9 @@ def bench(
         Path | None,
         typer.Argument(help="Export folder; default: export the default model to a temp folder."),
     ] = None,
-    shapes: Annotated[str, typer.Option(help="seq x batch list.")] = "100x1,100x16,500x4",
+    shapes: Annotated[
+        str, typer.Option(help="seq x batch list; ':ragged' for a padded batch of lengths seq..1.")
+    ] = DEFAULT_SHAPES,
     threads: Annotated[int, typer.Option(min=1, help="Threads for torch and onnxruntime.")] = 2,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per backend and shape.")] = 15,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first.")] = 3,

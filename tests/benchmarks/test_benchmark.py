@@ -5,17 +5,25 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
+import torch
 
-from helpers import run_cli, small_model
+from helpers import run_cli, run_packed, small_model
+from lstm_export.benchmarks import DEFAULT_SHAPES
 from lstm_export.benchmarks.latency import (
     ANCHORS,
     LIBTORCH_CPP,
     LIBTORCH_CPP_FUSED,
+    Shape,
     bench,
+    nn_lstm_anchor,
+    ort_lstm_op_anchor,
     parse_shapes,
+    ragged_lengths,
 )
 from lstm_export.errors import UsageError
+from lstm_export.model import LSTM
 from lstm_export.pipeline import export
 from lstm_export.verification.backends import FUSED_BACKEND
 
@@ -27,7 +35,7 @@ def test_bench_times_every_backend_on_every_shape(tmp_path, ln):
     folder = export(small_model(ln, 2), tmp_path / "m").out_dir
     report = bench(
         folder,
-        [(3, 2), (1, 1)],
+        parse_shapes("3x2,1x1,5x3:ragged"),
         threads=1,
         repeats=3,
         warmup=1,
@@ -36,7 +44,8 @@ def test_bench_times_every_backend_on_every_shape(tmp_path, ln):
     )
     backends = {t.backend for t in report.timings}
     assert backends >= PYTHON_BACKENDS
-    assert {(t.seq, t.batch) for t in report.timings} == {(3, 2), (1, 1)}
+    assert {t.shape for t in report.timings} == {"3x2", "1x1", "5x3:ragged"}
+    assert {t.backend for t in report.timings if t.ragged} == backends - {LIBTORCH_CPP}
     for t in report.timings:
         assert 0 < t.p10_ms <= t.median_ms <= t.p90_ms and math.isfinite(t.ratio_to_best_anchor)
     targeted = {t.backend for t in report.timings if t.target is not None}
@@ -50,7 +59,13 @@ def test_bench_times_every_backend_on_every_shape(tmp_path, ln):
 def test_bench_times_libtorch_from_cpp_when_the_example_is_built(tmp_path, cpp_binary):
     folder = export(small_model(True, 1), tmp_path / "m").out_dir
     report = bench(
-        folder, [(3, 2)], threads=1, repeats=2, warmup=1, with_export=False, settle_seconds=0
+        folder,
+        parse_shapes("3x2"),
+        threads=1,
+        repeats=2,
+        warmup=1,
+        with_export=False,
+        settle_seconds=0,
     )
     cpp_rows = [t for t in report.timings if t.backend == LIBTORCH_CPP]
     assert report.cpp == str(cpp_binary)
@@ -58,7 +73,7 @@ def test_bench_times_libtorch_from_cpp_when_the_example_is_built(tmp_path, cpp_b
     assert cpp_rows[0].ratio_to_best_anchor is not None
     without = bench(
         folder,
-        [(3, 2)],
+        parse_shapes("3x2"),
         threads=1,
         repeats=1,
         warmup=0,
@@ -73,7 +88,13 @@ def test_bench_times_libtorch_from_cpp_when_the_example_is_built(tmp_path, cpp_b
 def test_bench_times_the_fused_kernel_in_python_and_cpp_when_exported(tmp_path, cpp_binary):
     folder = export(small_model(True, 2), tmp_path / "m", fused_kernel=True).out_dir
     report = bench(
-        folder, [(5, 3)], threads=1, repeats=2, warmup=1, with_export=False, settle_seconds=0
+        folder,
+        parse_shapes("5x3"),
+        threads=1,
+        repeats=2,
+        warmup=1,
+        with_export=False,
+        settle_seconds=0,
     )
     rows = {t.backend: t for t in report.timings}
     assert rows.keys() >= PYTHON_BACKENDS | {FUSED_BACKEND, LIBTORCH_CPP, LIBTORCH_CPP_FUSED}
@@ -106,14 +127,40 @@ def test_bad_shapes_are_refused(text):
 
 
 def test_shapes_parse():
-    assert parse_shapes("100x1, 500X4") == [(100, 1), (500, 4)]
+    assert parse_shapes("100x1, 500X4,3x2:ragged") == [
+        Shape(100, 1),
+        Shape(500, 4),
+        Shape(3, 2, ragged=True),
+    ]
+    assert [s.label for s in parse_shapes(DEFAULT_SHAPES)][-1] == "100x16:ragged"
+    assert ragged_lengths(Shape(7, 4, ragged=True)).tolist() == [7, 5, 3, 1]
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["unidirectional", "bidirectional"])
+def test_the_ragged_anchors_compute_what_nn_lstm_computes_on_packed_sequences(bidirectional):
+    """The anchors a ragged shape is timed against do the padded batch's real work: torch's
+    ONNX export given sequence_lens, and nn.LSTM packed, agree with the packed reference."""
+    model = LSTM(5, 8, 2, bidirectional=bidirectional).eval()
+    anchor = nn_lstm_anchor(model)
+    session = ort_lstm_op_anchor(anchor, threads=1, lengths=True)
+    x = torch.randn(6, 3, 5)
+    zeros = torch.zeros(2 * (2 if bidirectional else 1), 3, 8)
+    lengths = torch.tensor([6, 1, 4])
+    with torch.no_grad():
+        want_y, (want_h, _) = run_packed(anchor, x, (zeros, zeros), lengths)
+    feed = {"x": x.numpy(), "h0": zeros.numpy(), "c0": zeros.numpy(), "lengths": lengths.numpy()}
+    y, h, _ = session.run(None, feed)
+    assert np.abs(y - want_y.numpy()).max() < 1e-5 and np.abs(h - want_h.numpy()).max() < 1e-5
+    unpadded = ort_lstm_op_anchor(anchor, threads=1)  # breakage: without sequence_lens
+    y_full = unpadded.run(None, {k: v for k, v in feed.items() if k != "lengths"})[0]
+    assert np.abs(y_full - want_y.numpy()).max() > 1e-3
 
 
 def test_plot_writes_a_png(tmp_path):
     folder = export(small_model(False, 1), tmp_path / "m").out_dir
     report = bench(
         folder,
-        [(2, 1), (6, 1)],
+        parse_shapes("2x1,6x1"),
         threads=1,
         repeats=2,
         warmup=0,
