@@ -115,7 +115,7 @@ def latency_table(report: Any) -> Table:
             mark = "[green]ok[/]" if t.meets_target else "[bold red]MISSED[/]"
             target = f"{t.target_ratio:.2f}x ({t.target}) {mark}"
         table.add_row(
-            f"{t.seq}x{t.batch}",
+            t.shape,
             t.backend,
             f"{t.median_ms:.2f}",
             f"{t.p10_ms:.2f}-{t.p90_ms:.2f}",
