@@ -4,7 +4,8 @@
 // you need:
 //   1. load model.pt with torch::jit::load (no Python, no lstm_export code needed);
 //   2. read the model's config from its TorchScript attributes;
-//   3. call forward(x, state) with state = None (zeros) or an (h0, c0) tuple;
+//   3. call forward(x, state, lengths) with state = None (zeros) or an (h0, c0) tuple, and
+//      lengths (int64 [batch], where each sequence of a padded batch ends) only when given;
 //   4. stream a long sequence in chunks, carrying (h, c) from one call to the next.
 // It can also time forward calls (time_forward below), for comparing with Python.
 // Tensors come in and go out as float32 .npy files (see npy.hpp), which numpy reads
@@ -12,23 +13,29 @@
 //
 // Usage:
 //   lstm_run MODEL.pt                         print the model config and exit
-//   lstm_run MODEL.pt --x X.npy [--h0 H0.npy --c0 C0.npy] [--chunk N] [--out DIR]
-//            [--threads N]
-//   lstm_run MODEL.pt --time-seq S --time-batch B [--repeats N] [--warmup W] [--threads N]
+//   lstm_run MODEL.pt --x X.npy [--h0 H0.npy --c0 C0.npy] [--lengths L.npy | --chunk N]
+//            [--out DIR] [--threads N]
+//   lstm_run MODEL.pt --time-seq S --time-batch B [--lengths L.npy] [--repeats N]
+//            [--warmup W] [--threads N]
 //   Any of these with --kernels LIB.so: load that op library first (see load_kernels).
 //
-//   X.npy is [seq, batch, input_size]; H0.npy and C0.npy are [num_layers, batch,
-//   hidden_size]. --chunk N feeds the sequence N time steps per forward call.
-//   DIR/y.npy, DIR/h.npy, DIR/c.npy receive y [seq, batch, hidden_size] and the final
-//   h, c [num_layers, batch, hidden_size]. MODEL.pt may also be an export folder that
-//   holds model.pt. --threads sets libtorch's intra-op threads (default 1, see run()).
+//   X.npy is float32 [seq, batch, input_size] ([batch, seq, input_size] for a batch_first
+//   model: passed as the module expects it); H0.npy and C0.npy are [num_layers * D, batch,
+//   hidden_size] (D = 2 for a bidirectional model). L.npy is int64 [batch], each in 1..seq:
+//   forward's third argument. --chunk N feeds the sequence N time steps per forward call
+//   (not with --lengths, nor for a bidirectional model). DIR/y.npy, DIR/h.npy, DIR/c.npy
+//   receive y (x's layout, D * hidden_size features) and the final h, c. MODEL.pt may also
+//   be an export folder that holds model.pt. --threads sets libtorch's intra-op threads
+//   (default 1, see run()).
 //
-//   --time-seq S --time-batch B times forward(x, None) on a random x [S, B, input_size]:
-//   W untimed calls (default 3), then N timed ones (default 15), printed in milliseconds
-//   on one line, "timing_ms: 1.234567 1.250000 ...".
+//   --time-seq S --time-batch B times forward(x, None[, lengths]) on a random x of S steps
+//   and B sequences: W untimed calls (default 3), then N timed ones (default 15), printed
+//   in milliseconds on one line, "timing_ms: 1.234567 1.250000 ...".
 //
 // Errors are one line on stderr, "lstm_run: error: ...". Exit codes: 0 success,
-// 1 the model or an input could not be loaded or run, 2 a bad command line.
+// 1 the model or an input could not be loaded or run, 2 a bad command line (also one this
+// model cannot take: --lengths for a model exported before lengths, --chunk for a
+// bidirectional one).
 #include <ATen/Parallel.h>  // at::set_num_threads
 #include <torch/script.h>
 
@@ -65,6 +72,7 @@ struct UsageError : std::runtime_error {
 struct Options {
   std::string model;
   std::string x, h0, c0, out;
+  std::string lengths;  // int64 [batch] .npy: forward's third argument
   std::string kernels;  // op library to load before the model (model.fused.pt needs one)
   int64_t chunk = 0;  // 0: the whole sequence in one call
   int64_t threads = 1;
@@ -75,8 +83,9 @@ struct Options {
 
 // One line: it also ends the error messages, which are one line each.
 const char* const kUsage =
-    "usage: lstm_run MODEL.pt [--x X.npy [--h0 H0.npy --c0 C0.npy] [--chunk N] [--out DIR] | "
-    "--time-seq S --time-batch B [--repeats N] [--warmup W]] [--threads N] [--kernels LIB.so]";
+    "usage: lstm_run MODEL.pt [--x X.npy [--h0 H0.npy --c0 C0.npy] [--lengths L.npy | "
+    "--chunk N] [--out DIR] | --time-seq S --time-batch B [--lengths L.npy] [--repeats N] "
+    "[--warmup W]] [--threads N] [--kernels LIB.so]";
 
 // A whole number >= minimum (and small enough for an int), else a UsageError.
 int64_t parse_int(const std::string& flag, const std::string& value, int64_t minimum = 1) {
@@ -100,7 +109,7 @@ Options parse_args(int argc, char** argv) {
     }
     if (arg == "--x" || arg == "--h0" || arg == "--c0" || arg == "--chunk" || arg == "--out" ||
         arg == "--threads" || arg == "--time-seq" || arg == "--time-batch" ||
-        arg == "--repeats" || arg == "--warmup" || arg == "--kernels") {
+        arg == "--repeats" || arg == "--warmup" || arg == "--kernels" || arg == "--lengths") {
       if (i + 1 >= argc) throw UsageError(arg + " needs a value");
       const std::string value = argv[++i];
       if (arg == "--x") opt.x = value;
@@ -108,6 +117,7 @@ Options parse_args(int argc, char** argv) {
       if (arg == "--c0") opt.c0 = value;
       if (arg == "--out") opt.out = value;
       if (arg == "--kernels") opt.kernels = value;
+      if (arg == "--lengths") opt.lengths = value;
       if (arg == "--chunk") opt.chunk = parse_int(arg, value);
       if (arg == "--threads") opt.threads = parse_int(arg, value);
       if (arg == "--time-seq") opt.time_seq = parse_int(arg, value);
@@ -136,6 +146,12 @@ Options parse_args(int argc, char** argv) {
   }
   if (timing && !opt.x.empty()) {
     throw UsageError("--time-seq/--time-batch make their own input; drop --x");
+  }
+  if (!opt.lengths.empty() && opt.x.empty() && !timing) {
+    throw UsageError("--lengths needs --x (or --time-seq and --time-batch)");
+  }
+  if (!opt.lengths.empty() && opt.chunk) {
+    throw UsageError("--chunk streams one sequence; a padded batch with --lengths runs whole");
   }
   return opt;
 }
@@ -216,8 +232,14 @@ torch::jit::Module load_model(const std::string& path_arg) {
 
 struct Config {
   int64_t input_size, hidden_size, num_layers;
-  bool layer_norm;
+  bool layer_norm, batch_first, bidirectional;
+  bool takes_lengths;  // forward(x, state, lengths); exports before lengths lack it
 };
+
+// An optional bool attribute: exports before batch_first/bidirectional lack them (false).
+bool flag(const torch::jit::Module& model, const char* name) {
+  return model.hasattr(name) && model.attr(name).toBool();
+}
 
 // The exported LSTM keeps its config as plain TorchScript attributes.
 Config read_config(const torch::jit::Module& model, const std::string& path) {
@@ -227,8 +249,26 @@ Config read_config(const torch::jit::Module& model, const std::string& path) {
                                "LSTM: it has no '" + name + "' attribute");
     }
   }
+  bool takes_lengths = false;
+  for (const auto& argument : model.get_method("forward").function().getSchema().arguments()) {
+    takes_lengths = takes_lengths || argument.name() == "lengths";
+  }
   return Config{model.attr("input_size").toInt(), model.attr("hidden_size").toInt(),
-                model.attr("num_layers").toInt(), model.attr("layer_norm").toBool()};
+                model.attr("num_layers").toInt(), model.attr("layer_norm").toBool(),
+                flag(model, "batch_first"),       flag(model, "bidirectional"),
+                takes_lengths};
+}
+
+// --lengths and --chunk against what this model can run: one line naming the mismatch.
+void check_model_takes(const Config& cfg, const Options& opt) {
+  if (!opt.lengths.empty() && !cfg.takes_lengths) {
+    throw UsageError("'" + opt.model + "' has forward(x, state) without lengths (exported " +
+                     "before lengths existed); re-export it to use --lengths, or drop --lengths");
+  }
+  if (opt.chunk && cfg.bidirectional) {
+    throw UsageError("--chunk streams forward in time, but this model is bidirectional: its " +
+                     std::string("reverse direction needs the whole sequence; drop --chunk"));
+  }
 }
 
 torch::Tensor read_tensor(const std::string& path) {
@@ -236,6 +276,12 @@ torch::Tensor read_tensor(const std::string& path) {
   npy::Array array = npy::load(path);
   // from_blob does not own the memory; clone() gives the tensor its own copy.
   return torch::from_blob(array.data.data(), array.shape, torch::kFloat32).clone();
+}
+
+torch::Tensor read_lengths(const std::string& path) {
+  if (!fs::exists(path)) throw std::runtime_error("input file '" + path + "' does not exist");
+  npy::Int64Array array = npy::load_int64(path);
+  return torch::from_blob(array.data.data(), array.shape, torch::kInt64).clone();
 }
 
 void write_tensor(const fs::path& path, const torch::Tensor& tensor) {
@@ -250,10 +296,14 @@ std::string shape_of(const torch::Tensor& t) {
 }
 
 // One forward call. A missing state is passed as None: the model starts from zeros.
+// Lengths are passed only when given, so a model exported before them (forward(x, state))
+// runs as it always did.
 std::pair<torch::Tensor, State> forward(torch::jit::Module& model, const torch::Tensor& x,
-                                        const std::optional<State>& state) {
+                                        const std::optional<State>& state,
+                                        const std::optional<torch::Tensor>& lengths = {}) {
   std::vector<torch::jit::IValue> inputs{x};
   inputs.emplace_back(state ? torch::jit::IValue(*state) : torch::jit::IValue());
+  if (lengths) inputs.emplace_back(*lengths);
   try {
     const auto output = model.forward(inputs).toTuple();  // (y, (h, c))
     const auto hc = output->elements()[1].toTuple();
@@ -265,13 +315,16 @@ std::pair<torch::Tensor, State> forward(torch::jit::Module& model, const torch::
 }
 
 // Streaming: feed `chunk` time steps per call and carry (h, c) to the next call.
-// The concatenated y and the final state equal one call on the whole sequence.
+// The concatenated y and the final state equal one call on the whole sequence. The time
+// axis is x's first, or its second for a batch_first model.
 std::pair<torch::Tensor, State> forward_chunked(torch::jit::Module& model, const torch::Tensor& x,
-                                                std::optional<State> state, int64_t chunk) {
+                                                std::optional<State> state, int64_t chunk,
+                                                bool batch_first) {
+  const int64_t time = batch_first ? 1 : 0;
   // A malformed x goes through in one call so the model reports what is wrong with it.
-  if (x.dim() != 3 || x.size(0) <= chunk) return forward(model, x, state);
+  if (x.dim() != 3 || x.size(time) <= chunk) return forward(model, x, state);
   std::vector<torch::Tensor> ys;
-  for (const torch::Tensor& piece : x.split(chunk, /*dim=*/0)) {
+  for (const torch::Tensor& piece : x.split(chunk, /*dim=*/time)) {
     try {
       auto [y, next] = forward(model, piece, state);
       ys.push_back(y);
@@ -283,25 +336,28 @@ std::pair<torch::Tensor, State> forward_chunked(torch::jit::Module& model, const
       throw;
     }
   }
-  return {torch::cat(ys, /*dim=*/0), *state};
+  return {torch::cat(ys, /*dim=*/time), *state};
 }
 
-// Latency of forward(x, None) on a random x [seq, batch, input_size], in milliseconds.
-// The warmup calls are untimed: TorchScript's profiling executor records shapes during
-// the first calls and then runs an optimised graph, so early calls are slower.
+// Latency of forward(x, None[, lengths]) on a random x of `seq` steps and `batch`
+// sequences in the model's layout, in milliseconds. The warmup calls are untimed:
+// TorchScript's profiling executor records shapes during the first calls and then runs an
+// optimised graph, so early calls are slower.
 std::vector<double> time_forward(torch::jit::Module& model, const Config& cfg, int64_t seq,
-                                 int64_t batch, int64_t repeats, int64_t warmup) {
+                                 int64_t batch, const std::optional<torch::Tensor>& lengths,
+                                 int64_t repeats, int64_t warmup) {
   // InferenceMode: no autograd (like NoGradGuard) and no tensor version counting. The
   // Python benchmark runs under torch.inference_mode() as well.
   c10::InferenceMode inference;
   torch::manual_seed(0);  // the same x on every run
-  const torch::Tensor x = torch::randn({seq, batch, cfg.input_size});
-  for (int64_t i = 0; i < warmup; ++i) forward(model, x, std::nullopt);
+  const torch::Tensor x = cfg.batch_first ? torch::randn({batch, seq, cfg.input_size})
+                                          : torch::randn({seq, batch, cfg.input_size});
+  for (int64_t i = 0; i < warmup; ++i) forward(model, x, std::nullopt, lengths);
   std::vector<double> samples;
   samples.reserve(static_cast<size_t>(repeats));
   for (int64_t i = 0; i < repeats; ++i) {
     const auto start = std::chrono::steady_clock::now();
-    forward(model, x, std::nullopt);
+    forward(model, x, std::nullopt, lengths);
     const auto stop = std::chrono::steady_clock::now();
     samples.push_back(std::chrono::duration<double, std::milli>(stop - start).count());
   }
@@ -319,16 +375,23 @@ int run(const Options& opt) {
   const Config cfg = read_config(model, opt.model);
   std::cout << "config: input_size=" << cfg.input_size << " hidden_size=" << cfg.hidden_size
             << " num_layers=" << cfg.num_layers
-            << " layer_norm=" << (cfg.layer_norm ? "true" : "false") << "\n";
+            << " layer_norm=" << (cfg.layer_norm ? "true" : "false")
+            << " batch_first=" << (cfg.batch_first ? "true" : "false")
+            << " bidirectional=" << (cfg.bidirectional ? "true" : "false") << "\n";
+  check_model_takes(cfg, opt);
   torch::NoGradGuard no_grad;  // inference only: no autograd bookkeeping
+  std::optional<torch::Tensor> lengths;
+  if (!opt.lengths.empty()) lengths = read_lengths(opt.lengths);
 
   if (opt.time_seq > 0) {
     const int64_t repeats = opt.repeats.value_or(15), warmup = opt.warmup.value_or(3);
     const std::vector<double> samples =
-        time_forward(model, cfg, opt.time_seq, opt.time_batch, repeats, warmup);
-    std::cout << "timed forward(x [" << opt.time_seq << ", " << opt.time_batch << ", "
-              << cfg.input_size << "], None): " << warmup << " warmup + " << repeats
-              << " timed calls, " << opt.threads << " thread(s)\n";
+        time_forward(model, cfg, opt.time_seq, opt.time_batch, lengths, repeats, warmup);
+    const int64_t first = cfg.batch_first ? opt.time_batch : opt.time_seq;
+    const int64_t second = cfg.batch_first ? opt.time_seq : opt.time_batch;
+    std::cout << "timed forward(x [" << first << ", " << second << ", " << cfg.input_size
+              << "], None" << (lengths ? ", lengths" : "") << "): " << warmup << " warmup + "
+              << repeats << " timed calls, " << opt.threads << " thread(s)\n";
     std::ostringstream line;  // one machine-readable line, all samples in ms
     line << "timing_ms:" << std::fixed << std::setprecision(6);
     for (const double ms : samples) line << ' ' << ms;
@@ -341,11 +404,13 @@ int run(const Options& opt) {
   std::optional<State> state;
   if (!opt.h0.empty()) state = State{read_tensor(opt.h0), read_tensor(opt.c0)};
 
-  const auto [y, final_state] =
-      opt.chunk ? forward_chunked(model, x, state, opt.chunk) : forward(model, x, state);
+  const auto [y, final_state] = opt.chunk
+                                    ? forward_chunked(model, x, state, opt.chunk, cfg.batch_first)
+                                    : forward(model, x, state, lengths);
   const auto& [h, c] = final_state;
   std::cout << "x " << shape_of(x) << (state ? " with (h0, c0)" : " from zero state")
-            << (opt.chunk ? ", chunks of " + std::to_string(opt.chunk) : ", whole sequence")
+            << (opt.chunk ? ", chunks of " + std::to_string(opt.chunk)
+                          : (lengths ? ", lengths " + shape_of(*lengths) : ", whole sequence"))
             << " -> y " << shape_of(y) << ", h " << shape_of(h) << ", c " << shape_of(c) << "\n";
 
   if (!opt.out.empty()) {

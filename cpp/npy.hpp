@@ -1,4 +1,4 @@
-// npy.hpp - read and write float32 C-order .npy files, nothing more.
+// npy.hpp - read float32 and int64, write float32 C-order .npy files, nothing more.
 //
 // The .npy format (https://numpy.org/doc/stable/reference/generated/numpy.lib.format.html)
 // is a 6-byte magic, a 2-byte version, a little-endian header length, a Python-dict
@@ -11,6 +11,7 @@
 // message that names the file and the problem.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -21,10 +22,13 @@
 
 namespace npy {
 
-struct Array {
+template <typename T>
+struct Basic {
   std::vector<int64_t> shape;  // () for a scalar
-  std::vector<float> data;     // C order, shape product elements
+  std::vector<T> data;         // C order, shape product elements
 };
+using Array = Basic<float>;         // x, h0, c0
+using Int64Array = Basic<int64_t>;  // lengths
 
 namespace detail {
 
@@ -35,15 +39,29 @@ inline bool host_is_little_endian() {
   return first == 1;
 }
 
-inline void swap_bytes(std::vector<float>& values) {
-  for (float& v : values) {
-    unsigned char b[4];
-    std::memcpy(b, &v, 4);
-    std::swap(b[0], b[3]);
-    std::swap(b[1], b[2]);
-    std::memcpy(&v, b, 4);
+template <typename T>
+inline void swap_bytes(std::vector<T>& values) {
+  for (T& v : values) {
+    unsigned char b[sizeof(T)];
+    std::memcpy(b, &v, sizeof(T));
+    std::reverse(b, b + sizeof(T));
+    std::memcpy(&v, b, sizeof(T));
   }
 }
+
+// The dtype a reader accepts: its .npy type code (after the byte-order mark) and names.
+template <typename T>
+struct Dtype;
+template <>
+struct Dtype<float> {
+  static constexpr const char* code = "f4";
+  static constexpr const char* name = "float32";
+};
+template <>
+struct Dtype<int64_t> {
+  static constexpr const char* code = "i8";
+  static constexpr const char* name = "int64";
+};
 
 // The text after `'key':` in the header dict, with leading spaces skipped.
 inline std::string value_of(const std::string& header, const std::string& key,
@@ -92,8 +110,11 @@ inline int64_t numel(const std::vector<int64_t>& shape) {
 
 }  // namespace detail
 
-// Read a float32 C-order .npy file; throws std::runtime_error naming `path` on any problem.
-inline Array load(const std::string& path) {
+namespace detail {
+
+// Read a C-order .npy file of T; throws std::runtime_error naming `path` on any problem.
+template <typename T>
+inline Basic<T> load_as(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open file (does it exist?)");
   const std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
@@ -125,22 +146,24 @@ inline Array load(const std::string& path) {
   const std::string header(bytes.data() + header_start, header_len);
 
   const std::string descr = detail::value_of(header, "descr", path);
+  const std::string code = Dtype<T>::code, name = Dtype<T>::name;
   bool swap = false;
-  if (descr.rfind("'<f4'", 0) == 0) {
+  if (descr.rfind("'<" + code + "'", 0) == 0) {
     swap = !detail::host_is_little_endian();
-  } else if (descr.rfind("'>f4'", 0) == 0) {
+  } else if (descr.rfind("'>" + code + "'", 0) == 0) {
     swap = detail::host_is_little_endian();
   } else {
     const std::string shown = descr.substr(0, descr.find_first_of(",}"));
-    throw std::runtime_error(path + ": expected float32 data (descr '<f4'), got " + shown +
-                             "; save it with np.save(path, a.astype(np.float32))");
+    throw std::runtime_error(path + ": expected " + name + " data (descr '<" + code +
+                             "'), got " + shown + "; save it with np.save(path, a.astype(np." +
+                             name + "))");
   }
   if (detail::value_of(header, "fortran_order", path).rfind("False", 0) != 0) {
     throw std::runtime_error(path + ": Fortran-order arrays are not supported; "
                              "save np.ascontiguousarray(a) instead");
   }
 
-  Array array;
+  Basic<T> array;
   array.shape = detail::parse_shape(detail::value_of(header, "shape", path), path);
   const size_t data_start = header_start + header_len;
   const size_t available = bytes.size() - data_start;
@@ -149,7 +172,7 @@ inline Array load(const std::string& path) {
   for (int64_t d : array.shape) {
     count = d == 0 ? 0 : (count > available / static_cast<size_t>(d) ? available + 1 : count * d);
   }
-  const size_t expected = count * sizeof(float);
+  const size_t expected = count * sizeof(T);
   if (available != expected) {
     throw std::runtime_error(path + ": .npy data has " + std::to_string(available) +
                              " bytes, which does not match the header's shape" +
@@ -160,6 +183,14 @@ inline Array load(const std::string& path) {
   if (swap) detail::swap_bytes(array.data);
   return array;
 }
+
+}  // namespace detail
+
+// Read a float32 C-order .npy file; throws std::runtime_error naming `path` on any problem.
+inline Array load(const std::string& path) { return detail::load_as<float>(path); }
+
+// Read an int64 C-order .npy file (lstm_run's --lengths), with the same checks.
+inline Int64Array load_int64(const std::string& path) { return detail::load_as<int64_t>(path); }
 
 // Write `count` floats (C order, `shape`) as a version 1.0 .npy file.
 inline void save(const std::string& path, const std::vector<int64_t>& shape, const float* data) {

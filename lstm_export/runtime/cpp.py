@@ -281,7 +281,8 @@ def _invoke(binary: Path, args: Sequence[str | Path], timeout: float) -> str:
 
 
 def model_config(binary: Path, model_pt: Path, *, timeout: float = 120) -> LSTMConfig:
-    """The config as C++ reads it from the module's attributes (`lstm_run MODEL.pt`)."""
+    """The config as C++ reads it from the module's attributes (`lstm_run MODEL.pt`); a
+    module exported before batch_first/bidirectional reads as false for both."""
     stdout = _invoke(binary, [artifact(model_pt, TORCHSCRIPT_FILE)], timeout)
     line = next((ln for ln in stdout.splitlines() if ln.startswith("config:")), None)
     if line is None:
@@ -292,6 +293,8 @@ def model_config(binary: Path, model_pt: Path, *, timeout: float = 120) -> LSTMC
         hidden_size=int(values["hidden_size"]),
         num_layers=int(values["num_layers"]),
         layer_norm=values["layer_norm"] == "true",
+        batch_first=values.get("batch_first") == "true",
+        bidirectional=values.get("bidirectional") == "true",
     )
 
 
@@ -303,17 +306,23 @@ def run(
     chunk: int | None = None,
     *,
     kernels: Path | None = None,
+    lengths: Any = None,
     timeout: float = 300,
 ) -> tuple[Array, State]:
-    """Run `model_pt` in C++ on `x` [seq, batch, input]: returns y and (h, c) as float32 arrays.
+    """Run `model_pt` in C++ on `x` in the model's layout ([seq, batch, input], or [batch,
+    seq, input] when batch_first): returns y and (h, c) as float32 arrays.
 
     `state` is (h0, c0) or None for zeros; `chunk` streams the sequence `chunk` steps
-    per forward call; `kernels` is an op library to load first (`model.fused.pt` needs
-    `lstm_export_kernels.so`). Inputs are converted to float32, the only dtype the
-    binary reads.
+    per forward call; `lengths` (integers [batch]) is where each sequence of a padded batch
+    ends, forward's third argument (not with `chunk`: a stream has no lengths); `kernels` is
+    an op library to load first (`model.fused.pt` needs `lstm_export_kernels.so`). x and
+    the state are converted to float32, lengths to int64, the dtypes the binary reads; the
+    model itself checks the lengths' shape and values.
     """
     if chunk is not None:
         positive_int("chunk", chunk)
+        if lengths is not None:
+            raise UsageError("give chunk or lengths, not both: a stream has no lengths")
     model_pt = artifact(model_pt, TORCHSCRIPT_FILE)
     with tempfile.TemporaryDirectory(prefix="lstm-export-cpp-") as tmp:
         work = Path(tmp)
@@ -325,6 +334,8 @@ def run(
             args += ["--c0", _save(work / "c0.npy", state[1], "c0")]
         if chunk is not None:
             args += ["--chunk", str(chunk)]
+        if lengths is not None:
+            args += ["--lengths", _save_lengths(work / "lengths.npy", lengths)]
         args += ["--out", work / "out", *_kernel_args(kernels)]
         _invoke(binary, args, timeout)
         y, h, c = (np.load(work / "out" / f"{name}.npy") for name in ("y", "h", "c"))
@@ -345,14 +356,17 @@ def time_forward(
     warmup: int = 3,
     threads: int = 1,
     kernels: Path | None = None,
+    lengths: Any = None,
     timeout: float = 300,
 ) -> list[float]:
-    """Latency of `forward(x, None)` in C++ on a random x [seq, batch, input]: `repeats` ms.
+    """Latency of `forward(x, None)` in C++ on a random x of `seq` steps and `batch`
+    sequences (in the model's layout): `repeats` samples in ms.
 
     `lstm_run --time-seq ... --time-batch ...`: `warmup` untimed calls, then `repeats`
     timed ones under InferenceMode with `threads` intra-op threads, each sample taken
     with std::chrono::steady_clock around one call. Process start and model loading
-    are not included. `kernels`: an op library to load first, as for `run`.
+    are not included. `kernels`: an op library to load first, as for `run`; `lengths`
+    (integers [batch], each in 1..seq): time a ragged batch, `forward(x, None, lengths)`.
     """
     for name, value, minimum in (
         ("seq", seq, 1),
@@ -365,7 +379,10 @@ def time_forward(
     args: list[str | Path] = [artifact(model_pt, TORCHSCRIPT_FILE), "--time-seq", str(seq)]
     args += ["--time-batch", str(batch), "--repeats", str(repeats)]
     args += ["--warmup", str(warmup), "--threads", str(threads), *_kernel_args(kernels)]
-    stdout = _invoke(binary, args, timeout)
+    with tempfile.TemporaryDirectory(prefix="lstm-export-cpp-") as tmp:
+        if lengths is not None:
+            args += ["--lengths", _save_lengths(Path(tmp) / "lengths.npy", lengths)]
+        stdout = _invoke(binary, args, timeout)
     line = next((ln for ln in stdout.splitlines() if ln.startswith("timing_ms:")), None)
     if line is None:
         raise CppRunError(f"no 'timing_ms:' line in {BINARY_NAME} output", 0, stdout)
@@ -393,4 +410,16 @@ def _save(path: Path, value: Any, name: str) -> Path:
             f"{name} must be a float array, got {type(value).__name__}: {exc}"
         ) from None
     np.save(path, array)
+    return path
+
+
+def _save_lengths(path: Path, value: Any) -> Path:
+    """Integer lengths as the int64 .npy `lstm_run --lengths` reads; shape and range are
+    left to the model's own check, so C++ reports what Python would."""
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if array.dtype.kind not in "iu":  # not bools, floats or objects: no silent rounding
+        raise UsageError(f"lengths must be an integer array [batch], got dtype {array.dtype}")
+    np.save(path, np.ascontiguousarray(array, dtype=np.int64))
     return path
