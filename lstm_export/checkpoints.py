@@ -2,8 +2,11 @@
 `LSTM` it makes.
 
 Two layouts are understood: this model's own keys (`cells.{k}.input_lin.weight`, ...,
-as the original notebook code wrote them) and `torch.nn.LSTM`'s (`weight_ih_l{k}`, ...).
-Files are read with `torch.load(weights_only=True)`: a checkpoint is data, never code.
+as the original notebook code wrote them, and `reverse_cells.{k}....` beside them for a
+bidirectional model) and `torch.nn.LSTM`'s (`weight_ih_l{k}`, ..., and `weight_ih_l{k}_reverse`,
+...). Either way the keys decide whether the model is bidirectional; nothing in a state dict
+says whether it was batch-first (`layout_note` says so at export). Files are read with
+`torch.load(weights_only=True)`: a checkpoint is data, never code.
 
 Everything about a checkpoint is checked before a model is built from it, in the order of
 what it costs: the file's type, its keys and the layer indices they name, the size those
@@ -17,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,7 +42,9 @@ from lstm_export.errors import UsageError
 from lstm_export.model import LSTM
 
 _NN_LSTM_KEY = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?\Z")  # \Z: no "\n"
-_OUR_LAYER = re.compile(r"^cells\.(\d+)")
+_OUR_LAYER = re.compile(r"^(reverse_)?cells\.(\d+)")
+_REVERSE_SUFFIX = "_reverse"  # nn.LSTM's reverse-direction keys: weight_ih_l0_reverse, ...
+_REVERSE_PREFIX = "reverse_"  # ours: reverse_cells.0.input_lin.weight beside cells.0....
 
 # float16, bfloat16 and float64 weights are converted to float32 (what the artifacts run);
 # anything else (integers, bool, complex, float8) is refused, for either layout alike.
@@ -92,8 +98,39 @@ def is_nn_lstm_state_dict(state: Mapping[str, Tensor]) -> bool:
     return any(_NN_LSTM_KEY.match(k) for k in state)
 
 
+def _is_reverse(key: str) -> bool:
+    """Whether `key` holds a reverse-direction weight, in either layout."""
+    found = _NN_LSTM_KEY.match(key)
+    return bool(found.group(4)) if found else key.startswith(_REVERSE_PREFIX + "cells.")
+
+
+def _partner(key: str) -> str:
+    """The same weight's key in the other direction, in the key's own layout."""
+    if _NN_LSTM_KEY.match(key):
+        return key.removesuffix(_REVERSE_SUFFIX) if _is_reverse(key) else key + _REVERSE_SUFFIX
+    return key.removeprefix(_REVERSE_PREFIX) if _is_reverse(key) else _REVERSE_PREFIX + key
+
+
+def _check_both_directions(state: Mapping[str, Tensor], source: str) -> None:
+    """Refuse a half-bidirectional state dict: once any reverse weight is there, every
+    layer weight needs its partner in the other direction (a reverse key for each forward
+    one and back), named when it is missing."""
+    layer_keys = [k for k in state if _NN_LSTM_KEY.match(k) or _OUR_LAYER.match(k)]
+    missing = sorted({_partner(k) for k in layer_keys} - set(state))
+    if missing:
+        raise UsageError(
+            f"{source} is half bidirectional: it has reverse-direction weights, but not every "
+            f"weight in both directions; missing: {listing(map(shown_key, missing))}"
+        )
+
+
 def infer_config(state: Mapping[str, Tensor], source: str = "checkpoint") -> LSTMConfig:
-    """Read the sizes off the weights; this model's layout or nn.LSTM's."""
+    """Read the sizes off the weights; this model's layout or nn.LSTM's. Reverse-direction
+    keys make it bidirectional (refused if some weights lack them); batch_first is never
+    recorded, so it is False."""
+    bidirectional = any(_is_reverse(k) for k in state)
+    if bidirectional:
+        _check_both_directions(state, source)
     if is_nn_lstm_state_dict(state):
         first, prefix = "weight_ih_l0", "weight_ih_l"
         layer_norm = False
@@ -108,7 +145,7 @@ def infer_config(state: Mapping[str, Tensor], source: str = "checkpoint") -> LST
             f"got {shown}; keys: {listing(map(shown_key, sorted(state)))}"
         )
     pattern = _NN_LSTM_KEY if prefix == "weight_ih_l" else _OUR_LAYER
-    group = 3 if prefix == "weight_ih_l" else 1
+    group = 3 if prefix == "weight_ih_l" else 2
     layers = sorted({_index(m.group(group)) for k in state if (m := pattern.match(k))})
     # Checked before any model is built: one stray key cells.1000000.* must not make
     # a million layers to find out that it does not fit. A set of the indices the keys
@@ -124,17 +161,16 @@ def infer_config(state: Mapping[str, Tensor], source: str = "checkpoint") -> LST
         hidden_size=int(weight.size(0)) // 4,
         num_layers=len(layers),
         layer_norm=layer_norm,
+        bidirectional=bidirectional,
     )
 
 
 def _check_nn_lstm_keys(state: Mapping[str, Tensor], source: str) -> None:
     """Refuse nn.LSTM variants we do not run, and keys that are not nn.LSTM's."""
-    bad = sorted(
-        k for k in state if (m := _NN_LSTM_KEY.match(k)) and (m.group(4) or m.group(2) == "hr")
-    )
+    bad = sorted(k for k in state if (m := _NN_LSTM_KEY.match(k)) and m.group(2) == "hr")
     if bad:
         raise UsageError(
-            f"{source}: only unidirectional nn.LSTM with proj_size=0 is supported; "
+            f"{source}: only nn.LSTM with proj_size=0 is supported; "
             f"found {listing(map(shown_key, bad), 4)}"
         )
     unexpected = sorted(k for k in state if not _NN_LSTM_KEY.match(k))
@@ -145,16 +181,34 @@ def _check_nn_lstm_keys(state: Mapping[str, Tensor], source: str) -> None:
         )
 
 
+def _suffixes(config: LSTMConfig) -> tuple[str, ...]:
+    return ("", _REVERSE_SUFFIX) if config.bidirectional else ("",)
+
+
 def nn_lstm_shapes(config: LSTMConfig) -> dict[str, tuple[int, ...]]:
-    """nn.LSTM(config)'s keys and shapes (its biases may be absent: bias=False)."""
+    """nn.LSTM(config)'s keys and shapes (its biases may be absent: bias=False); layer k > 0
+    reads the layer below's D * hidden_size outputs."""
     gates, hidden = 4 * config.hidden_size, config.hidden_size
     shapes: dict[str, tuple[int, ...]] = {}
     for k in range(config.num_layers):
-        shapes[f"weight_ih_l{k}"] = (gates, config.input_size if k == 0 else hidden)
-        shapes[f"weight_hh_l{k}"] = (gates, hidden)
-        shapes[f"bias_ih_l{k}"] = (gates,)
-        shapes[f"bias_hh_l{k}"] = (gates,)
+        for s in _suffixes(config):
+            shapes[f"weight_ih_l{k}{s}"] = (
+                gates,
+                config.input_size if k == 0 else config.output_size,
+            )
+            shapes[f"weight_hh_l{k}{s}"] = (gates, hidden)
+            shapes[f"bias_ih_l{k}{s}"] = (gates,)
+            shapes[f"bias_hh_l{k}{s}"] = (gates,)
     return shapes
+
+
+def _nn_lstm_described(config: LSTMConfig) -> str:
+    """`nn.LSTM(input_size=4, hidden_size=8, num_layers=1)`, bidirectional named when on."""
+    switch = ", bidirectional=True" if config.bidirectional else ""
+    return (
+        f"nn.LSTM(input_size={config.input_size}, hidden_size={config.hidden_size}, "
+        f"num_layers={config.num_layers}{switch})"
+    )
 
 
 def _check_nn_lstm(state: Mapping[str, Tensor], source: str, limits: SizeLimits) -> LSTMConfig:
@@ -167,11 +221,9 @@ def _check_nn_lstm(state: Mapping[str, Tensor], source: str, limits: SizeLimits)
     optional = {k for k in expected if k.startswith("bias_")}
     problems = _fit_problems(state, expected, optional)
     if problems:
-        described = (
-            f"nn.LSTM(input_size={config.input_size}, hidden_size={config.hidden_size}, "
-            f"num_layers={config.num_layers})"
+        raise UsageError(
+            f"{source} does not fit {_nn_lstm_described(config)}: " + "; ".join(problems)
         )
-        raise UsageError(f"{source} does not fit {described}: " + "; ".join(problems))
     return config
 
 
@@ -186,54 +238,65 @@ def from_nn_lstm_state_dict(state: Mapping[str, Tensor], source: str = "checkpoi
 
 
 def _translate_nn_lstm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """nn.LSTM's `{name}_l{k}{suffix}` as our `{direction}cells.{k}.{name}`: the forward keys
+    to `cells.{k}`, the `_reverse` ones to `reverse_cells.{k}`."""
     ours: dict[str, Tensor] = {}
-    layers = {int(_NN_LSTM_KEY.match(k).group(3)) for k in state}
-    for k in sorted(layers):
-        prefix = f"cells.{k}."
+    found = {m.group(3, 4) for k in state if (m := _NN_LSTM_KEY.match(k))}
+    for digits, reverse in sorted(found, key=lambda f: (int(f[0]), bool(f[1]))):
+        k, s = int(digits), reverse or ""
+        prefix = f"{_REVERSE_PREFIX if reverse else ''}cells.{k}."
         for theirs, mine in (("weight_ih", "input_lin.weight"), ("weight_hh", "hidden_lin.weight")):
-            if f"{theirs}_l{k}" in state:
-                ours[prefix + mine] = state[f"{theirs}_l{k}"]
-        biases = [state[b] for b in (f"bias_ih_l{k}", f"bias_hh_l{k}") if b in state]
+            if f"{theirs}_l{k}{s}" in state:
+                ours[prefix + mine] = state[f"{theirs}_l{k}{s}"]
+        biases = [state[b] for b in (f"bias_ih_l{k}{s}", f"bias_hh_l{k}{s}") if b in state]
         if biases:
             # Summed in float32 or wider, as the model will run: a float16 sum rounds once more.
             dtype = torch.promote_types(biases[0].dtype, torch.float32)
             ours[prefix + "hidden_lin.bias"] = sum(
                 (b.to(dtype) for b in biases[1:]), biases[0].to(dtype, copy=True)
             )
-        elif f"weight_hh_l{k}" in state:  # nn.LSTM(bias=False): our bias is zero
-            weight = state[f"weight_hh_l{k}"]
+        elif f"weight_hh_l{k}{s}" in state:  # nn.LSTM(bias=False): our bias is zero
+            weight = state[f"weight_hh_l{k}{s}"]
             ours[prefix + "hidden_lin.bias"] = torch.zeros(weight.size(0), dtype=weight.dtype)
     return ours
 
 
 def to_nn_lstm_state_dict(model: LSTM) -> dict[str, Tensor]:
-    """Our weights as an `nn.LSTM` state dict (layer_norm=False only: nn.LSTM has no LayerNorm)."""
+    """Our weights as an `nn.LSTM` state dict, `_reverse` keys for the reverse cells
+    (layer_norm=False only: nn.LSTM has no LayerNorm)."""
     if model.layer_norm:
         raise UsageError("only a layer_norm=False model can be written as an nn.LSTM state dict")
     state: dict[str, Tensor] = {}
-    for k, cell in enumerate(model.cells):
-        bias = cell.hidden_lin.bias.detach().clone()
-        state[f"weight_ih_l{k}"] = cell.input_lin.weight.detach().clone()
-        state[f"weight_hh_l{k}"] = cell.hidden_lin.weight.detach().clone()
-        state[f"bias_ih_l{k}"] = torch.zeros_like(bias)
-        state[f"bias_hh_l{k}"] = bias
+    directions = [("", model.cells)]
+    if model.bidirectional:
+        directions.append((_REVERSE_SUFFIX, model.reverse_cells))
+    for s, cells in directions:
+        for k, cell in enumerate(cells):
+            bias = cell.hidden_lin.bias.detach().clone()
+            state[f"weight_ih_l{k}{s}"] = cell.input_lin.weight.detach().clone()
+            state[f"weight_hh_l{k}{s}"] = cell.hidden_lin.weight.detach().clone()
+            state[f"bias_ih_l{k}{s}"] = torch.zeros_like(bias)
+            state[f"bias_hh_l{k}{s}"] = bias
     return state
 
 
 def expected_shapes(config: LSTMConfig) -> dict[str, tuple[int, ...]]:
     """`LSTM(config).state_dict()`'s keys and shapes, without building the model."""
     gates, hidden = 4 * config.hidden_size, config.hidden_size
+    directions = ("", _REVERSE_PREFIX) if config.bidirectional else ("",)
     shapes: dict[str, tuple[int, ...]] = {}
     for k in range(config.num_layers):
-        prefix = f"cells.{k}."
-        shapes[prefix + "input_lin.weight"] = (gates, config.input_size if k == 0 else hidden)
-        shapes[prefix + "hidden_lin.weight"] = (gates, hidden)
-        shapes[prefix + "hidden_lin.bias"] = (gates,)
-        if config.layer_norm:
-            for part in ("weight", "bias"):
-                for gate in range(4):
-                    shapes[f"{prefix}layer_norm.{gate}.{part}"] = (hidden,)
-                shapes[f"{prefix}layer_norm_c.{part}"] = (hidden,)
+        for direction in directions:
+            prefix = f"{direction}cells.{k}."
+            inputs = config.input_size if k == 0 else config.output_size
+            shapes[prefix + "input_lin.weight"] = (gates, inputs)
+            shapes[prefix + "hidden_lin.weight"] = (gates, hidden)
+            shapes[prefix + "hidden_lin.bias"] = (gates,)
+            if config.layer_norm:
+                for part in ("weight", "bias"):
+                    for gate in range(4):
+                        shapes[f"{prefix}layer_norm.{gate}.{part}"] = (hidden,)
+                    shapes[f"{prefix}layer_norm_c.{part}"] = (hidden,)
     return shapes
 
 
@@ -291,6 +354,12 @@ def _check_fit(state: Mapping[str, Tensor], config: LSTMConfig, source: str) -> 
             f"the state dict {'has' if has_norms else 'has no'} LayerNorm weights "
             f"(a layer_norm={has_norms} model?)"
         )
+    has_reverse = any(_is_reverse(k) for k in state)
+    if problems and config.bidirectional != has_reverse:
+        problems.append(
+            f"the state dict {'has' if has_reverse else 'has no'} reverse-direction weights "
+            f"(a bidirectional={has_reverse} model?)"
+        )
     if problems:
         raise UsageError(f"{source} does not fit {config.describe()}: " + "; ".join(problems))
 
@@ -303,16 +372,22 @@ def read_checkpoint(
     Refused unless that config is within `limits`, and its weights are finite and at most
     MAX_ABS_WEIGHT (checked under the file's own key names, before any translation).
     """
+    state, config, _kind = _read_checkpoint(path, limits)
+    return state, config
+
+
+def _read_checkpoint(path: Path, limits: SizeLimits) -> tuple[dict[str, Tensor], LSTMConfig, str]:
+    """`read_checkpoint`, and whose layout the file had: "nn.LSTM" or "lstm-export"."""
     source = f"checkpoint {path}"
     state = read_state_dict(path)
     if is_nn_lstm_state_dict(state):
         config = _check_nn_lstm(state, source, limits)
         check_weights(state, source)
-        return _translate_nn_lstm(state), config
+        return _translate_nn_lstm(state), config, "nn.LSTM"
     config = infer_config(state, source)
     check_size(config, limits, source)
     check_weights(state, source)
-    return state, config
+    return state, config, "lstm-export"
 
 
 def model_from_state_dict(
@@ -365,22 +440,73 @@ def build_model(config: LSTMConfig, seed: int = 0, limits: SizeLimits = DEFAULT_
     return model.eval()
 
 
+class ExportModel(NamedTuple):
+    """What `model_for` gives the export: the model, where its weights came from (for the
+    summary line), and notes for whoever runs the export (one line each)."""
+
+    model: LSTM
+    origin: str
+    notes: tuple[str, ...] = ()
+
+
+def layout_note(config: LSTMConfig, kind: str, stated: str | None = None) -> str:
+    """The line that says which x layout an export of a `kind` checkpoint takes, and how to
+    change it: no state dict records batch_first, so a checkpoint saved from a batch-first
+    model would otherwise export time-major without a word (and give wrong numbers)."""
+    time_major, batch_first = "[seq, batch, input]", "[batch, seq, input]"
+    if config.batch_first:
+        how = f"as {stated} asks" if stated else "batch_first"
+        return (
+            f"{kind} checkpoints do not record batch_first; this export takes batch-first x "
+            f"{batch_first} ({how}; --no-batch-first for time-major {time_major})"
+        )
+    return (
+        f"{kind} checkpoints do not record batch_first; this export takes time-major x "
+        f"{time_major} (pass --batch-first for {batch_first})"
+    )
+
+
+def _check_direction(
+    config: ExportConfig, overrides: Mapping[str, object] | None, inferred: LSTMConfig, source: str
+) -> None:
+    """Refuse a stated `bidirectional` the checkpoint's keys contradict: they decide, and a
+    misfit listing every missing reverse key would hide the one word that is wrong."""
+    stated = config.stated("bidirectional", overrides)
+    asked = config.lstm_config(overrides, inferred).bidirectional
+    if stated is None or asked == inferred.bidirectional:
+        return
+    weights = (
+        "reverse-direction weights" if inferred.bidirectional else "no reverse-direction weights"
+    )
+    which = "bidirectional" if inferred.bidirectional else "unidirectional"
+    raise UsageError(
+        f"{stated} asks for a {'bidirectional' if asked else 'unidirectional'} model, but "
+        f"{source} is {which} (it has {weights}, and its keys decide); drop {stated}"
+    )
+
+
 def model_for(
     config: ExportConfig,
     overrides: Mapping[str, object] | None = None,
     limits: SizeLimits = DEFAULT_LIMITS,
-) -> tuple[LSTM, str]:
-    """An export config's model, and where its weights came from (for the summary line).
+) -> ExportModel:
+    """An export config's model, where its weights came from, and the notes to show.
 
-    From `config.checkpoint` (its sizes read off it, then [model] and `overrides` over
-    them) or random from seed 0 ([model] and `overrides` over the defaults). Either way
-    the size is checked against `limits` before a model is built; `config.check_source`
-    does that without torch, so a caller can refuse an oversized config before importing us.
+    From `config.checkpoint` (its config read off its keys, then [model] and `overrides` over
+    it; a stated `bidirectional` the keys contradict is refused) or random from seed 0
+    ([model] and `overrides` over the defaults). Either way the size is checked against
+    `limits` before a model is built; `config.check_source` does that without torch, so a
+    caller can refuse an oversized config before importing us. A checkpoint export carries
+    `layout_note`: no state dict records batch_first.
     """
     config.check_source(overrides, limits)
     if config.checkpoint is None:
-        return build_model(config.lstm_config(overrides), limits=limits), "random weights (seed 0)"
+        model = build_model(config.lstm_config(overrides), limits=limits)
+        return ExportModel(model, "random weights (seed 0)")
     source = f"checkpoint {config.checkpoint}"
-    state, inferred = read_checkpoint(config.checkpoint, limits)
-    model = model_from_state_dict(state, config.lstm_config(overrides, inferred), source, limits)
-    return model, source
+    state, inferred, kind = _read_checkpoint(config.checkpoint, limits)
+    _check_direction(config, overrides, inferred, source)
+    wanted = config.lstm_config(overrides, inferred)
+    model = model_from_state_dict(state, wanted, source, limits)
+    note = layout_note(wanted, kind, config.stated("batch_first", overrides))
+    return ExportModel(model, source, (note,))

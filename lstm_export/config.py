@@ -233,13 +233,21 @@ class ExportConfig:
     and `lstm_export.checkpoints.model_for` builds the model.
     """
 
-    model: LSTMConfig | None = None
+    model: Mapping[str, Any] | LSTMConfig | None = None
+    """The [model] table: only the keys it names (an LSTMConfig names them all). The rest come
+    from the checkpoint's weights, else LSTMConfig's defaults."""
     name: str | None = None
     checkpoint: Path | None = None
     out: Path | None = None
     fused_kernel: bool = False
     atol: float | None = None
     factor: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, LSTMConfig):  # a whole config: every key given
+            object.__setattr__(self, "model", self.model.to_dict())
+        elif self.model is not None:  # checked now, not at the first use
+            LSTMConfig.from_dict(dict(self.model), "[model]", partial=True)
 
     def with_flags(
         self,
@@ -270,10 +278,20 @@ class ExportConfig:
     def lstm_config(
         self, overrides: Mapping[str, Any] | None = None, base: LSTMConfig | None = None
     ) -> LSTMConfig:
-        """[model] (else `base`: a checkpoint's sizes, else the defaults) with `overrides`
-        (the size flags) over it."""
-        start = self.model or base or LSTMConfig()
-        return LSTMConfig(**{**start.to_dict(), **(overrides or {})})
+        """`base` (a checkpoint's config, else the defaults) with the keys [model] names over
+        it, then `overrides` (the flags: sizes, layer_norm, batch_first, bidirectional)."""
+        start = (base or LSTMConfig()).to_dict()
+        return LSTMConfig(**{**start, **(self.model or {}), **(overrides or {})})
+
+    def stated(self, key: str, overrides: Mapping[str, Any] | None = None) -> str | None:
+        """Where `key`'s value was stated, for messages: the flag (`--no-bidirectional`), the
+        [model] table, or None when neither names it."""
+        if overrides and key in overrides:
+            flag = key.replace("_", "-")
+            return f"--{flag}" if overrides[key] is not False else f"--no-{flag}"
+        if self.model and key in self.model:
+            return f"[model] {key} = {str(self.model[key]).lower()}"
+        return None
 
     def resolve(self, force: bool = False) -> ExportConfig:
         """This config with `out` and `name` settled, refused now if the export would fail
@@ -319,7 +337,8 @@ class ExportConfig:
 
 def read_export_config(path: Path) -> ExportConfig:
     """Read an export TOML file: top-level `name`, `checkpoint`, `out`, `fused_kernel`, a
-    `[model]` table and a `[parity]` table (`atol`, `factor`).
+    `[model]` table (any of LSTMConfig's keys, batch_first and bidirectional too) and a
+    `[parity]` table (`atol`, `factor`).
 
     Relative paths are taken relative to the TOML file, so a config can sit beside
     its checkpoint.
@@ -359,12 +378,10 @@ def read_export_config(path: Path) -> ExportConfig:
         if key in parity
     }
     base = path.parent
+    if model is not None:  # every key checked now; only those it names are kept
+        LSTMConfig.from_dict(model, source=f"{path} [model]", partial=True)
     return ExportConfig(
-        model=(
-            LSTMConfig.from_dict(model, source=f"{path} [model]", partial=True)
-            if model is not None
-            else None
-        ),
+        model=model,
         name=data.get("name"),
         checkpoint=base / data["checkpoint"] if "checkpoint" in data else None,
         out=base / data["out"] if "out" in data else None,

@@ -11,7 +11,6 @@ import math
 import os
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from helpers import not_regular_files, run_cli
+from helpers import not_regular_files, run_cli, run_packed
 from lstm_export import LSTM, UsageError
 from lstm_export.checkpoint_file import read_state_dict
 from lstm_export.checkpoints import (
@@ -471,39 +470,150 @@ def test_nn_lstm_without_bias_loads_with_zero_bias(tmp_path):
     _assert_close(_run(model, x, h0, c0), _run(reference, x, h0, c0))
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "expected"),
-    [
-        pytest.param({"bidirectional": True}, "unidirectional", id="bidirectional"),
-        pytest.param({"proj_size": 3}, "proj_size", id="proj_size"),
-    ],
-)
-def test_bidirectional_and_projected_nn_lstm_are_refused(tmp_path, kwargs, expected):
+def test_projected_nn_lstm_is_refused(tmp_path):
     path = tmp_path / "nn.pt"
-    torch.save(_seeded_nn_lstm(10, 4, 8, **kwargs).state_dict(), path)
-    with pytest.raises(UsageError, match=expected):
+    torch.save(_seeded_nn_lstm(10, 4, 8, proj_size=3).state_dict(), path)
+    with pytest.raises(UsageError, match=r"only nn\.LSTM with proj_size=0 is supported"):
         load_checkpoint(path)
 
 
-def test_cli_refuses_bidirectional_nn_lstm_in_one_line(tmp_path, monkeypatch, capsys):
-    from lstm_export import cli
+def test_bidirectional_nn_lstm_maps_reverse_keys_to_reverse_cells_and_matches(tmp_path):
+    reference = _seeded_nn_lstm(10, 5, 6, num_layers=2, bidirectional=True)
+    path = tmp_path / "bi.pt"
+    torch.save(reference.state_dict(), path)
 
-    torch.save(_seeded_nn_lstm(10, 4, 8, bidirectional=True).state_dict(), tmp_path / "bi.pt")
+    state, config = read_checkpoint(path)
+    model = load_checkpoint(path)
+
+    assert config == LSTMConfig(5, 6, 2, False, bidirectional=True)  # the keys say so
+    theirs = reference.state_dict()
+    for k in range(2):
+        mine = f"reverse_cells.{k}."
+        assert torch.equal(state[mine + "input_lin.weight"], theirs[f"weight_ih_l{k}_reverse"])
+        assert torch.equal(state[mine + "hidden_lin.weight"], theirs[f"weight_hh_l{k}_reverse"])
+        summed = theirs[f"bias_ih_l{k}_reverse"] + theirs[f"bias_hh_l{k}_reverse"]
+        torch.testing.assert_close(state[mine + "hidden_lin.bias"], summed)
+        assert torch.equal(state[f"cells.{k}.input_lin.weight"], theirs[f"weight_ih_l{k}"])
+    x, h0, c0 = _inputs(9, 3, 5, 4, 6)
+    _assert_close(_run(model, x, h0, c0), _run(reference, x, h0, c0))
+    lengths = torch.tensor([9, 1, 5])
+    with torch.no_grad():
+        got = model(x, (h0, c0), lengths)
+        expected = run_packed(reference, x, (h0, c0), lengths)
+    _assert_close((got[0], *got[1]), (expected[0], *expected[1]))
+
+
+def test_our_own_bidirectional_state_dict_is_read_as_bidirectional(tmp_path):
+    model = _seeded_lstm(10, 5, 6, num_layers=2, layer_norm=True, bidirectional=True)
+    path = tmp_path / "ours.pt"
+    torch.save(model.state_dict(), path)
+
+    _state, config = read_checkpoint(path)
+
+    assert config == LSTMConfig(5, 6, 2, True, bidirectional=True)
+    assert config.parameter_count() == sum(p.numel() for p in model.parameters())
+    loaded = load_checkpoint(path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def _half(state: dict, *dropped: str) -> dict:
+    return {k: v for k, v in state.items() if k not in dropped}
+
+
+@pytest.mark.parametrize(
+    ("make", "missing"),
+    [
+        pytest.param(
+            lambda: _half(
+                nn.LSTM(4, 8, 2, bidirectional=True).state_dict(),
+                "weight_hh_l1_reverse",
+                "bias_ih_l0_reverse",
+            ),
+            "missing: bias_ih_l0_reverse, weight_hh_l1_reverse",
+            id="nn.LSTM-reverse-keys-missing",
+        ),
+        pytest.param(
+            lambda: _half(nn.LSTM(4, 8, 2, bidirectional=True).state_dict(), "weight_ih_l0"),
+            "missing: weight_ih_l0",
+            id="nn.LSTM-forward-key-missing",
+        ),
+        pytest.param(
+            lambda: {
+                **nn.LSTM(4, 8, 2).state_dict(),
+                "weight_ih_l0_reverse": torch.zeros(32, 4),
+            },
+            "missing: bias_hh_l0_reverse, bias_hh_l1_reverse, bias_ih_l0_reverse, "
+            "bias_ih_l1_reverse, weight_hh_l0_reverse and 2 more",
+            id="nn.LSTM-one-reverse-key",
+        ),
+        pytest.param(
+            lambda: _half(
+                LSTM(4, 8, 2, bidirectional=True).state_dict(), "reverse_cells.1.hidden_lin.bias"
+            ),
+            "missing: reverse_cells.1.hidden_lin.bias",
+            id="ours",
+        ),
+        pytest.param(
+            lambda: {**LSTM(4, 8, 1).state_dict(), "reverse_cells.0.\x1b[31m": torch.zeros(1)},
+            "missing: cells.0.\\x1b[31m, reverse_cells.0.hidden_lin.bias, ",
+            id="ours-escaped",
+        ),
+    ],
+)
+def test_a_half_bidirectional_state_dict_is_refused_naming_the_missing_keys(
+    tmp_path, make, missing
+):
+    path = _saved(tmp_path, make())
+    with pytest.raises(UsageError) as error:
+        read_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f"checkpoint {path} is half bidirectional: ")
+    assert missing in message, message
+    assert "\x1b" not in message
+
+
+def test_cli_refuses_a_half_bidirectional_nn_lstm_in_one_line(tmp_path, call_main):
+    state = _half(nn.LSTM(4, 8, bidirectional=True).state_dict(), "weight_hh_l0_reverse")
     out = tmp_path / "out"
-    monkeypatch.setattr(
-        sys,
-        "argv",
-        ["lstm-export", "export", "--checkpoint", str(tmp_path / "bi.pt"), "--out", str(out)],
-    )
-    with pytest.raises(SystemExit) as info:
-        cli.main()
 
-    err = capsys.readouterr().err
-    assert info.value.code == 2, err
+    code, _, err = call_main("export", "--checkpoint", _saved(tmp_path, state), "--out", out)
+
+    assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert "unidirectional" in lines[0] and "_reverse" in lines[0]
+    assert "half bidirectional" in lines[0] and "missing: weight_hh_l0_reverse" in lines[0]
     assert not out.exists()
+
+
+def test_a_bidirectional_layer_reads_both_directions_outputs(tmp_path):
+    """Layer 1 of a bidirectional nn.LSTM takes 2 * hidden_size inputs, not hidden_size."""
+    state = dict(nn.LSTM(4, 8, 2, bidirectional=True).state_dict())
+    for key in ("weight_ih_l1", "weight_ih_l1_reverse"):
+        state[key] = torch.zeros(32, 8)
+    with pytest.raises(UsageError) as error:
+        read_checkpoint(_saved(tmp_path, state))
+    assert str(error.value).endswith(
+        "does not fit nn.LSTM(input_size=4, hidden_size=8, num_layers=2, bidirectional=True): "
+        "wrongly shaped: weight_ih_l1 (expected [32, 16], got [32, 8]), "
+        "weight_ih_l1_reverse (expected [32, 16], got [32, 8])"
+    )
+
+
+def test_size_limits_count_both_directions(tmp_path):
+    one_way = LSTMConfig(4, 8, 1, False).parameter_count()
+    path = _saved(tmp_path, nn.LSTM(4, 8, bidirectional=True).state_dict())
+    with pytest.raises(UsageError, match=rf"has {2 * one_way:,} parameters"):
+        read_checkpoint(path, SizeLimits(max_parameters=2 * one_way - 1))
+    assert read_checkpoint(path, SizeLimits(max_parameters=2 * one_way))[1].bidirectional
+
+
+def test_a_model_config_that_disagrees_on_direction_says_which_weights_are_there(tmp_path):
+    path = _saved(tmp_path, LSTM(4, 8, 1).state_dict())
+    with pytest.raises(UsageError) as error:
+        load_checkpoint(path, LSTMConfig(4, 8, 1, False, bidirectional=True))
+    assert str(error.value).endswith(
+        "the state dict has no reverse-direction weights (a bidirectional=False model?)"
+    )
 
 
 def test_nn_lstm_keys_mixed_with_foreign_keys_are_refused():
@@ -524,6 +634,21 @@ def test_to_nn_lstm_state_dict_loads_into_nn_lstm_and_matches():
     _assert_close(_run(reference.eval(), x, h0, c0), _run(model, x, h0, c0))
     # ... and back again: the same weights.
     back = from_nn_lstm_state_dict(reference.state_dict())
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(back[key], value, rtol=0, atol=0)
+
+
+def test_to_nn_lstm_state_dict_writes_reverse_keys_for_a_bidirectional_model():
+    model = _seeded_lstm(12, 5, 6, num_layers=2, layer_norm=False, bidirectional=True)
+    state = to_nn_lstm_state_dict(model)
+
+    reference = nn.LSTM(5, 6, num_layers=2, bidirectional=True)
+    reference.load_state_dict(state, strict=True)  # exactly nn.LSTM's keys and shapes
+
+    x, h0, c0 = _inputs(10, 2, 5, 4, 6)
+    _assert_close(_run(reference.eval(), x, h0, c0), _run(model, x, h0, c0))
+    back = from_nn_lstm_state_dict(reference.state_dict())
+    assert set(back) == set(model.state_dict())
     for key, value in model.state_dict().items():
         torch.testing.assert_close(back[key], value, rtol=0, atol=0)
 
@@ -674,13 +799,15 @@ def _tiny_state() -> dict[str, torch.Tensor]:
     return _layers_of_tiny_tensors(1, nn_layout=False)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["one-way", "bidirectional"])
 @pytest.mark.parametrize("layer_norm", [False, True])
-def test_expected_shapes_are_the_models_state_dict_without_building_it(layer_norm):
-    config = LSTMConfig(5, 6, 3, layer_norm)
-    model = LSTM(5, 6, num_layers=3, layer_norm=layer_norm)
+def test_expected_shapes_are_the_models_state_dict_without_building_it(layer_norm, bidirectional):
+    config = LSTMConfig(5, 6, 3, layer_norm, bidirectional=bidirectional)
+    model = LSTM.from_config(config)
     assert expected_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert nn_lstm_shapes(LSTMConfig(5, 6, 3, False)) == {
-        k: tuple(v.shape) for k, v in nn.LSTM(5, 6, num_layers=3).state_dict().items()
+    reference = nn.LSTM(5, 6, num_layers=3, bidirectional=bidirectional)
+    assert nn_lstm_shapes(LSTMConfig(5, 6, 3, False, bidirectional=bidirectional)) == {
+        k: tuple(v.shape) for k, v in reference.state_dict().items()
     }
 
 

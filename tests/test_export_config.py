@@ -93,8 +93,8 @@ def test_check_source_refuses_without_torch(tmp_path) -> None:
 def test_model_for_random_weights_takes_the_overrides() -> None:
     from lstm_export.checkpoints import build_model, model_for
 
-    model, origin = model_for(ExportConfig(model=SMALL), {"hidden_size": 6})
-    assert origin == "random weights (seed 0)"
+    model, origin, notes = model_for(ExportConfig(model=SMALL), {"hidden_size": 6})
+    assert (origin, notes) == ("random weights (seed 0)", ())
     expected = build_model(LSTMConfig(4, 6, 1, False)).state_dict()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
     with pytest.raises(UsageError, match="num_layers=2 is over the limit of 1 layers"):
@@ -106,9 +106,59 @@ def test_model_for_a_checkpoint_reads_its_sizes_and_holds_it_to_the_model_table(
 
     weights = LSTM(4, 8, 1, layer_norm=False).state_dict()
     torch.save(weights, tmp_path / "w.pt")
-    model, origin = model_for(ExportConfig(checkpoint=tmp_path / "w.pt"))
+    model, origin, _notes = model_for(ExportConfig(checkpoint=tmp_path / "w.pt"))
     assert origin == f"checkpoint {tmp_path / 'w.pt'}"
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
     wrong = ExportConfig(checkpoint=tmp_path / "w.pt", model=LSTMConfig(5, 8, 1, False))
     with pytest.raises(UsageError, match=r"input_lin\.weight \(expected \[32, 5\], got \[32, 4\]"):
         model_for(wrong)
+
+
+# --------------------------------------------------------------------------- layout keys
+
+
+def test_the_model_table_names_only_some_keys_and_the_rest_come_from_below() -> None:
+    """[model] keeps only what it names: a checkpoint's sizes, else the defaults, fill the
+    rest, and the flags go over all of it."""
+    table = ExportConfig(model={"batch_first": True, "hidden_size": 6})
+    checkpoint = LSTMConfig(4, 8, 1, False, bidirectional=True)
+    assert table.lstm_config(base=checkpoint) == LSTMConfig(4, 6, 1, False, True, True)
+    assert table.lstm_config() == LSTMConfig(hidden_size=6, batch_first=True)
+    flags = {"batch_first": False, "bidirectional": True}
+    assert table.lstm_config(flags) == LSTMConfig(hidden_size=6, bidirectional=True)
+    assert ExportConfig(model=SMALL).lstm_config(base=checkpoint) == SMALL  # a whole config
+
+
+def test_stated_names_the_flag_over_the_table_and_none_when_neither_says() -> None:
+    config = ExportConfig(model={"bidirectional": True})
+    assert config.stated("bidirectional") == "[model] bidirectional = true"
+    assert config.stated("bidirectional", {"bidirectional": False}) == "--no-bidirectional"
+    assert config.stated("batch_first", {"batch_first": True}) == "--batch-first"
+    assert config.stated("batch_first") is None
+
+
+def test_a_bad_model_table_is_refused_when_the_config_is_made() -> None:
+    with pytest.raises(UsageError, match="batch_first must be true or false, got 'yes'"):
+        ExportConfig(model={"batch_first": "yes"})
+
+
+def test_toml_layout_keys_are_read(tmp_path) -> None:
+    from lstm_export.config import read_export_config
+
+    path = tmp_path / "export.toml"
+    path.write_text("[model]\nbatch_first = true\nbidirectional = true\n", encoding="utf-8")
+    config = read_export_config(path)
+    assert config.model == {"batch_first": True, "bidirectional": True}
+    assert config.lstm_config() == LSTMConfig(batch_first=True, bidirectional=True)
+    path.write_text("[model]\nbidirectional = 1\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="bidirectional must be true or false, got 1"):
+        read_export_config(path)
+
+
+def test_random_weights_honour_both_layout_flags() -> None:
+    from lstm_export.checkpoints import model_for
+
+    flags = {"batch_first": True, "bidirectional": True}
+    model, _origin, notes = model_for(ExportConfig(model=SMALL), flags)
+    assert model.config() == LSTMConfig(4, 8, 1, False, True, True)
+    assert notes == ()  # a random model's layout is the one asked for: nothing to warn about

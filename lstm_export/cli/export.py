@@ -68,6 +68,20 @@ def export(
     layer_norm: Annotated[
         bool | None, typer.Option("--layer-norm/--no-layer-norm", help="LayerNorm on gates and c.")
     ] = None,
+    batch_first: Annotated[
+        bool | None,
+        typer.Option(
+            "--batch-first/--no-batch-first",
+            help="x and y are [batch, seq, ...] (checkpoints never record it; default time-major).",
+        ),
+    ] = None,
+    bidirectional: Annotated[
+        bool | None,
+        typer.Option(
+            "--bidirectional/--no-bidirectional",
+            help="Forward and reverse cells per layer (a checkpoint's keys decide; must agree).",
+        ),
+    ] = None,
     name: Annotated[
         str | None,
         typer.Option(help="Model name; default the --out folder's name, else 'default'."),
@@ -135,6 +149,8 @@ def export(
             ("hidden_size", hidden_size),
             ("num_layers", num_layers),
             ("layer_norm", layer_norm),
+            ("batch_first", batch_first),
+            ("bidirectional", bidirectional),
         )
         if value is not None
     }
@@ -145,7 +161,7 @@ def export(
             from lstm_export.checkpoints import model_for
             from lstm_export.pipeline import export as run_export
 
-            model, origin = model_for(settings, overrides, limits)
+            model, origin, notes = model_for(settings, overrides, limits)
         with status("Exporting") as spinner:
 
             def progress(message: str) -> None:
@@ -169,15 +185,13 @@ def export(
                     raise
                 hint = "; rerun with --keep-failed DIR to keep the artifacts and the whole report"
                 raise ParityError(f"{exc}{hint}", exc.report) from None
+    for note in notes:  # after the export: a refusal stays one line
+        err.print(f"[bold yellow]note[/]: {escape(note)}", highlight=False, soft_wrap=True)
     if as_json:
         print_json(result.manifest)
         return
-    cfg = result.manifest["config"]
-    out.print(
-        f"[bold green]Exported[/] {settings.name} ({escape(origin)}): "
-        f"input_size={cfg['input_size']} hidden_size={cfg['hidden_size']} "
-        f"num_layers={cfg['num_layers']} layer_norm={cfg['layer_norm']}"
-    )
+    cfg = " ".join(f"{key}={value}" for key, value in result.manifest["config"].items())
+    out.print(f"[bold green]Exported[/] {settings.name} ({escape(origin)}): {cfg}")
     for artifact, entry in result.manifest["artifacts"].items():
         line = f"  {result.out_dir / artifact}  {entry['bytes']:,} bytes  ({entry['route']})"
         out.print(line, markup=False, highlight=False)
