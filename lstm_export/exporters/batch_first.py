@@ -1,10 +1,19 @@
-"""The batch-first graph Triton serves, derived from an export's time-major `model.onnx`.
+"""Batch-first graphs derived from a time-major one: Transposes at the edges, no torch.
 
-Triton batches along the first dimension of every tensor, so Triton gets a batch-first
-variant of the time-major graph: the same graph with a Transpose at each edge.
+Two graphs are batch-first:
 
-    x  [batch, seq, input_size]            -> y      [batch, seq, hidden_size]
-    h0, c0 [batch, num_layers, hidden_size] -> hn, cn [batch, num_layers, hidden_size]
+- the `model.onnx` of a `batch_first=True` model: x [batch, seq, input_size] and
+  y [batch, seq, D * hidden_size], states layer-major [num_layers * D, batch, hidden_size]
+  as in nn.LSTM (`batch_first_io`, which `build_onnx` applies);
+- the variant Triton serves (`batch_first_onnx`): Triton batches along the first dimension
+  of every tensor, so its states are batch-major too:
+
+    x  [batch, seq, input_size]                 -> y      [batch, seq, D * hidden_size]
+    h0, c0 [batch, num_layers * D, hidden_size] -> hn, cn [batch, num_layers * D, hidden_size]
+
+Both carry metadata `lstm_export.layout = batch_first`; which one a graph is shows in its
+state inputs (their first dim is the batch only in Triton's). An optional `lengths` input
+([batch] already) passes through untouched.
 
 An export step like the others (model.onnx in, a ModelProto out), but with no torch: the
 Triton writer and `verify` both derive it, and a reader that never exports can too.
@@ -13,11 +22,12 @@ Triton writer and `verify` both derive it, and a reader that never exports can t
 from __future__ import annotations
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from lstm_export.artifacts import (
     BATCH_FIRST,
     LAYOUT_KEY,
+    LENGTHS_INPUT,
     ONNX_INPUTS,
     ONNX_OUTPUTS,
     TIME_MAJOR,
@@ -48,23 +58,38 @@ def dims(value: onnx.ValueInfoProto) -> list[int | str]:
     ]
 
 
-def check_time_major(model_proto: onnx.ModelProto, source: str) -> LSTMConfig:
-    """The config of an lstm-export time-major graph; UsageError for anything else."""
+def states_batch_major(model_proto: onnx.ModelProto) -> bool:
+    """Whether the graph's states are [batch, num_layers * D, hidden] (Triton's variant)
+    rather than layer-major: their first dim is symbolic instead of the layer count."""
+    h0 = next((v for v in model_proto.graph.input if v.name == STATE_INPUTS[0]), None)
+    return h0 is not None and bool(dims(h0)) and not isinstance(dims(h0)[0], int)
+
+
+def check_export_graph(model_proto: onnx.ModelProto, source: str) -> LSTMConfig:
+    """The config of an export's model.onnx (time-major, or batch-first x and y for a
+    batch_first model); UsageError for anything else, Triton's variant included."""
     meta = metadata(model_proto)
     config = config_from_metadata(meta, source)
-    if meta.get(LAYOUT_KEY, TIME_MAJOR) != TIME_MAJOR:
+    layout = meta.get(LAYOUT_KEY, TIME_MAJOR)
+    own = BATCH_FIRST if config.batch_first else TIME_MAJOR
+    if layout != own or states_batch_major(model_proto):
         raise UsageError(
-            f"{source} is already {meta[LAYOUT_KEY]}; give the time-major model.onnx of an export"
+            f"{source} is the {layout} variant (for Triton); give the model.onnx of an export"
         )
     graph = model_proto.graph
     inputs = [v.name for v in graph.input]
     outputs = [v.name for v in graph.output]
-    if inputs != [INPUT, *STATE_INPUTS] or outputs != [OUTPUT, *STATE_OUTPUTS]:
+    expected = [INPUT, *STATE_INPUTS]
+    if inputs not in (expected, [*expected, LENGTHS_INPUT]) or outputs != [OUTPUT, *STATE_OUTPUTS]:
         raise UsageError(
-            f"{source} has inputs {inputs} and outputs {outputs}, "
-            f"expected {[INPUT, *STATE_INPUTS]} and {[OUTPUT, *STATE_OUTPUTS]}"
+            f"{source} has inputs {inputs} and outputs {outputs}, expected {expected} "
+            f"(and optionally {LENGTHS_INPUT}) and {[OUTPUT, *STATE_OUTPUTS]}"
         )
     return config
+
+
+check_time_major = check_export_graph
+"""The older name, from when every export's model.onnx was time-major."""
 
 
 def _rename_in_graph(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
@@ -100,20 +125,15 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def batch_first_onnx(model_proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The batch-first variant of an lstm-export time-major graph, for Triton.
-
-    The time-major graph is kept whole: its inputs and outputs are renamed
-    `time_major/<name>` and a Transpose (perm 1, 0, 2) joins each to a new batch-first
-    graph input or output of the original name. Opset, IR version and metadata are
-    kept; metadata gains `lstm_export.layout = batch_first`.
+def _transposed_edges(model_proto: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
+    """`model_proto` with the graph inputs and outputs `names` swapped in their first two
+    axes: each is renamed `time_major/<name>` inside, and a Transpose (perm 1, 0, 2) joins
+    it to a new input or output of the original name and the swapped dims. Other inputs
+    and outputs (lengths) keep their place. Metadata gains `lstm_export.layout = batch_first`.
     """
-    config = check_time_major(model_proto, "the ONNX model")
-    layers, hidden = config.num_layers, config.hidden_size
     model = onnx.ModelProto()
     model.CopyFrom(model_proto)
     graph = model.graph
-    names = (INPUT, *STATE_INPUTS, OUTPUT, *STATE_OUTPUTS)
     mapping = {name: _TIME_MAJOR_PREFIX + name for name in names}
     taken = _all_names(graph) & set(mapping.values())
     if taken:
@@ -125,33 +145,50 @@ def batch_first_onnx(model_proto: onnx.ModelProto) -> onnx.ModelProto:
             "Transpose", [source], [target], name=f"{target}_transpose", perm=[1, 0, 2]
         )
 
+    def swapped(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+        if value.name not in mapping:
+            return value
+        first, second, *rest = dims(value)
+        elem_type = value.type.tensor_type.elem_type
+        return helper.make_tensor_value_info(value.name, elem_type, [second, first, *rest])
+
+    inputs = [v.name for v in graph.input if v.name in mapping]
+    outputs = [v.name for v in graph.output if v.name in mapping]
     body = list(graph.node)
     del graph.node[:]
-    graph.node.extend(transpose(n, mapping[n]) for n in (INPUT, *STATE_INPUTS))
+    graph.node.extend(transpose(n, mapping[n]) for n in inputs)
     graph.node.extend(body)
-    graph.node.extend(transpose(mapping[n], n) for n in (OUTPUT, *STATE_OUTPUTS))
-
-    float_ = TensorProto.FLOAT
-    del graph.input[:]
-    graph.input.extend(
-        [
-            helper.make_tensor_value_info(INPUT, float_, ["batch", "seq", config.input_size]),
-            *(
-                helper.make_tensor_value_info(n, float_, ["batch", layers, hidden])
-                for n in STATE_INPUTS
-            ),
-        ]
-    )
-    del graph.output[:]
-    graph.output.extend(
-        [
-            helper.make_tensor_value_info(OUTPUT, float_, ["batch", "seq", hidden]),
-            *(
-                helper.make_tensor_value_info(n, float_, ["batch", layers, hidden])
-                for n in STATE_OUTPUTS
-            ),
-        ]
-    )
-    graph.name = f"{graph.name}_batch_first"
+    graph.node.extend(transpose(mapping[n], n) for n in outputs)
+    for values in (graph.input, graph.output):
+        replaced = [swapped(v) for v in values]
+        del values[:]
+        values.extend(replaced)
+    if not graph.name.endswith("_batch_first"):
+        graph.name = f"{graph.name}_batch_first"
     helper.set_model_props(model, {**metadata(model_proto), LAYOUT_KEY: BATCH_FIRST})
     return model
+
+
+def batch_first_io(model_proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model.onnx of a batch_first model from its time-major graph: x and y swapped
+    to [batch, seq, ...], states left layer-major (as nn.LSTM's)."""
+    return _transposed_edges(model_proto, (INPUT, OUTPUT))
+
+
+def batch_first_onnx(model_proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The batch-first variant of an export's model.onnx, for Triton: x, y and the states
+    all batch-major.
+
+    Whatever is still time-major or layer-major gets a Transpose at its edge (x and y only
+    in a time-major graph; the states in both); a graph that is already Triton's variant
+    is returned as it is. Opset, IR version and metadata are kept; metadata gains
+    `lstm_export.layout = batch_first`.
+    """
+    meta = metadata(model_proto)
+    config = config_from_metadata(meta, "the ONNX model")
+    if meta.get(LAYOUT_KEY) == BATCH_FIRST and states_batch_major(model_proto):
+        return model_proto
+    check_export_graph(model_proto, "the ONNX model")
+    states = (*STATE_INPUTS, *STATE_OUTPUTS)
+    edges = states if config.batch_first else (INPUT, OUTPUT, *states)
+    return _transposed_edges(model_proto, edges)

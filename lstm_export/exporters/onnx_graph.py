@@ -7,13 +7,23 @@ loop) or produce Loop graphs that break at other batch sizes. Written by hand,
 route onnxruntime has:
 
 - layer_norm=False: ONNX's own `LSTM` operator (onnxruntime's fused kernel), with
-  the gates reordered from our i, f, g, o to ONNX's i, o, f, c.
+  the gates reordered from our i, f, g, o to ONNX's i, o, f, c, `direction`
+  "bidirectional" for D = 2 and `sequence_lens` for padded batches (the kernel zeros
+  Y past each length and returns the state at each sequence's last valid step).
 - layer_norm=True: the input projection of the whole sequence as one MatMul,
   then a `Scan` over time whose body is the cell: one MatMul for the hidden
-  projection and one `LayerNormalization` over a [batch, 4, hidden] view.
+  projection and one `LayerNormalization` over a [batch, 4, hidden] view. Padding
+  is masked inside the Scan; the reverse direction reverses each sequence within its
+  own length (`ReverseSequence`) before the Scan and its outputs back after it.
 
 Layers run one after another over the whole sequence, which computes the same
 numbers as interleaving them per step.
+
+`lengths` (int64 [batch]) is an input with an initializer of shape [0] as its
+default: onnxruntime lets a caller leave out an initializer that is also a graph
+input, and an empty `lengths` means "every sequence is full". An `If` turns it into
+[batch] values; a given `lengths` is reshaped to x's batch there, so one of another
+size fails inside onnxruntime instead of broadcasting.
 """
 
 from __future__ import annotations
@@ -25,12 +35,23 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from lstm_export.artifacts import CONFIG_KEY, OPSET, ROUTE_KEY
+from lstm_export.artifacts import (
+    CONFIG_KEY,
+    LENGTHS_INPUT,
+    ONNX_INPUTS,
+    ONNX_OUTPUTS,
+    OPSET,
+    ROUTE_KEY,
+)
 from lstm_export.config import LSTMConfig
+from lstm_export.exporters.batch_first import batch_first_io
 from lstm_export.files import write_file
 from lstm_export.model import LSTM
 
 FLOAT = TensorProto.FLOAT
+INT64 = TensorProto.INT64
+X, H0, C0 = ONNX_INPUTS
+Y, HN, CN = ONNX_OUTPUTS
 
 # Rows of our [4H, ...] weights for ONNX's gate order i, o, f, c (ours: i, f, g, o).
 _ONNX_GATE_ORDER = (0, 3, 1, 2)
@@ -50,6 +71,10 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 def _reorder_gates(weight: np.ndarray, hidden: int) -> np.ndarray:
     chunks = [weight[g * hidden : (g + 1) * hidden] for g in _ONNX_GATE_ORDER]
     return np.concatenate(chunks, axis=0)
+
+
+def _int64(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
 
 
 class _Graph:
@@ -81,41 +106,129 @@ class _Graph:
         return name
 
 
+class _Lengths:
+    """The padding, computed once for every layer: lengths as [batch] int64 (seq where the
+    caller gave none), the ONNX LSTM's int32 `sequence_lens`, and the Scan's validity masks.
+    """
+
+    def __init__(self, g: _Graph, x: str) -> None:
+        shape = g.op1("Shape", [x])
+        seq = g.op1("Slice", [shape, g.const("at0", _int64(0)), g.const("at1", _int64(1))])
+        batch = g.op1("Slice", [shape, g.const("from1", _int64(1)), g.const("to2", _int64(2))])
+        # Empty lengths (the initializer's default): every sequence runs all seq steps.
+        full = _Graph(prefix="lengths_full_")
+        full.rename(full.op1("Expand", [seq, batch]), full.prefix + "out")
+        # Given lengths: exactly [batch] (Reshape refuses any other count, where a broadcast
+        # would silently take one length for every sequence).
+        given = _Graph(prefix="lengths_given_")
+        given.rename(given.op1("Reshape", [LENGTHS_INPUT, batch]), given.prefix + "out")
+        empty = g.op1("Equal", [g.op1("Size", [LENGTHS_INPUT]), g.const("none", _int64(0)[0])])
+
+        def branch(b: _Graph, name: str) -> onnx.GraphProto:
+            out = helper.make_tensor_value_info(b.prefix + "out", INT64, ["batch"])
+            return helper.make_graph(b.nodes, name, [], [out], initializer=b.initializers)
+
+        self.lengths = g.op1(
+            "If",
+            [empty],
+            then_branch=branch(full, "every_sequence_full"),
+            else_branch=branch(given, "lengths_given"),
+        )
+        self._g, self._seq = g, seq
+        self._sequence_lens: str | None = None
+        self._masks: tuple[str, str] | None = None
+
+    @property
+    def sequence_lens(self) -> str:
+        """int32 [batch], as the ONNX LSTM operator wants."""
+        if self._sequence_lens is None:
+            self._sequence_lens = self._g.op1("Cast", [self.lengths], to=TensorProto.INT32)
+        return self._sequence_lens
+
+    @property
+    def masks(self) -> tuple[str, str]:
+        """valid [seq, batch, 1] and [seq, batch, 1, 1] (bool): step t < lengths[b], shaped
+        for h [batch, H] and c [batch, 1, H] in the Scan body."""
+        if self._masks is None:
+            g = self._g
+            last = g.op1("Squeeze", [self._seq, g.const("axis0_seq", _int64(0))])
+            steps = g.op1(
+                "Range", [g.const("zero", _int64(0)[0]), last, g.const("one", _int64(1)[0])]
+            )
+            column = g.op1("Unsqueeze", [steps, g.const("axis1_steps", _int64(1))])
+            row = g.op1("Unsqueeze", [self.lengths, g.const("axis0_lengths", _int64(0))])
+            valid = g.op1("Less", [column, row])  # [seq, batch]
+            self._masks = (
+                g.op1("Unsqueeze", [valid, g.const("axis2", _int64(2))]),
+                g.op1("Unsqueeze", [valid, g.const("axes23", _int64(2, 3))]),
+            )
+        return self._masks
+
+
 def _plain_layer(
-    g: _Graph, k: int, cell: torch.nn.Module, x: str, h0: str, c0: str, hidden: int
+    g: _Graph,
+    k: int,
+    cells: list[torch.nn.Module],
+    x: str,
+    h0: str,
+    c0: str,
+    hidden: int,
+    lengths: _Lengths | None,
 ) -> tuple[str, str, str]:
-    """One layer as the ONNX LSTM operator: ONNX's c_t and h_t are exactly ours without LN."""
-    w = g.const(f"W_{k}", _reorder_gates(_numpy(cell.input_lin.weight), hidden)[None])
-    r = g.const(f"R_{k}", _reorder_gates(_numpy(cell.hidden_lin.weight), hidden)[None])
-    bias = _reorder_gates(_numpy(cell.hidden_lin.bias), hidden)
-    b = g.const(f"B_{k}", np.concatenate([np.zeros_like(bias), bias])[None])
-    y, h, c = g.op("LSTM", [x, w, r, b, "", h0, c0], n_out=3, hidden_size=hidden)
-    axis1 = g.const(f"axis1_{k}", np.array([1], dtype=np.int64))
-    # Y is [seq, num_directions=1, batch, hidden]; h and c are [1, batch, hidden].
-    return g.op1("Squeeze", [y, axis1]), h, c
+    """One layer as the ONNX LSTM operator: ONNX's c_t and h_t are exactly ours without LN.
+
+    W, R and B stack the directions ([D, ...], forward first); h0 and c0 are the layer's
+    [D, batch, H] slice, which is also what Y_h and Y_c are.
+    """
+    stack = lambda name, rows: g.const(f"{name}_{k}", np.stack(rows))  # noqa: E731
+    w = stack("W", [_reorder_gates(_numpy(c.input_lin.weight), hidden) for c in cells])
+    r = stack("R", [_reorder_gates(_numpy(c.hidden_lin.weight), hidden) for c in cells])
+    biases = [_reorder_gates(_numpy(c.hidden_lin.bias), hidden) for c in cells]
+    b = stack("B", [np.concatenate([np.zeros_like(bias), bias]) for bias in biases])
+    direction = "bidirectional" if len(cells) == 2 else "forward"
+    seq_lens = "" if lengths is None else lengths.sequence_lens
+    y, h, c = g.op(
+        "LSTM", [x, w, r, b, seq_lens, h0, c0], n_out=3, hidden_size=hidden, direction=direction
+    )
+    # Y is [seq, D, batch, H]: y is [seq, batch, D * H], forward first.
+    if len(cells) == 1:
+        return g.op1("Squeeze", [y, g.const(f"axis1_{k}", _int64(1))]), h, c
+    y = g.op1("Transpose", [y], perm=[0, 2, 1, 3])
+    return g.op1("Reshape", [y, g.const(f"merge_directions_{k}", _int64(0, 0, -1))]), h, c
 
 
-def _layer_norm_layer(
-    g: _Graph, k: int, cell: torch.nn.Module, x: str, h0: str, c0: str, hidden: int
+def _scan(
+    g: _Graph,
+    name: str,
+    cell: torch.nn.Module,
+    x: str,
+    h0: str,
+    c0: str,
+    hidden: int,
+    masks: tuple[str, str] | None,
+    reverse: bool = False,
 ) -> tuple[str, str, str]:
-    """One layer as a hoisted input projection and a Scan over time whose body is the cell.
+    """One direction of a LayerNorm layer: a hoisted input projection and a Scan over time
+    whose body is the cell. x is [seq, batch, in], h0 and c0 [1, batch, H].
 
     The body is kept lean, because onnxruntime pays per node and per step: one Gemm
     for the hidden projection, one LayerNormalization over a [batch, 4, hidden]
     view for the four gates, and c carried as [batch, 1, hidden] so the gate
     slices need no Squeeze. Weights live inside the body as its own initializers,
-    where onnxruntime can pre-pack them.
+    where onnxruntime can pre-pack them. With `masks`, an invalid step keeps h and c
+    and outputs 0. `reverse` scans from the last step (only for graphs without lengths;
+    with lengths the caller reverses each sequence within its length).
     """
     norms = cell.layer_norm
     eps = float(cell.layer_norm_c.eps)
-    w_x = g.const(f"WxT_{k}", _numpy(cell.input_lin.weight).T)
-    bias = g.const(f"b_{k}", _numpy(cell.hidden_lin.bias))
-    axis0 = g.const(f"axis0_{k}", np.array([0], dtype=np.int64))
+    w_x = g.const(f"WxT_{name}", _numpy(cell.input_lin.weight).T)
+    bias = g.const(f"b_{name}", _numpy(cell.hidden_lin.bias))
     # input_lin(x_t) + bias for every t at once: [seq, batch, 4H].
     x_proj = g.op1("Add", [g.op1("MatMul", [x, w_x]), bias])
 
-    b = _Graph(prefix=f"layer{k}_")
+    b = _Graph(prefix=f"{name}_")
     h_prev, c_prev, x_proj_t = (b.prefix + n for n in ("h_prev", "c_prev", "x_proj_t"))
+    valid_h, valid_c = b.prefix + "valid_h", b.prefix + "valid_c"
     w_h = b.const("WhT", _numpy(cell.hidden_lin.weight).T)
     gamma = b.const("gates_gamma", np.stack([_numpy(n.weight) for n in norms]))  # [4, H]
     beta = b.const("gates_beta", np.stack([_numpy(n.bias) for n in norms]))
@@ -123,9 +236,9 @@ def _layer_norm_layer(
     zeros = b.const("zeros", np.zeros(hidden, dtype=np.float32))
     gamma_c = b.const("c_gamma", _numpy(cell.layer_norm_c.weight))
     beta_c = b.const("c_beta", _numpy(cell.layer_norm_c.bias))
-    gates_shape = b.const("gates_shape", np.array([-1, 4, hidden], dtype=np.int64))
-    h_shape = b.const("h_shape", np.array([-1, hidden], dtype=np.int64))
-    split = b.const("split", np.array([1, 1, 1, 1], dtype=np.int64))
+    gates_shape = b.const("gates_shape", _int64(-1, 4, hidden))
+    h_shape = b.const("h_shape", _int64(-1, hidden))
+    split = b.const("split", _int64(1, 1, 1, 1))
 
     # z = input_lin(x_t) + hidden_lin(h_{t-1}); i, f, g, o = LN(z) per gate.
     z = b.op1("Gemm", [h_prev, w_h, x_proj_t])
@@ -140,68 +253,134 @@ def _layer_norm_layer(
     c_norm = b.op1("LayerNormalization", [c_t, gamma_c, beta_c], axis=-1, epsilon=eps)
     h_t = b.op1("Mul", [b.op1("Sigmoid", [o]), b.op1("Tanh", [c_norm])])
     h_t = b.op1("Reshape", [h_t, h_shape])
-    y_t = b.rename(h_t, b.prefix + "y_t")
+    if masks is None:
+        y_t = h_t
+    else:
+        # Padding: (h, c) carried unchanged, y_t = 0.
+        y_t = b.op1("Where", [valid_h, h_t, b.const("zero", np.zeros(1, np.float32))])
+        h_t = b.op1("Where", [valid_h, h_t, h_prev])
+        c_t = b.op1("Where", [valid_c, c_t, c_prev])
+    h_out, c_out, y_out = (b.prefix + n for n in ("h_t", "c_t", "y_t"))
+    for source, target in ((h_t, h_out), (c_t, c_out), (y_t, y_out)):
+        b.rename(source, target)
 
-    def value(name: str, *dims: int) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(name, FLOAT, ["batch", *dims])
+    def value(name: str, *dims: int, dtype: int = FLOAT) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, dtype, ["batch", *dims])
 
+    inputs = [value(h_prev, hidden), value(c_prev, 1, hidden), value(x_proj_t, 4 * hidden)]
+    if masks is not None:
+        inputs += [value(valid_h, 1, dtype=TensorProto.BOOL)]
+        inputs += [value(valid_c, 1, 1, dtype=TensorProto.BOOL)]
     body = helper.make_graph(
         b.nodes,
-        f"cell_{k}",
-        [value(h_prev, hidden), value(c_prev, 1, hidden), value(x_proj_t, 4 * hidden)],
-        [value(h_t, hidden), value(c_t, 1, hidden), value(y_t, hidden)],
+        f"cell_{name}",
+        inputs,
+        [value(h_out, hidden), value(c_out, 1, hidden), value(y_out, hidden)],
         initializer=b.initializers,
     )
     # The Scan carries h as [batch, H] and c as [batch, 1, H]; the graph's are [1, batch, H].
+    axis0 = g.const(f"axis0_{name}", _int64(0))
     h_first = g.op1("Squeeze", [h0, axis0])
     c_first = g.op1("Transpose", [c0], perm=[1, 0, 2])
+    scanned = [x_proj, *(masks or ())]
+    directions = {}
+    if reverse:
+        directions = {"scan_input_directions": [1], "scan_output_directions": [1]}
     h_last, c_last, y = g.op(
-        "Scan", [h_first, c_first, x_proj], n_out=3, body=body, num_scan_inputs=1
+        "Scan",
+        [h_first, c_first, *scanned],
+        n_out=3,
+        body=body,
+        num_scan_inputs=len(scanned),
+        **directions,
     )
     return y, g.op1("Unsqueeze", [h_last, axis0]), g.op1("Transpose", [c_last], perm=[1, 0, 2])
 
 
-def build_onnx(model: LSTM, opset: int = OPSET) -> onnx.ModelProto:
-    """The ONNX model of `model`: x [seq, batch, in], h0/c0 [layers, batch, hidden] -> y, hn, cn."""
+def _layer_norm_layer(
+    g: _Graph,
+    k: int,
+    cells: list[torch.nn.Module],
+    x: str,
+    h0: str,
+    c0: str,
+    hidden: int,
+    lengths: _Lengths | None,
+) -> tuple[str, str, str]:
+    """One LayerNorm layer: the forward Scan, and for D = 2 the reverse one, whose input
+    is each sequence reversed within its own length and whose outputs are put back in
+    time order the same way (pack_padded_sequence's reverse direction)."""
+    masks = None if lengths is None else lengths.masks
+    if len(cells) == 1:
+        return _scan(g, f"layer{k}", cells[0], x, h0, c0, hidden, masks)
+    ones = g.const(f"directions_split_{k}", _int64(1, 1))
+    (h_f, h_r), (c_f, c_r) = (g.op("Split", [s, ones], n_out=2, axis=0) for s in (h0, c0))
+    y_f, h_f, c_f = _scan(g, f"layer{k}", cells[0], x, h_f, c_f, hidden, masks)
+    if lengths is None:
+        y_r, h_r, c_r = _scan(g, f"layer{k}_reverse", cells[1], x, h_r, c_r, hidden, None, True)
+    else:
+        within = {"batch_axis": 1, "time_axis": 0}
+        backward = g.op1("ReverseSequence", [x, lengths.lengths], **within)
+        y_r, h_r, c_r = _scan(g, f"layer{k}_reverse", cells[1], backward, h_r, c_r, hidden, masks)
+        y_r = g.op1("ReverseSequence", [y_r, lengths.lengths], **within)
+    y = g.op1("Concat", [y_f, y_r], axis=2)
+    return y, g.op1("Concat", [h_f, h_r], axis=0), g.op1("Concat", [c_f, c_r], axis=0)
+
+
+def build_onnx(model: LSTM, opset: int = OPSET, *, lengths: bool = True) -> onnx.ModelProto:
+    """The ONNX model of `model`: x, h0/c0 [num_layers * D, batch, hidden] and the optional
+    `lengths` (int64 [batch]) -> y, hn, cn. x and y are in the model's layout ([seq, batch,
+    ...], or [batch, seq, ...] when batch_first); states are layer-major either way.
+
+    `lengths=False` builds the graph without the lengths input (as exports before it were),
+    to measure what the padding machinery costs.
+    """
     if opset < OPSET:
         raise ValueError(f"opset must be >= {OPSET} (LayerNormalization), got {opset}")
-    config = LSTMConfig(
-        model.input_size, model.hidden_size, model.num_layers, bool(model.layer_norm)
-    )
-    hidden, layers = config.hidden_size, config.num_layers
+    config = model.config()
+    hidden, layers, directions = config.hidden_size, config.num_layers, config.num_directions
     g = _Graph()
-    # Split the stacked initial state into one [1, batch, hidden] slice per layer.
+    padding = _Lengths(g, X) if lengths else None
+    # Each layer's initial state: its [D, batch, hidden] slice (index layer * D + direction).
     if layers > 1:
-        ones = g.const("state_split", np.ones(layers, dtype=np.int64))
-        h_parts = g.op("Split", ["h0", ones], n_out=layers, axis=0)
-        c_parts = g.op("Split", ["c0", ones], n_out=layers, axis=0)
+        sizes = g.const("state_split", np.full(layers, directions, dtype=np.int64))
+        h_parts = g.op("Split", [H0, sizes], n_out=layers, axis=0)
+        c_parts = g.op("Split", [C0, sizes], n_out=layers, axis=0)
     else:
-        h_parts, c_parts = ["h0"], ["c0"]
+        h_parts, c_parts = [H0], [C0]
     layer = _layer_norm_layer if config.layer_norm else _plain_layer
-    x = "x"
+    x = X
     h_out, c_out = [], []
     for k, cell in enumerate(model.cells):
-        x, h, c = layer(g, k, cell, x, h_parts[k], c_parts[k], hidden)
+        cells = [cell, *([model.reverse_cells[k]] if config.bidirectional else [])]
+        x, h, c = layer(g, k, cells, x, h_parts[k], c_parts[k], hidden, padding)
         h_out.append(h)
         c_out.append(c)
-    g.rename(x, "y")
-    g.rename(g.op1("Concat", h_out, axis=0), "hn")
-    g.rename(g.op1("Concat", c_out, axis=0), "cn")
+    g.rename(x, Y)
+    g.rename(g.op1("Concat", h_out, axis=0), HN)
+    g.rename(g.op1("Concat", c_out, axis=0), CN)
 
+    states = [config.state_layers, "batch", hidden]
+    inputs = [
+        helper.make_tensor_value_info(X, FLOAT, ["seq", "batch", config.input_size]),
+        helper.make_tensor_value_info(H0, FLOAT, states),
+        helper.make_tensor_value_info(C0, FLOAT, states),
+    ]
+    initializers = g.initializers
+    if lengths:
+        inputs.append(helper.make_tensor_value_info(LENGTHS_INPUT, INT64, ["batch"]))
+        # The default a caller may override: empty, every sequence full.
+        initializers = [numpy_helper.from_array(_int64(), LENGTHS_INPUT), *initializers]
     graph = helper.make_graph(
         g.nodes,
         "lstm",
+        inputs,
         [
-            helper.make_tensor_value_info("x", FLOAT, ["seq", "batch", config.input_size]),
-            helper.make_tensor_value_info("h0", FLOAT, [layers, "batch", hidden]),
-            helper.make_tensor_value_info("c0", FLOAT, [layers, "batch", hidden]),
+            helper.make_tensor_value_info(Y, FLOAT, ["seq", "batch", config.output_size]),
+            helper.make_tensor_value_info(HN, FLOAT, states),
+            helper.make_tensor_value_info(CN, FLOAT, states),
         ],
-        [
-            helper.make_tensor_value_info("y", FLOAT, ["seq", "batch", hidden]),
-            helper.make_tensor_value_info("hn", FLOAT, [layers, "batch", hidden]),
-            helper.make_tensor_value_info("cn", FLOAT, [layers, "batch", hidden]),
-        ],
-        initializer=g.initializers,
+        initializer=initializers,
     )
     onnx_model = helper.make_model(
         graph,
@@ -212,6 +391,8 @@ def build_onnx(model: LSTM, opset: int = OPSET) -> onnx.ModelProto:
     # IR version 8 is what opset 17-era runtimes (and Triton's onnxruntime backend) accept.
     onnx_model.ir_version = 8
     helper.set_model_props(onnx_model, {CONFIG_KEY: config.to_json(), ROUTE_KEY: route_of(config)})
+    if config.batch_first:
+        return batch_first_io(onnx_model)
     return onnx_model
 
 

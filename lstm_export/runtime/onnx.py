@@ -20,8 +20,10 @@ import numpy as np
 import onnxruntime as ort
 
 from lstm_export.artifacts import (
+    BATCH_FIRST,
     CONFIG_KEY,
     LAYOUT_KEY,
+    LENGTHS_INPUT,
     ONNX_FILE,
     ONNX_INPUTS,
     ONNX_OUTPUTS,
@@ -40,7 +42,12 @@ MAX_ONNX_BYTES = (1 << 31) - 1
 Array = np.ndarray
 State = tuple[Array, Array]
 
-_ORT_DTYPES = {"tensor(float)": "float32"}
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64"}
+BIDIRECTIONAL_STREAM = (
+    "a stream cannot run a bidirectional model: its reverse direction starts from the end "
+    "of the sequence, which a stream has not seen; run the whole sequence instead"
+)
+"""Why `OnnxLSTM.stream` refuses a bidirectional model."""
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -112,6 +119,9 @@ def session_options(
         optimization = OPTIMIZATION_LEVELS[optimization]
     options = ort.SessionOptions()
     options.graph_optimization_level = optimization
+    # Errors only: onnxruntime warns at every load that `lengths`, an initializer that is
+    # also an input, "will not be treated as constant", which is what makes it optional.
+    options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = positive_int("threads", threads)
         options.inter_op_num_threads = 1
@@ -154,29 +164,53 @@ class OnnxLSTM:
         del data
         meta = self.session.get_modelmeta().custom_metadata_map
         self.config = config_from_metadata(meta, str(self.path))
+        inputs = self.session.get_inputs()
+        # An input with a default (lengths) is an overridable initializer, listed apart.
+        optional = self.session.get_overridable_initializers()
+        self._values = {v.name: v for v in (*inputs, *optional, *self.session.get_outputs())}
         layout = meta.get(LAYOUT_KEY, TIME_MAJOR)
-        if layout != TIME_MAJOR:  # same names, other axes: it would run, silently wrong
+        own = BATCH_FIRST if self.config.batch_first else TIME_MAJOR
+        states_first = len(inputs) > 1 and not isinstance(inputs[1].shape[0], int)
+        if layout != own or states_first:  # same names, other axes: it would run, silently wrong
             raise UsageError(
                 f"{self.path} is the {layout} variant (for Triton); this runtime takes the "
-                "time-major model.onnx of an export"
+                "model.onnx of an export"
             )
         names = {"inputs": list(ONNX_INPUTS), "outputs": list(ONNX_OUTPUTS)}
         found = {
-            "inputs": [i.name for i in self.session.get_inputs()],
+            "inputs": [i.name for i in inputs] + [i.name for i in optional],
             "outputs": [o.name for o in self.session.get_outputs()],
         }
+        self.has_lengths = found["inputs"] == [*ONNX_INPUTS, LENGTHS_INPUT]
+        """Whether the graph takes `lengths` (exports before it existed do not)."""
+        if self.has_lengths:
+            names["inputs"].append(LENGTHS_INPUT)
         if found != names:
             raise UsageError(f"{self.path}: expected {names}, found {found}")
         self._check_dims()
+
+    @property
+    def batch_axis(self) -> int:
+        """The axis of x and y that is the batch (0 for a batch_first model, else 1)."""
+        return 0 if self.config.batch_first else 1
+
+    @property
+    def time_axis(self) -> int:
+        """The axis of x and y that is time: a stream's chunks follow one another along it."""
+        return 1 - self.batch_axis
 
     def _check_dims(self) -> None:
         """The graph's fixed dims must be the ones its metadata config implies: a metadata
         config that lies would pass our input checks and fail inside onnxruntime."""
         cfg = self.config
-        layers, hidden = cfg.num_layers, cfg.hidden_size
-        expected = {"x": [None, None, cfg.input_size], "y": [None, None, hidden]}
+        layers, hidden = cfg.state_layers, cfg.hidden_size
+        expected = {
+            "x": [None, None, cfg.input_size],
+            "y": [None, None, cfg.output_size],
+            LENGTHS_INPUT: [None],
+        }
         expected.update({n: [layers, None, hidden] for n in (*ONNX_INPUTS[1:], *ONNX_OUTPUTS[1:])})
-        for value in (*self.session.get_inputs(), *self.session.get_outputs()):
+        for value in self._values.values():
             want, got = expected[value.name], list(value.shape)
             pairs = zip(got, want, strict=False)
             fixed_ok = all(w is None or not isinstance(g, int) or g == w for g, w in pairs)
@@ -201,13 +235,14 @@ class OnnxLSTM:
                 for v in values
             }
 
+        optional = self.session.get_overridable_initializers()  # lengths, when it is there
         return {
-            "inputs": describe(self.session.get_inputs()),
+            "inputs": describe([*self.session.get_inputs(), *optional]),
             "outputs": describe(self.session.get_outputs()),
         }
 
     def check_state(self, state: State | None, batch: int | None = None) -> State | None:
-        """Validate (h0, c0): float, finite, shape [num_layers, batch, hidden_size].
+        """Validate (h0, c0): float, finite, shape [num_layers * D, batch, hidden_size].
 
         With `batch` None, the state's own batch is taken (it must be >= 1).
         """
@@ -216,17 +251,18 @@ class OnnxLSTM:
         if isinstance(state, str | bytes) or not isinstance(state, Sequence) or len(state) != 2:
             raise UsageError("state must be a pair (h0, c0)")
         cfg = self.config
+        layers = "num_layers" if cfg.num_directions == 1 else "num_layers*2"
         checked = []
         for name, tensor in zip(("h0", "c0"), state, strict=True):
             tensor = _as_float32(name, tensor)
             want_batch = batch
             if want_batch is None:
                 want_batch = tensor.shape[1] if tensor.ndim == 3 else 0
-            expected = [cfg.num_layers, want_batch, cfg.hidden_size]
+            expected = [cfg.state_layers, want_batch, cfg.hidden_size]
             if list(tensor.shape) != expected or want_batch < 1:
                 shown = "batch>=1" if batch is None else f"batch={batch}"
                 raise UsageError(
-                    f"{name} must have shape [num_layers={cfg.num_layers}, {shown}, "
+                    f"{name} must have shape [{layers}={cfg.state_layers}, {shown}, "
                     f"hidden_size={cfg.hidden_size}], got {list(tensor.shape)}"
                 )
             checked.append(tensor)
@@ -237,41 +273,91 @@ class OnnxLSTM:
             )
         return checked[0], checked[1]
 
-    def check(self, x: Array, state: State | None = None) -> tuple[Array, State]:
-        """Validate and normalize inputs; raise `UsageError` naming expected vs received."""
+    def check_lengths(self, lengths: object, seq: int, batch: int) -> Array | None:
+        """Validate `lengths`: integers, shape [batch], each in 1..seq; int64 as the graph
+        takes it. A graph exported before `lengths` existed refuses it."""
+        if lengths is None:
+            return None
+        if not self.has_lengths:
+            raise UsageError(
+                f"{self.path} predates {LENGTHS_INPUT} (it has no {LENGTHS_INPUT} input); "
+                "re-export the model to run padded batches"
+            )
+        try:
+            array = np.asarray(lengths)
+        except (ValueError, TypeError):
+            array = np.asarray(None)  # ragged nesting: refused as not integers below
+        if array.dtype.kind not in "iu":
+            raise UsageError(
+                f"{LENGTHS_INPUT} must be an integer array (int64), got dtype {array.dtype}"
+            )
+        if array.shape != (batch,):
+            raise UsageError(
+                f"{LENGTHS_INPUT} must be an integer array of shape [batch={batch}], "
+                f"got {list(array.shape)}"
+            )
+        shortest, longest = int(array.min()), int(array.max())
+        if shortest < 1 or longest > seq:
+            bad = shortest if shortest < 1 else longest
+            raise UsageError(f"{LENGTHS_INPUT} must each be in 1..seq={seq}, got {bad}")
+        return np.ascontiguousarray(array, dtype=np.int64)
+
+    def check(
+        self, x: Array, state: State | None = None, lengths: object = None
+    ) -> tuple[Array, State, Array | None]:
+        """Validate and normalize inputs; raise `UsageError` naming expected vs received.
+
+        x is in the model's layout: [seq, batch, input_size], or [batch, seq, input_size]
+        for a batch_first model.
+        """
         cfg = self.config
         x = _as_float32("x", x)
         if x.ndim != 3 or x.shape[2] != cfg.input_size or x.shape[0] < 1 or x.shape[1] < 1:
+            axes = ("batch>=1", "seq>=1") if cfg.batch_first else ("seq>=1", "batch>=1")
             raise UsageError(
-                f"x must have shape [seq>=1, batch>=1, input_size={cfg.input_size}], "
+                f"x must have shape [{axes[0]}, {axes[1]}, input_size={cfg.input_size}], "
                 f"got {list(x.shape)}"
             )
+        seq, batch = int(x.shape[self.time_axis]), int(x.shape[self.batch_axis])
+        checked_lengths = self.check_lengths(lengths, seq, batch)
         if state is None:
-            zeros = np.zeros([cfg.num_layers, x.shape[1], cfg.hidden_size], dtype=np.float32)
-            return x, (zeros, zeros)
-        checked = self.check_state(state, batch=x.shape[1])
+            zeros = np.zeros([cfg.state_layers, batch, cfg.hidden_size], dtype=np.float32)
+            return x, (zeros, zeros), checked_lengths
+        checked = self.check_state(state, batch=batch)
         assert checked is not None
-        return x, checked
+        return x, checked, checked_lengths
 
-    def run(self, x: Array, state: State | None = None) -> tuple[Array, State]:
-        """y, (h, c) for a whole sequence; state defaults to zeros."""
-        x, (h0, c0) = self.check(x, state)
-        y, h, c = self.session.run(["y", "hn", "cn"], {"x": x, "h0": h0, "c0": c0})
+    def run(
+        self, x: Array, state: State | None = None, lengths: object = None
+    ) -> tuple[Array, State]:
+        """y, (h, c) for a whole (padded) batch; state defaults to zeros, lengths (int64
+        [batch], each in 1..seq) to every sequence full. y is zero past each length and
+        (h, c) is each sequence's state at its last valid step."""
+        x, (h0, c0), lengths = self.check(x, state, lengths)
+        feed = dict(zip(ONNX_INPUTS, (x, h0, c0), strict=True))
+        if lengths is not None:
+            feed[LENGTHS_INPUT] = lengths
+        y, h, c = self.session.run(list(ONNX_OUTPUTS), feed)
         return y, (h, c)
 
     def stream(self, state: State | None = None) -> Stream:
-        """A stream whose successive `step` calls equal one run over the concatenated chunks."""
+        """A stream whose successive `step` calls equal one run over the concatenated chunks
+        (along the time axis of the model's layout); refused for a bidirectional model."""
         return Stream(self, state)
 
 
 class Stream:
     """Carries (h, c) between chunks of one sequence.
 
-    The batch is fixed by the initial state, or else by the first chunk; a chunk
-    of another batch is refused. A refused chunk leaves the state as it was.
+    Chunks follow one another along the time axis of the model's layout (axis 1 for a
+    batch_first model). The batch is fixed by the initial state, or else by the first
+    chunk; a chunk of another batch is refused. A refused chunk leaves the state as it was.
+    A bidirectional model has no streams (`BIDIRECTIONAL_STREAM` says why).
     """
 
     def __init__(self, model: OnnxLSTM, state: State | None = None) -> None:
+        if model.config.bidirectional:
+            raise UsageError(BIDIRECTIONAL_STREAM)
         self.model = model
         self.state = model.check_state(state)
         self.steps = 0
@@ -284,15 +370,15 @@ class Stream:
     def step(self, chunk: Array) -> Array:
         with self._lock:
             x = _as_float32("x", chunk)
-            batch = self.batch
-            if batch is not None and x.ndim == 3 and x.shape[1] != batch:
+            batch, axis = self.batch, self.model.batch_axis
+            if batch is not None and x.ndim == 3 and x.shape[axis] != batch:
                 raise UsageError(
-                    f"this stream has batch {batch}, but the chunk has batch {x.shape[1]} "
+                    f"this stream has batch {batch}, but the chunk has batch {x.shape[axis]} "
                     f"(shape {list(x.shape)})"
                 )
             y, state = self.model.run(x, self.state)
             self.state = state
-            self.steps += int(x.shape[0])
+            self.steps += int(x.shape[self.model.time_axis])
             return y
 
 

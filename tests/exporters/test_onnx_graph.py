@@ -40,10 +40,14 @@ def test_graph_passes_the_full_checker_with_symbolic_seq_and_batch(ln):
         "x": ["seq", "batch", 5],
         "h0": [2, "batch", 8],
         "c0": [2, "batch", 8],
+        "lengths": ["batch"],
         "y": ["seq", "batch", 8],
         "hn": [2, "batch", 8],
         "cn": [2, "batch", 8],
     }
+    # lengths is optional: an initializer of shape [0] ("every sequence full") is its default.
+    (default,) = [t for t in proto.graph.initializer if t.name == "lengths"]
+    assert list(default.dims) == [0] and default.data_type == onnx.TensorProto.INT64
     meta = {p.key: p.value for p in proto.metadata_props}
     assert '"layer_norm": ' + ("true" if ln else "false") in meta["lstm_export.config"]
 
