@@ -53,6 +53,10 @@ INT64 = TensorProto.INT64
 X, H0, C0 = ONNX_INPUTS
 Y, HN, CN = ONNX_OUTPUTS
 
+WRONG_LENGTHS = f"{LENGTHS_INPUT} must have shape [batch] (one per sequence of x)"
+"""The name of the node that refuses a wrongly sized lengths inside onnxruntime: its errors
+name the node ("...running Reshape node. Name:'lengths must have shape [batch]...'")."""
+
 # Rows of our [4H, ...] weights for ONNX's gate order i, o, f, c (ours: i, f, g, o).
 _ONNX_GATE_ORDER = (0, 3, 1, 2)
 
@@ -121,7 +125,9 @@ class _Lengths:
         # Given lengths: exactly [batch] (Reshape refuses any other count, where a broadcast
         # would silently take one length for every sequence).
         given = _Graph(prefix="lengths_given_")
-        given.rename(given.op1("Reshape", [LENGTHS_INPUT, batch]), given.prefix + "out")
+        # The node's name is what onnxruntime's error names.
+        shaped = given.op1("Reshape", [LENGTHS_INPUT, batch], name=WRONG_LENGTHS)
+        given.rename(shaped, given.prefix + "out")
         empty = g.op1("Equal", [g.op1("Size", [LENGTHS_INPUT]), g.const("none", _int64(0)[0])])
 
         def branch(b: _Graph, name: str) -> onnx.GraphProto:
@@ -131,6 +137,7 @@ class _Lengths:
         self.lengths = g.op1(
             "If",
             [empty],
+            name=LENGTHS_INPUT,
             then_branch=branch(full, "every_sequence_full"),
             else_branch=branch(given, "lengths_given"),
         )
