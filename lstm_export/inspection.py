@@ -1,4 +1,5 @@
-"""Describe a model.pt, a model.onnx or a whole export folder: config, signature, opset, sizes.
+"""Describe a model.pt, a model.onnx or a whole export folder: config (batch_first and
+bidirectional included), signature, whether it takes `lengths`, opset, sizes.
 
 What is described comes from the files themselves. A folder's manifest is shown as what it
 is, a record written at export that nothing here checks (`lstm-export verify` checks its
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from lstm_export.artifacts import (
     FUSED_TORCHSCRIPT_FILE,
+    LENGTHS_INPUT,
     ONNX_FILE,
     ROUTE_KEY,
     TORCHSCRIPT_FILE,
@@ -39,6 +41,8 @@ def inspect_torchscript(path: Path) -> dict:
         "bytes": path.stat().st_size,
         "config": config.to_dict(),
         "forward": forward_signature(module),
+        # Artifacts written before padded batches have no lengths argument: say so plainly.
+        "takes_lengths": any(a.name == LENGTHS_INPUT for a in module.forward.schema.arguments),
         "parameters": sum(p.numel() for p in module.parameters()),
     }
 
@@ -59,6 +63,7 @@ def inspect_onnx(path: Path) -> dict:
         "ir_version": model.ir_version,
         "route": meta.get(ROUTE_KEY, ""),
         "signature": onnx_signature(model),
+        "takes_lengths": any(i.name == LENGTHS_INPUT for i in model.graph.input),
         "parameters": sum(math.prod(t.dims) for t in model.graph.initializer),
     }
 

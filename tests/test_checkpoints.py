@@ -672,8 +672,18 @@ def test_exported_nn_lstm_checkpoint_matches_torch_nn_lstm(tmp_path):
     torch.save(wrapped, checkpoint)
     out = tmp_path / "exported"
 
-    _export("--checkpoint", str(checkpoint), "--out", str(out), "--name", "nnlstm")
+    result = CliRunner().invoke(
+        app, ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--name", "nnlstm"]
+    )
 
+    assert result.exit_code == 0, (result.output, result.exception)
+    # The state dict cannot say how nn.LSTM was fed: the export says what it takes, once.
+    note = (
+        "note: nn.LSTM checkpoints do not record batch_first; this export takes time-major x "
+        "[seq, batch, input] (pass --batch-first for [batch, seq, input])"
+    )
+    assert result.stderr.splitlines().count(note) == 1, result.stderr
+    assert note not in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"] == LSTMConfig(6, 10, 2, False).to_dict()
     assert manifest["name"] == "nnlstm"
@@ -701,6 +711,118 @@ def test_exported_scratch_checkpoint_matches_the_saved_eager_model(tmp_path, lay
     onnx_out, ts_out = _run_exported(out, x, h0, c0)
     _assert_close(onnx_out, expected)
     _assert_close(ts_out, expected)
+
+
+@pytest.fixture(scope="module")
+def bidirectional_batch_first_export(tmp_path_factory) -> tuple[nn.LSTM, Path, str]:
+    """The issue's case: an nn.LSTM(batch_first=True, bidirectional=True) checkpoint, with
+    weights of a trained model's magnitude, exported with --batch-first: (the nn.LSTM, the
+    export folder, what the export printed on stderr)."""
+    reference = _seeded_nn_lstm(21, 5, 8, num_layers=2, batch_first=True, bidirectional=True)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.mul_(3.0)  # uniform(-0.35, 0.35) at init; trained weights are O(1)
+    folder = tmp_path_factory.mktemp("bi-batch-first")
+    torch.save(reference.state_dict(), folder / "encoder.pt")
+    out = folder / "exported"
+    args = [
+        "export",
+        "--checkpoint",
+        str(folder / "encoder.pt"),
+        "--batch-first",
+        "--out",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return reference, out, result.stderr
+
+
+def test_a_batch_first_export_of_an_nn_lstm_checkpoint_says_so_once(
+    bidirectional_batch_first_export,
+):
+    _reference, out, stderr = bidirectional_batch_first_export
+    notes = [line for line in stderr.splitlines() if "do not record batch_first" in line]
+    assert notes == [
+        "note: nn.LSTM checkpoints do not record batch_first; this export takes batch-first x "
+        "[batch, seq, input] (as --batch-first asks; --no-batch-first for time-major "
+        "[seq, batch, input])"
+    ]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"] == LSTMConfig(5, 8, 2, False, True, True).to_dict()
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
+def test_a_bidirectional_batch_first_nn_lstm_export_gives_its_numbers(
+    bidirectional_batch_first_export, ragged
+):
+    """model.pt and model.onnx against nn.LSTM itself on batch-first x, through
+    pack_padded_sequence when the batch is ragged (one sequence of length 1)."""
+    reference, out, _stderr = bidirectional_batch_first_export
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 5, generator=gen)  # [batch, seq, input]
+    h0, c0 = (0.5 * torch.randn(4, 3, 8, generator=gen) for _ in range(2))
+    lengths = torch.tensor([7, 1, 4]) if ragged else None
+    with torch.no_grad():
+        if ragged:
+            y, (h, c) = run_packed(reference, x, (h0, c0), lengths)
+        else:
+            y, (h, c) = reference(x, (h0, c0))
+    expected = (y, h, c)
+    scripted = torch.jit.load(str(out / "model.pt"), map_location="cpu")
+    with torch.no_grad():
+        y_ts, (h_ts, c_ts) = scripted(x, (h0, c0), lengths)
+    _assert_close((y_ts, h_ts, c_ts), expected)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"x": x.numpy(), "h0": h0.numpy(), "c0": c0.numpy()}
+    if ragged:
+        feeds["lengths"] = lengths.numpy()
+    _assert_close(session.run(["y", "hn", "cn"], feeds), expected)
+
+
+@pytest.mark.parametrize(
+    ("make", "args", "expected"),
+    [
+        pytest.param(
+            lambda: nn.LSTM(4, 8).state_dict(),
+            ["--bidirectional"],
+            "--bidirectional asks for a bidirectional model, but checkpoint {path} is "
+            "unidirectional (it has no reverse-direction weights, and its keys decide); "
+            "drop --bidirectional",
+            id="flag-vs-unidirectional",
+        ),
+        pytest.param(
+            lambda: nn.LSTM(4, 8, bidirectional=True).state_dict(),
+            ["--no-bidirectional"],
+            "--no-bidirectional asks for a unidirectional model, but checkpoint {path} is "
+            "bidirectional (it has reverse-direction weights, and its keys decide); "
+            "drop --no-bidirectional",
+            id="no-flag-vs-bidirectional",
+        ),
+        pytest.param(
+            lambda: _tiny_state(),
+            ["--config", "export.toml"],
+            "[model] bidirectional = true asks for a bidirectional model, but checkpoint "
+            "{path} is unidirectional",
+            id="toml-vs-ours",
+        ),
+    ],
+)
+def test_a_stated_direction_the_checkpoint_contradicts_is_one_line(
+    tmp_path, no_model, call_main, make, args, expected
+):
+    path = _saved(tmp_path, make())
+    (tmp_path / "export.toml").write_text("[model]\nbidirectional = true\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = [tmp_path / a if a.endswith(".toml") else a for a in args]
+
+    code, stdout, err = call_main("export", "--checkpoint", path, "--out", out, *args)
+
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected.format(path=path) in lines[0]
+    assert not out.exists() and stdout == ""
 
 
 def test_cli_checkpoint_mismatch_is_one_line_exit_2_and_writes_nothing(tmp_path):
@@ -846,7 +968,7 @@ def _saved(tmp_path: Path, state: dict, name: str = "ck.pt") -> Path:
             id="unexpected",
         ),
         pytest.param(
-            _tiny_state,
+            lambda: _tiny_state(),
             LSTMConfig(1, 1, 64, True),
             "missing: cells.0.layer_norm.0.bias, cells.0.layer_norm.0.weight, "
             "cells.0.layer_norm.1.bias, cells.0.layer_norm.1.weight, "

@@ -496,6 +496,21 @@ def test_cli_flags_override_the_config_file(tmp_path, monkeypatch):
     assert manifest["config"] == LSTMConfig(4, 12, 1, True).to_dict()
 
 
+def test_layout_flags_override_the_config_file_for_random_weights(tmp_path, monkeypatch):
+    _write_toml(tmp_path / "export.toml", "[model]\nbatch_first = false\nbidirectional = true\n")
+    monkeypatch.chdir(tmp_path)
+
+    result = invoke("export", *SMALL, "--config", "export.toml", "--batch-first", "--out", "o")
+
+    assert result.exit_code == 0, (result.output, result.exception)
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["config"] == LSTMConfig(4, 8, 1, False, True, True).to_dict()
+    assert manifest["signature"]["inputs"]["x"]["shape"] == ["batch", "seq", 4]
+    assert manifest["signature"]["outputs"]["hn"]["shape"] == [2, "batch", 8]
+    assert "layer_norm=False batch_first=True bidirectional=True" in result.stdout
+    assert "do not record batch_first" not in result.stderr  # random weights: as asked
+
+
 @pytest.mark.slow  # compiles the fused kernel on first use
 def test_config_file_asks_for_the_fused_kernel_and_a_flag_turns_it_off(tmp_path, monkeypatch):
     _write_toml(
@@ -800,6 +815,36 @@ def test_inspect_table_shows_symbolic_shapes(small_export):
     assert "[seq, batch, 4] float32" in result.stdout
     assert "[seq, batch, 8] float32" in result.stdout
     assert "[1, batch, 8] float32" in result.stdout
+
+
+OLD_EXPORTS = Path(__file__).parent.parent / "data"
+
+
+@pytest.mark.parametrize("kind", ["plain", "layer_norm"])
+def test_inspect_an_export_written_before_the_layout_fields(kind):
+    """tests/data: written before lengths, batch_first and bidirectional existed; read as
+    time-major and unidirectional, without lengths, and nothing to warn about."""
+    folder = OLD_EXPORTS / f"export_v2_{kind}"
+    result = invoke("inspect", folder, "--json")
+
+    assert result.exit_code == 0, (result.output, result.exception)
+    info = json.loads(result.stdout)
+    expected = LSTMConfig(5, 8, 2, kind == "layer_norm").to_dict()
+    assert info["manifest"]["warnings"] == []
+    assert set(info["files"]) == {"model.pt", "model.onnx"}
+    for entry in info["files"].values():
+        assert entry["config"] == expected  # batch_first and bidirectional False
+        assert entry["takes_lengths"] is False
+    table = invoke("inspect", folder / "model.onnx")
+    assert table.exit_code == 0, (table.output, table.exception)
+    assert "batch_first=False bidirectional=False" in " ".join(table.stdout.split())
+
+
+def test_inspect_a_new_export_says_it_takes_lengths(small_export):
+    for name in ("model.pt", "model.onnx"):
+        result = invoke("inspect", small_export / name, "--json")
+        assert result.exit_code == 0, (result.output, result.exception)
+        assert json.loads(result.stdout)["takes_lengths"] is True, name
 
 
 @pytest.mark.parametrize(
