@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import resource
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,9 +16,12 @@ import pytest
 import torch
 
 from helpers import NOT_AN_ONNX_FILE, run_python, small_model
+from lstm_export.checkpoints import build_model
+from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
+from lstm_export.exporters.batch_first import batch_first_onnx
 from lstm_export.exporters.onnx_graph import build_onnx
-from lstm_export.runtime.onnx import OnnxLSTM, session_options
+from lstm_export.runtime.onnx import BIDIRECTIONAL_STREAM, OnnxLSTM, Stream, session_options
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +339,160 @@ def test_what_is_not_an_onnx_file_is_refused_before_it_is_read(tmp_path, make, r
             OnnxLSTM(given)
         assert str(error.value) == f"ONNX model {path} {reason}"
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB
+
+
+# --- padded batches, batch-first and bidirectional (issue 13) ------------------------------
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+SEQ, BATCH = 6, 3
+RAGGED = np.array([SEQ, 1, 4])  # one full sequence beside one of length 1
+
+
+def saved(tmp_path, layer_norm, batch_first=False, bidirectional=False, seed=0):
+    config = LSTMConfig(5, 8, 2, layer_norm, batch_first, bidirectional)
+    model = build_model(config, seed=seed)
+    onnx.save(build_onnx(model), str(tmp_path / "model.onnx"))
+    return model, OnnxLSTM(tmp_path, threads=1)
+
+
+def eager64(model, x, state=None, lengths=None):
+    """The eager model in float64 on the same weights: the reference."""
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        torch_state = None if state is None else tuple(torch.from_numpy(s).double() for s in state)
+        given = None if lengths is None else torch.as_tensor(lengths, dtype=torch.int64)
+        y, (h, c) = model64(torch.from_numpy(x).double(), torch_state, given)
+    return y.numpy(), h.numpy(), c.numpy()
+
+
+@pytest.fixture(scope="module")
+def bidirectional(tmp_path_factory):
+    return saved(tmp_path_factory.mktemp("bi"), True, bidirectional=True)
+
+
+@pytest.mark.parametrize(
+    ("batch_first", "bidirectional"),
+    [(bf, bi) for bf in (False, True) for bi in (False, True)],
+    ids=["time_major-uni", "time_major-bi", "batch_first-uni", "batch_first-bi"],
+)
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+def test_every_layout_matches_float64_eager_with_ragged_lengths(
+    tmp_path, layer_norm, batch_first, bidirectional
+):
+    model, runtime = saved(tmp_path, layer_norm, batch_first, bidirectional, seed=3)
+    assert runtime.has_lengths and runtime.config == model.config()
+    rng = np.random.default_rng(3)
+    shape = (BATCH, SEQ, 5) if batch_first else (SEQ, BATCH, 5)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    states = model.config().state_layers
+    state = tuple(rng.standard_normal((2, states, BATCH, 8), dtype=np.float32))
+    for lengths in (None, RAGGED, RAGGED.tolist(), RAGGED.astype(np.int32)):
+        for s in (None, state):
+            y, (h, c) = runtime.run(x, s, lengths)
+            assert h.shape == c.shape == (states, BATCH, 8)
+            for got, want in zip((y, h, c), eager64(model, x, s, lengths), strict=True):
+                np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["plain", "layer_norm"])
+def test_exports_from_before_lengths_still_run_and_refuse_lengths(kind):
+    runtime = OnnxLSTM(DATA / f"export_v2_{kind}", threads=1)
+    assert not runtime.has_lengths
+    assert runtime.config == LSTMConfig(5, 8, 2, kind == "layer_norm")
+    assert "lengths" not in runtime.signature()["inputs"]
+    from lstm_export.exporters.torchscript import load_torchscript
+
+    module, _ = load_torchscript(DATA / f"export_v2_{kind}" / "model.pt")
+    x = np.random.default_rng(8).standard_normal((SEQ, BATCH, 5), dtype=np.float32)
+    y, (h, c) = runtime.run(x)
+    with torch.no_grad():
+        want_y, (want_h, want_c) = module(torch.from_numpy(x))
+    for got, want in zip((y, h, c), (want_y, want_h, want_c), strict=True):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
+    with pytest.raises(UsageError) as error:
+        runtime.run(x, None, RAGGED)
+    message = str(error.value)
+    assert "predates lengths" in message and "re-export" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("lengths", "message"),
+    [
+        (np.array([6.0, 1.0, 4.0]), "lengths must be an integer array (int64), got dtype float64"),
+        (np.array([6, 1, 4], np.float32), "got dtype float32"),
+        (np.array([True, True, True]), "got dtype bool"),
+        ([6, "a", 4], "got dtype <U"),
+        ([[6, 1], [4]], "integer array"),
+        (np.array([6, 1]), "lengths must be an integer array of shape [batch=3], got [2]"),
+        (np.array([[6, 1, 4]]), "of shape [batch=3], got [1, 3]"),
+        (np.int64(6), "of shape [batch=3], got []"),
+        (np.array([6, 0, 4]), "lengths must each be in 1..seq=6, got 0"),
+        (np.array([6, -2, 4]), "lengths must each be in 1..seq=6, got -2"),
+        (np.array([7, 1, 4]), "lengths must each be in 1..seq=6, got 7"),
+        (np.array([2**64 - 1, 1, 1], np.uint64), "in 1..seq=6, got 18446744073709551615"),
+    ],
+    ids=[
+        "float64",
+        "float32",
+        "bool",
+        "strings",
+        "ragged",
+        "short",
+        "2-d",
+        "scalar",
+        "zero",
+        "negative",
+        "above seq",
+        "uint64 max",
+    ],
+)
+def test_bad_lengths_are_refused_before_onnxruntime(bidirectional, lengths, message):
+    _, runtime = bidirectional
+    x = np.zeros((SEQ, BATCH, 5), np.float32)
+    with pytest.raises(UsageError) as error:
+        runtime.run(x, None, lengths)
+    assert message in str(error.value)
+
+
+def test_a_bidirectional_model_has_no_streams(bidirectional):
+    _, runtime = bidirectional
+    for make in (runtime.stream, lambda: Stream(runtime)):
+        with pytest.raises(UsageError) as error:
+            make()
+        assert str(error.value) == BIDIRECTIONAL_STREAM
+        assert "reverse direction starts from the end of the sequence" in str(error.value)
+
+
+def test_a_batch_first_stream_chunks_along_its_time_axis(tmp_path):
+    model, runtime = saved(tmp_path, True, batch_first=True)
+    x = np.random.default_rng(9).standard_normal((2, 11, 5), dtype=np.float32)
+    stream = runtime.stream()
+    ys = [stream.step(x[:, a:b]) for a, b in ((0, 1), (1, 7), (7, 11))]
+    assert stream.steps == 11 and stream.batch == 2
+    want_y, want_h, want_c = eager64(model, x)
+    np.testing.assert_allclose(np.concatenate(ys, axis=1), want_y, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(stream.state[0], want_h, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(stream.state[1], want_c, atol=1e-5, rtol=0)
+    with pytest.raises(UsageError, match="this stream has batch 2, but the chunk has batch 3"):
+        stream.step(np.zeros((3, 2, 5), np.float32))
+    with pytest.raises(UsageError, match=r"x must have shape \[batch>=1, seq>=1, input_size=5\]"):
+        runtime.run(np.zeros((2, 4), np.float32))
+
+
+def test_state_shapes_are_checked_against_num_layers_times_directions(bidirectional):
+    _, runtime = bidirectional
+    x = np.zeros((SEQ, BATCH, 5), np.float32)
+    wrong = (np.zeros((2, BATCH, 8), np.float32),) * 2  # num_layers, not num_layers * 2
+    with pytest.raises(UsageError, match=r"h0 must have shape \[num_layers\*2=4, batch=3"):
+        runtime.run(x, wrong)
+    signature = runtime.signature()
+    assert signature["inputs"]["lengths"] == {"shape": ["batch"], "dtype": "int64"}
+    assert signature["outputs"]["y"]["shape"] == ["seq", "batch", 16]
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+def test_tritons_variant_is_refused_as_an_export_graph(tmp_path, batch_first):
+    model = build_model(LSTMConfig(5, 8, 2, True, batch_first), seed=0)
+    onnx.save(batch_first_onnx(build_onnx(model)), str(tmp_path / "model.onnx"))
+    with pytest.raises(UsageError, match="is the batch_first variant \\(for Triton\\)"):
+        OnnxLSTM(tmp_path)
