@@ -8,7 +8,9 @@ one server process (the module-scoped `server` fixture) and the helpers that dri
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import copy
 import hashlib
 import http.client
 import json
@@ -32,6 +34,8 @@ import torch
 
 from helpers import run_cli, run_python, small_model
 from lstm_export.benchmarks.load import all_failed, first_error_reason, load_test
+from lstm_export.checkpoints import build_model
+from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.pipeline import export
 from lstm_export.runtime.onnx import OnnxLSTM
@@ -1360,3 +1364,256 @@ def test_a_manifest_is_read_bounded(exported, tmp_path):
     (folder / "manifest.json").mkdir()  # not a regular file: refused, not skipped
     with pytest.raises(UsageError, match="manifest"):
         create_app(folder)
+
+
+# --------------------------------------------------------------------------- lengths, layouts
+# In process: the ASGI app called directly on one event loop (no socket, no child process),
+# so that these run in the quick loop. The reference is the eager model in float64.
+
+
+class AppClient:
+    """Requests to `create_app(...)` through ASGI calls on an event loop of its own."""
+
+    def __init__(self, target: Path, **limits: float) -> None:
+        self.app = create_app(target, ServerLimits(**{**LIMITS, **limits}))
+        self.loop = asyncio.new_event_loop()
+
+    def call(self, method: str, path: str, body: object = None, *, raw: bytes | None = None):
+        """`body` as JSON, or `raw` bytes as they are; an answer that must be JSON."""
+        if raw is None and body is not None:
+            raw = json.dumps(body).encode()
+        return self.loop.run_until_complete(self._call(method, path, raw))
+
+    async def _call(self, method: str, path: str, payload: bytes | None) -> Reply:
+        headers = [(b"content-length", str(len(payload or b"")).encode())]
+        if payload is not None:
+            headers.append((b"content-type", b"application/json"))
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": (LOOPBACK, 1),
+            "server": (LOOPBACK, 80),
+        }
+        requests = [{"type": "http.request", "body": payload or b"", "more_body": False}]
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return requests.pop() if requests else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await self.app(scope, receive, send)
+        start = sent[0]
+        answer = b"".join(m.get("body", b"") for m in sent[1:])
+        names = {k.decode(): v.decode() for k, v in start["headers"]}
+        assert names["content-type"] == "application/json", answer[:200]
+        return Reply(start["status"], json.loads(answer), names)
+
+    def predict(self, x: np.ndarray, state=None, lengths=None) -> Reply:
+        body: dict = {"x": x.tolist()}
+        if state is not None:
+            body |= {"h0": state[0].tolist(), "c0": state[1].tolist()}
+        if lengths is not None:
+            body["lengths"] = list(lengths)
+        return self.call("POST", "/v1/predict", body)
+
+    def close(self) -> None:
+        self.app.state.service.pool.shutdown()
+        self.loop.close()
+
+
+@dataclass
+class Served:
+    model: torch.nn.Module
+    client: AppClient
+
+
+LAYOUTS = {
+    "plain": {"layer_norm": False},
+    "layer_norm": {"layer_norm": True},
+    "batch_first": {"layer_norm": False, "batch_first": True},
+    "layer_norm_bidirectional": {"layer_norm": True, "bidirectional": True},
+    "batch_first_bidirectional": {"layer_norm": False, "batch_first": True, "bidirectional": True},
+}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def served(request, tmp_path_factory) -> Served:
+    """A model of each kind, exported (so proven at export) and served in process."""
+    model = build_model(LSTMConfig(5, 8, 2, **LAYOUTS[request.param]), seed=5)
+    folder = export(model, tmp_path_factory.mktemp("layouts") / request.param).out_dir
+    client = AppClient(folder)
+    yield Served(model, client)
+    client.close()
+
+
+def eager64(model, x: np.ndarray, state=None, lengths=None) -> tuple[np.ndarray, ...]:
+    """The eager model in float64 with the same weights: the independent reference."""
+    reference = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        torch_state = None if state is None else tuple(torch.from_numpy(s).double() for s in state)
+        torch_lengths = None if lengths is None else torch.tensor(lengths, dtype=torch.int64)
+        y, (h, c) = reference(torch.from_numpy(x).double(), torch_state, torch_lengths)
+    return y.numpy(), h.numpy(), c.numpy()
+
+
+def ragged_batch(config: LSTMConfig, seed: int = 0) -> tuple[np.ndarray, tuple, list[int]]:
+    """x [seq 6, batch 3] in the model's layout, a random state, lengths full, 1 and 4."""
+    rng = np.random.default_rng(seed)
+    seq, batch = 6, 3
+    shape = (batch, seq) if config.batch_first else (seq, batch)
+    x = rng.standard_normal((*shape, config.input_size), dtype=np.float32)
+    state_shape = (config.state_layers, batch, config.hidden_size)
+    state = tuple(rng.standard_normal(state_shape, dtype=np.float32) for _ in range(2))
+    return x, state, [seq, 1, 4]
+
+
+def test_predict_with_ragged_lengths_matches_eager_float64(served):
+    config = served.model.config
+    x, state, lengths = ragged_batch(config)
+    for s in (None, state):
+        reply = served.client.predict(x, s, lengths)
+        y, h, c = arrays(reply, "y", "hn", "cn")
+        assert_close((y, h, c), eager64(served.model, x, s, lengths))
+        steps = y if config.batch_first else y.transpose(1, 0, 2)  # [batch, seq, D*hidden]
+        for row, length in enumerate(lengths):
+            assert not steps[row, length:].any()  # y is zero past each sequence's end
+    # Without lengths every row runs every step: the padded rows' state moves on.
+    y, h, _ = arrays(served.client.predict(x, state), "y", "hn", "cn")
+    assert_close((y, h), eager64(served.model, x, state)[:2])
+    assert not np.allclose(h, eager64(served.model, x, state, lengths)[1], atol=1e-3)
+
+
+def test_model_says_its_layout_and_that_it_takes_lengths(served):
+    config = served.model.config
+    info = served.client.call("GET", "/v1/model")
+    assert info.status == 200, info.data
+    assert info.data["config"] == config.to_dict()  # batch_first and bidirectional among them
+    steps = ["batch", "seq"] if config.batch_first else ["seq", "batch"]
+    assert info.data["x_shape"] == [*steps, 5]
+    assert info.data["lengths"] is True
+    assert info.data["streaming"] is not config.bidirectional
+    assert "lengths" in info.data["signature"]["inputs"]
+
+
+def test_streams_of_a_bidirectional_model_are_refused_with_409(served):
+    config = served.model.config
+    created = served.client.call("POST", "/v1/streams", {"batch": 2})
+    if not config.bidirectional:
+        assert created.status == 201, created.data
+        assert served.client.call("DELETE", created.data["url"]).status == 200
+        return
+    assert created.status == 409, created.data
+    message = created.data["error"]
+    assert "bidirectional" in message and "has not seen" in message, message
+    assert "POST /v1/predict" in message
+    assert "\n" not in message
+    assert served.client.call("POST", "/v1/streams").status == 409  # with no body too
+    assert served.client.call("GET", "/healthz").data["streams"] == 0
+
+
+def test_a_batch_first_stream_takes_batch_first_chunks(served):
+    config = served.model.config
+    if not config.batch_first or config.bidirectional:
+        pytest.skip("a stream of a batch-first, unidirectional model")
+    x, _, _ = ragged_batch(config, seed=3)  # [batch 3, seq 6, 5]
+    url = served.client.call("POST", "/v1/streams", {"batch": 3}).data["url"]
+    ys = []
+    for a, b in ((0, 2), (2, 6)):
+        reply = served.client.call("POST", f"{url}/step", {"x": x[:, a:b].tolist()})
+        ys.append(arrays(reply, "y")[0])
+    assert reply.data["steps"] == 6
+    got = (np.concatenate(ys, axis=1), *arrays(reply, "hn", "cn"))
+    assert_close(got, eager64(served.model, x))
+    assert served.client.call("DELETE", url).status == 200
+
+
+def test_batch_first_limits_count_steps_and_batch_on_their_own_axes(tmp_path):
+    model = build_model(LSTMConfig(5, 8, 1, False, batch_first=True), seed=2)
+    folder = export(model, tmp_path / "bf").out_dir
+    client = AppClient(folder, max_seq_len=8, max_batch=4, max_elements=32)
+    try:
+        fits = np.zeros((4, 8, 5), dtype=np.float32)  # batch 4, seq 8
+        assert client.predict(fits, lengths=[8, 1, 2, 3]).status == 200
+        long = client.predict(np.zeros((1, 9, 5), dtype=np.float32))
+        assert long.status == 413 and "x has 9 time steps" in long.data["error"], long.data
+        wide = client.predict(np.zeros((5, 1, 5), dtype=np.float32))
+        assert wide.status == 413 and "x has batch 5" in wide.data["error"], wide.data
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def plain_client(tmp_path_factory):
+    """A plain time-major model of 2 layers: x [seq, batch, 5]."""
+    model = build_model(LSTMConfig(5, 8, 2, False), seed=9)
+    folder = export(model, tmp_path_factory.mktemp("lengths") / "plain").out_dir
+    client = AppClient(folder)
+    yield client
+    client.close()
+
+
+X_3x2 = np.zeros((3, 2, 5)).tolist()  # seq 3, batch 2
+
+# (id, raw lengths JSON, what the one-line 400 must say)
+BAD_LENGTHS = [
+    ("count", "[3]", ["lengths", "2", "1"]),
+    ("too many", "[3, 3, 3]", ["lengths", "2", "3"]),
+    ("zero", "[3, 0]", ["lengths", "0"]),
+    ("negative", "[3, -1]", ["lengths", "-1"]),
+    ("over seq", "[3, 4]", ["lengths", "4", "3"]),
+    ("float", "[3, 2.5]", ["lengths must be a list of integers", "got 2.5"]),
+    ("whole float", "[3, 2.0]", ["lengths must be a list of integers", "got 2.0"]),
+    ("boolean", "[3, true]", ["true or false where a number belongs"]),
+    ("string", '[3, "2"]', ["lengths must be a list of integers", "got a string"]),
+    ("null", "[3, null]", ["lengths must be a list of integers", "got null"]),
+    ("nested", "[[3], [2]]", ["lengths must be a list of integers", "got a list"]),
+    ("number", "3", ["lengths must be a list of integers", "got a number"]),
+    ("empty", "[]", ["lengths must be a list of integers", "got an empty list"]),
+    ("huge", "[3, " + "9" * 30 + "]", ["lengths must be a list of integers", "got 999"]),
+]
+
+
+@pytest.mark.parametrize("raw,says", [b[1:] for b in BAD_LENGTHS], ids=[b[0] for b in BAD_LENGTHS])
+def test_bad_lengths_get_a_400_naming_expected_and_received(plain_client, raw, says):
+    body = ('{"x": ' + json.dumps(X_3x2) + ', "lengths": ' + raw + "}").encode()
+    reply = plain_client.call("POST", "/v1/predict", raw=body)
+    assert reply.status == 400, reply.data
+    assert list(reply.data) == ["error"], reply.data
+    message = reply.data["error"]
+    assert "\n" not in message and all(part in message for part in says), message
+
+
+OLD_EXPORTS = Path(__file__).parents[1] / "data"
+
+
+@pytest.mark.parametrize("kind", ["plain", "layer_norm"])
+def test_an_export_from_before_lengths_serves_and_refuses_lengths_clearly(kind):
+    folder = OLD_EXPORTS / f"export_v2_{kind}"
+    reference = torch.jit.load(str(folder / "model.pt")).double().eval()  # its own weights
+    client = AppClient(folder)
+    try:
+        info = client.call("GET", "/v1/model")
+        assert info.status == 200, info.data
+        assert info.data["lengths"] is False and info.data["streaming"] is True
+        assert info.data["x_shape"] == ["seq", "batch", 5]
+        x = np.random.default_rng(1).standard_normal((4, 2, 5), dtype=np.float32)
+        with torch.no_grad():
+            y, (h, c) = reference(torch.from_numpy(x).double())
+        assert_close(arrays(client.predict(x), "y", "hn", "cn"), (y.numpy(), h.numpy(), c.numpy()))
+        refused = client.predict(x, lengths=[4, 2])
+        assert refused.status == 400, refused.data
+        message = refused.data["error"]
+        assert "takes no lengths" in message and "exported before lengths" in message, message
+        assert "re-export" in message and "\n" not in message
+    finally:
+        client.close()

@@ -1,7 +1,8 @@
 """The ASGI app: routes, request bodies, and every error as `{"error": "one sentence"}`.
 
 Statuses: 400 bad input, 404 unknown stream or route (no slash redirects), 405 wrong method,
-413 over a size limit, 415 a body not sent as `application/json`, 429 too many streams,
+409 what the served model cannot do (a stream of a bidirectional model), 413 over a size
+limit, 415 a body not sent as `application/json`, 429 too many streams,
 403 a POST or DELETE carrying an `Origin` header (sent by a web page), 500 a bug (the log
 has the traceback). Errors become answers in starlette's exception handlers (`HTTPError`
 with its status, `UsageError` as 400), and web pages are refused by a middleware before

@@ -109,6 +109,33 @@ def to_array(name: str, value: object) -> np.ndarray:
     return array.astype(np.float64, copy=False)
 
 
+INT64_MAX = (1 << 63) - 1
+
+
+def to_lengths(value: object) -> np.ndarray:
+    """`lengths` as int64 [batch]: a flat JSON list of integers, one per batch row.
+
+    Only JSON integers: 2.0 and 2.5 are refused alike (a length counts steps; numpy would
+    read [2, 2.5] as floats and int64 would cut 2.5 to 2). Booleans never get here (see
+    `decode_object`). Whether the count and the values fit x is the runtime's check.
+    """
+    if not isinstance(value, list) or not value:
+        shown = "an empty list" if value == [] else _json_type(value)
+        raise HTTPError(400, f"lengths must be a list of integers, one per batch row, got {shown}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or abs(item) > INT64_MAX:
+            shown = _short_json(item) if isinstance(item, int | float) else _json_type(item)
+            raise HTTPError(
+                400, f"lengths must be a list of integers, one per batch row, got {shown}"
+            )
+    return np.asarray(value, dtype=np.int64)
+
+
+def _short_json(value: object, limit: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def encode(data: dict[str, Any]) -> bytes:
     """JSON with arrays as nested lists. orjson writes each float32 in its shortest form that
     reads back to the same float32 (0.1, not 0.10000000149011612): exact, and ~15x faster and

@@ -18,18 +18,30 @@ from typing import Any
 
 import numpy as np
 
-from lstm_export.artifacts import MANIFEST_FILE, ONNX_FILE
+from lstm_export.artifacts import LENGTHS_INPUT, MANIFEST_FILE, ONNX_FILE
+from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.files import read_manifest, sha256
-from lstm_export.runtime.onnx import OnnxLSTM, Stream
-from lstm_export.serving.http.codec import decode_object, encode, to_array
+from lstm_export.runtime.onnx import BIDIRECTIONAL_STREAM, OnnxLSTM, Stream
+from lstm_export.serving.http.codec import decode_object, encode, to_array, to_lengths
 from lstm_export.serving.http.limits import TRIM_AFTER, HTTPError, Load, ServerLimits, trim_memory
 from lstm_export.serving.http.notices import Notices, log
 from lstm_export.serving.http.streams import StreamEntry, StreamStore
 
+STREAMS_REFUSED = f"{BIDIRECTIONAL_STREAM} (POST /v1/predict)"
+"""Why /v1/streams answers 409 for a bidirectional model (and /v1/model's `streaming`)."""
+
+
+def x_shape(config: LSTMConfig) -> list[str | int]:
+    """x's shape in the model's own layout, as /v1/model shows it: predict and stream
+    chunks take x in this layout, never transposed by the server."""
+    steps = ["batch", "seq"] if config.batch_first else ["seq", "batch"]
+    return [*steps, config.input_size]
+
 
 def describe_model(runtime: OnnxLSTM, limits: ServerLimits) -> dict[str, Any]:
-    """What GET /v1/model answers: config, signature, artifacts' sha256, limits.
+    """What GET /v1/model answers: config, signature, artifacts' sha256, limits, and what
+    requests the model takes (x's layout, `lengths`, streams).
 
     With a manifest.json beside model.onnx, its artifacts and signature are reported, and
     the served file must match it (config and sha256): a tampered export does not start.
@@ -49,7 +61,11 @@ def describe_model(runtime: OnnxLSTM, limits: ServerLimits) -> dict[str, Any]:
                 f"{path} does not match {manifest_path} (sha256 {digest[:12]}... but the "
                 f"manifest says {str(recorded)[:12]}...); re-export it or remove the manifest"
             )
-        if manifest.get("config") != runtime.config.to_dict():
+        try:  # read as every config is: a manifest from before batch_first still matches
+            claimed = LSTMConfig.from_dict(manifest.get("config"), f"{manifest_path} config")
+        except UsageError:
+            claimed = None
+        if claimed != runtime.config:
             raise UsageError(f"{path}'s config does not match {manifest_path}")
     info: dict[str, Any] = {
         "name": (manifest or {}).get("name") or (path.parent.name or path.stem),
@@ -59,6 +75,9 @@ def describe_model(runtime: OnnxLSTM, limits: ServerLimits) -> dict[str, Any]:
         "artifacts": {path.name: {"sha256": digest, "bytes": path.stat().st_size}},
         "limits": limits.to_dict(),
         "providers": runtime.providers,
+        "x_shape": x_shape(runtime.config),
+        "lengths": runtime.has_lengths,
+        "streaming": not runtime.config.bidirectional,
     }
     if manifest is not None:
         info["artifacts"] = {
@@ -104,14 +123,22 @@ class Service:
 
     def checked_x(self, value: object) -> np.ndarray:
         """x as an array, its size checked first on the lists' lengths: an x over the limits
-        is refused before numpy converts it (the costly part of reading a request)."""
+        is refused before numpy converts it (the costly part of reading a request).
+
+        x is in the model's own layout: [seq][batch][...], or [batch][seq][...] for a
+        batch-first model."""
         rows = value[0] if isinstance(value, list) and value else None
-        if isinstance(rows, list) and rows and isinstance(rows[0], list):  # [seq][batch][...]
-            self.check_size(len(value), len(rows))
+        if isinstance(rows, list) and rows and isinstance(rows[0], list):
+            self.check_size(*self.seq_batch(len(value), len(rows)))
         x = to_array("x", value)
         if x.ndim == 3:
-            self.check_size(*x.shape[:2])
+            self.check_size(*self.seq_batch(*x.shape[:2]))
         return x
+
+    def seq_batch(self, first: int, second: int) -> tuple[int, int]:
+        """(steps, batch) from x's first two dims, in the model's layout."""
+        dims = (first, second)
+        return dims[self.runtime.time_axis], dims[self.runtime.batch_axis]
 
     def check_size(self, seq: int, batch: int) -> None:
         """413 for too many steps, too large a batch or too many steps x batch in one x."""
@@ -147,14 +174,34 @@ class Service:
             self.check_batch("h0", h0.shape[1])
         return h0, c0
 
+    def checked_lengths(self, data: dict) -> np.ndarray | None:
+        """`lengths` as int64, or None when not sent. Its count and its values against x
+        (each 1..seq) are `OnnxLSTM.run`'s checks, whose UsageError is a 400."""
+        if LENGTHS_INPUT not in data:
+            return None
+        if not self.runtime.has_lengths:
+            raise HTTPError(
+                400,
+                f"this model takes no {LENGTHS_INPUT}: {self.runtime.path.name} was exported "
+                f"before {LENGTHS_INPUT} existed; re-export it, or send equal-length "
+                f"sequences without {LENGTHS_INPUT}",
+            )
+        return to_lengths(data[LENGTHS_INPUT])
+
     # ---- work done on the thread pool
 
     def predict_work(self, body: bytes) -> bytes:
-        data = decode_object(body, ("x", "h0", "c0"), required=("x",))
+        data = decode_object(body, ("x", "h0", "c0", LENGTHS_INPUT), required=("x",))
         x = self.checked_x(data["x"])
         state = self.checked_state(data)
-        y, (h, c) = self.runtime.run(x, state)
+        lengths = self.checked_lengths(data)
+        y, (h, c) = self.runtime.run(x, state, lengths)
         return encode({"y": y, "hn": h, "cn": c})
+
+    def check_streaming(self) -> None:
+        """409 for a model a stream cannot run: one with a reverse direction."""
+        if self.runtime.config.bidirectional:
+            raise HTTPError(409, STREAMS_REFUSED)
 
     def new_stream_work(self, body: bytes) -> Stream:
         data = decode_object(body, ("batch", "h0", "c0"))
@@ -168,7 +215,7 @@ class Service:
             self.check_batch("the stream", batch)
             if state is None:
                 cfg = self.runtime.config
-                zeros = np.zeros((cfg.num_layers, batch, cfg.hidden_size), np.float32)
+                zeros = np.zeros((cfg.state_layers, batch, cfg.hidden_size), np.float32)
                 state = (zeros, zeros)
         if state is not None:
             state = self.runtime.check_state(state, batch)
@@ -193,6 +240,7 @@ class Service:
 
     async def open_stream(self, body: bytes) -> dict[str, Any]:
         """A new stream; its id, URL (`url`: the Location of the answer), batch and TTL."""
+        self.check_streaming()  # before the body is parsed: no body makes it possible
         stream = await self.call(self.new_stream_work, body)
         entry = self.store.create(stream)
         return {
