@@ -16,7 +16,8 @@ import lstm_export.exporters.onnx_graph as onnx_graph
 import lstm_export.pipeline as pipeline
 import parity_corpus as corpus
 from helpers import run_python, small_model
-from lstm_export.config import SizeLimits
+from lstm_export.checkpoints import build_model
+from lstm_export.config import LSTMConfig, SizeLimits
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.pipeline import export
 
@@ -56,6 +57,9 @@ def test_manifest_records_hashes_config_versions_and_parity(exported):
     assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "lstm-export"}
     assert manifest["versions"]["torch"] == torch.__version__
     assert manifest["signature"]["inputs"]["x"]["shape"] == ["seq", "batch", 5]
+    # The graph's own inputs, read off it: a new export takes lengths (old ones do not).
+    assert list(manifest["signature"]["inputs"]) == ["x", "h0", "c0", "lengths"]
+    assert manifest["signature"]["inputs"]["lengths"] == {"shape": ["batch"], "dtype": "int64"}
     assert list(manifest["signature"]["outputs"]) == ["y", "hn", "cn"]
     assert manifest["parity"]["passed"] is True
     assert manifest["parity"]["reference"] == "eager model in float64"
@@ -69,6 +73,21 @@ def test_manifest_records_hashes_config_versions_and_parity(exported):
     assert 0 < manifest["parity"]["worst_error"] <= 1e-5  # small model: float32 noise < atol
     backends = {r["backend"] for r in manifest["parity"]["results"]}
     assert backends == {"eager", "torchscript", "onnxruntime", "onnxruntime batch-first"}
+
+
+def test_a_batch_first_bidirectional_export_records_its_layout(tmp_path):
+    """The manifest's config and signature are the layout's: x and y batch-first, y and the
+    states twice as wide or deep, and the config names both fields."""
+    model = build_model(LSTMConfig(5, 8, 1, False, batch_first=True, bidirectional=True))
+    result = export(model, tmp_path / "bi", name="bi")
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    assert manifest["config"] == model.config().to_dict()
+    assert manifest["config"]["batch_first"] is manifest["config"]["bidirectional"] is True
+    signature = manifest["signature"]
+    assert signature["inputs"]["x"]["shape"] == ["batch", "seq", 5]
+    assert signature["inputs"]["h0"]["shape"] == [2, "batch", 8]
+    assert signature["outputs"]["y"]["shape"] == ["batch", "seq", 16]
+    assert "lengths" in signature["inputs"]
 
 
 def test_model_pt_carries_config_json_as_an_extra_file(exported):
