@@ -6,6 +6,7 @@ The kernel has AVX2 blocks and scalar tails; the sizes below hit both: hidden 8
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -14,10 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import helpers
 from helpers import run_cli, run_python, small_model
@@ -27,7 +30,7 @@ from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.exporters import kernel as kernels
-from lstm_export.exporters.routes import KernelLSTM
+from lstm_export.exporters.routes import KernelLayer, KernelLSTM
 from lstm_export.exporters.torchscript import script
 from lstm_export.pipeline import export
 from lstm_export.verification.backends import FUSED_BACKEND, torch_backend
@@ -97,6 +100,149 @@ def test_nan_and_inf_propagate_as_in_eager(hidden):
         assert torch.isnan(want).any() and not torch.isnan(want[:, 1]).any()
         finite = ~torch.isnan(want)
         assert torch.allclose(got[finite], want[finite], atol=TOLERANCE, rtol=0)
+
+
+def _float64_outputs(model, x, state, lengths):
+    """The independent reference: the eager model (LSTMCell.scan's masking) in float64."""
+    model64 = copy.deepcopy(model).double()
+    given = None if state is None else tuple(s.double() for s in state)
+    with torch.inference_mode():
+        y, (h, c) = model64(x.double(), given, lengths)
+    return y, h, c
+
+
+def _worst_error(got, expected) -> float:
+    return max((g.double() - e).abs().max().item() for g, e in zip(got, expected, strict=True))
+
+
+def _ragged_inputs(model, seq: int, lengths: list[int], with_state: bool):
+    """x in the model's layout, (h0, c0) or None, and int64 lengths."""
+    batch = len(lengths)
+    x = torch.randn(batch, seq, 5) if model.batch_first else torch.randn(seq, batch, 5)
+    state = None
+    if with_state:
+        layers = model.num_layers * model.num_directions
+        state = (
+            torch.randn(layers, batch, model.hidden_size),
+            torch.randn(layers, batch, model.hidden_size),
+        )
+    return x, state, torch.tensor(lengths)
+
+
+# A full sequence beside a length-1 one, and lengths in between; 9 steps: the panel route.
+_RAGGED = [11, 1, 6, 11, 3]
+_LAYOUTS = pytest.mark.parametrize(
+    ("batch_first", "bidirectional"),
+    [(False, False), (False, True), (True, False), (True, True)],
+    ids=["time-major", "bidirectional", "batch-first", "batch-first-bidirectional"],
+)
+
+
+@_LAYOUTS
+@pytest.mark.parametrize("with_state", [False, True], ids=["zeros", "h0c0"])
+def test_kernel_route_matches_eager_float64_on_ragged_batches(
+    batch_first, bidirectional, with_state
+):
+    """model.fused.pt's route with lengths: padding carries (h, c) and outputs 0 in the op,
+    the reverse direction starts at each sequence's own end (the stack's reversal)."""
+    config = LSTMConfig(5, 13, 2, True, batch_first, bidirectional)
+    model = build_model(config, seed=3).eval()
+    fused = script(KernelLSTM(model))
+    for batch_lengths in (_RAGGED, [1, 11]):  # batch 5: panels; batch 2 with a length 1
+        x, state, lengths = _ragged_inputs(model, 11, batch_lengths, with_state)
+        with torch.inference_mode():
+            y, (h, c) = fused(x, state, lengths)
+        expected = _float64_outputs(model, x, state, lengths)
+        assert _worst_error((y, h, c), expected) <= TOLERANCE
+        time_axis = 1 if batch_first else 0
+        short = batch_lengths.index(1)  # its 10 padding steps output exactly 0
+        assert not y.narrow(time_axis, 1, 10).select(1 - time_axis, short).any()
+
+
+class _MaskIgnoringLayer(KernelLayer):
+    """A broken kernel route: the op never sees the mask."""
+
+    def scan(self, x, state, valid=None):
+        return super().scan(x, state, None)
+
+
+@_LAYOUTS
+def test_the_ragged_comparison_catches_a_kernel_that_ignores_the_mask(batch_first, bidirectional):
+    model = build_model(LSTMConfig(5, 13, 2, True, batch_first, bidirectional), seed=3).eval()
+    broken = KernelLSTM(model)
+    broken.cells = nn.ModuleList([_MaskIgnoringLayer(cell) for cell in model.cells])
+    broken.reverse_cells = nn.ModuleList([_MaskIgnoringLayer(cell) for cell in model.reverse_cells])
+    x, state, lengths = _ragged_inputs(model, 11, _RAGGED, True)
+    with torch.inference_mode():
+        y, (h, c) = broken(x, state, lengths)
+    assert _worst_error((y, h, c), _float64_outputs(model, x, state, lengths)) > 100 * TOLERANCE
+
+
+def test_the_mask_argument_of_the_op():
+    """All valid is the unmasked op bit for bit; all padding leaves (h0, c0) and outputs 0;
+    a mask of the wrong dtype or shape names the expected one."""
+    op = torch.ops.lstm_export.layer_norm_lstm_layer
+    x_proj, h0, c0 = torch.randn(9, 3, 32), torch.randn(3, 8), torch.randn(3, 8)
+    w_h = torch.randn(32, 8)
+    norms = (torch.ones(32), torch.zeros(32), torch.ones(8), torch.zeros(8))
+    unmasked = op(x_proj, h0, c0, w_h, *norms, 1e-5)
+    for got, want in zip(
+        op(x_proj, h0, c0, w_h, *norms, 1e-5, torch.ones(9, 3, dtype=torch.bool)),
+        unmasked,
+        strict=True,
+    ):
+        assert torch.equal(got, want)
+    y, h, c = op(x_proj, h0, c0, w_h, *norms, 1e-5, torch.zeros(9, 3, dtype=torch.bool))
+    assert torch.equal(h, h0) and torch.equal(c, c0) and not y.any()
+    with pytest.raises(RuntimeError, match=r"valid must have shape \[9, 3\], got \[9, 3, 1\]"):
+        op(x_proj, h0, c0, w_h, *norms, 1e-5, torch.ones(9, 3, 1, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="valid must be a bool CPU tensor, got Long"):
+        op(x_proj, h0, c0, w_h, *norms, 1e-5, torch.ones(9, 3, dtype=torch.int64))
+
+
+class _NineArgumentLayer(KernelLayer):
+    """KernelLayer as it was before the mask: the op called with its nine old arguments."""
+
+    def scan(
+        self,
+        x: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor],
+        valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        gamma, beta = self._gate_norms()
+        norm_c = self.layer_norm_c
+        y, h, c = torch.ops.lstm_export.layer_norm_lstm_layer(
+            self._project(x),
+            state[0],
+            state[1],
+            self.hidden_lin.weight,
+            gamma.reshape(-1),
+            beta.reshape(-1),
+            norm_c.weight,
+            norm_c.bias,
+            norm_c.eps,
+        )
+        return y, (h, c)
+
+
+def test_a_model_fused_pt_saved_before_the_mask_still_loads_and_runs(tmp_path):
+    """Its code calls the op with nine arguments; the mask's default fills the tenth."""
+    model = build_model(LSTMConfig(5, 13, 2, True), seed=8).eval()
+    old = KernelLSTM(model)
+    old.cells = nn.ModuleList([_NineArgumentLayer(cell) for cell in model.cells])
+    path = tmp_path / FUSED_TORCHSCRIPT_FILE
+    script(old).save(str(path))
+    with zipfile.ZipFile(path) as archive:
+        code = "".join(
+            archive.read(name).decode() for name in archive.namelist() if name.endswith(".py")
+        )
+    call = code.split("layer_norm_lstm_layer(")[1].split(")")[0]
+    assert len(call.split(", ")) == 9, call  # what an old export holds
+    loaded = torch.jit.load(str(path))
+    x = torch.randn(11, 3, 5)
+    with torch.inference_mode():
+        y, (h, c) = loaded(x)
+    assert _worst_error((y, h, c), _float64_outputs(model, x, None, None)) <= TOLERANCE
 
 
 def test_kernel_refuses_wrong_shapes_and_dtypes_with_the_expected_one():
@@ -291,7 +437,7 @@ import torch
 from lstm_export.exporters import kernel as kernels
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
-from lstm_export.exporters.routes import KernelLSTM
+from lstm_export.exporters.routes import KernelLayer, KernelLSTM
 from lstm_export.exporters.torchscript import script
 assert "-mavx2" not in kernels.compile_flags()
 kernels.build_kernel()

@@ -8,6 +8,7 @@ LSTM_EXPORT_REQUIRE_CPP=1 (as CI does) to turn even that into a failure.
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, KERNEL_LIBRARY
+from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.exporters.torchscript import quiet_torchscript, save_torchscript
@@ -508,3 +510,165 @@ def test_cpp_check_also_checks_model_fused_pt(binary: Path, fused) -> None:
     backends = [r.backend for r in report.parity.results]
     assert backends.count(CPP_BACKEND) == backends.count(FUSED_CPP_BACKEND) == 4
     assert report.passed, str(report)
+
+
+# --- lengths, batch-first and bidirectional (forward(x, state, lengths)) -----------------
+
+DATA = Path(__file__).parents[1] / "data"
+# (layer_norm, batch_first, bidirectional): every combination.
+LAYOUTS = [(ln, bf, bi) for ln in (False, True) for bf in (False, True) for bi in (False, True)]
+
+
+def _layout_id(layout: tuple[bool, bool, bool]) -> str:
+    names = ("layer_norm", "batch_first", "bidirectional")
+    return "-".join(n for n, on in zip(names, layout, strict=True) if on) or "plain"
+
+
+def _layout_model(layout: tuple[bool, bool, bool], seed: int) -> LSTM:
+    return build_model(LSTMConfig(INPUT, HIDDEN, LAYERS, *layout), seed=seed).eval()
+
+
+@pytest.fixture(scope="session", params=LAYOUTS, ids=map(_layout_id, LAYOUTS))
+def layout_export(request: pytest.FixtureRequest, tmp_path_factory) -> Exported:
+    eager = _layout_model(request.param, seed=LAYOUTS.index(request.param))
+    folder = tmp_path_factory.mktemp(_layout_id(request.param))
+    save_torchscript(eager, folder / "model.pt")
+    return Exported(eager, folder / "model.pt")
+
+
+def _ragged(model: LSTM, lengths: list[int], seq: int = 9, seed: int = 0):
+    """x in the model's layout, a random (h0, c0) and int64 lengths."""
+    rng = np.random.default_rng(seed)
+    batch = len(lengths)
+    x = rng.standard_normal((seq, batch, INPUT), dtype=np.float32)
+    if model.batch_first:
+        x = np.ascontiguousarray(x.transpose(1, 0, 2))
+    shape = (LAYERS * model.num_directions, batch, HIDDEN)
+    state = tuple(rng.standard_normal(shape, dtype=np.float32) for _ in "hc")
+    return x, state, np.array(lengths, dtype=np.int64)
+
+
+def _eager64(model: LSTM, x: np.ndarray, state, lengths) -> tuple[np.ndarray, ...]:
+    """The independent reference: the eager model in float64 with the same weights."""
+    model64 = copy.deepcopy(model).double()
+    given = None if state is None else tuple(torch.from_numpy(s).double() for s in state)
+    steps = None if lengths is None else torch.from_numpy(lengths)
+    with torch.no_grad():
+        y, (h, c) = model64(torch.from_numpy(x).double(), given, steps)
+    return y.numpy(), h.numpy(), c.numpy()
+
+
+# A full sequence beside a length-1 one, and lengths in between.
+RAGGED = [9, 1, 5, 3]
+
+
+def test_lengths_in_every_layout_match_eager_float64(binary: Path, layout_export: Exported):
+    eager = layout_export.eager
+    assert cpp.model_config(binary, layout_export.model_pt) == eager.config()
+    x, state, lengths = _ragged(eager, RAGGED)
+    expected = _eager64(eager, x, state, lengths)
+    # Only means something if the padding changes the answer.
+    assert np.abs(expected[1] - _eager64(eager, x, state, None)[1]).max() > 1e-2
+    y, (h, c) = cpp.run(binary, layout_export.model_pt, x, state, lengths=lengths)
+    _assert_close((y, h, c), expected)
+
+
+@pytest.fixture(scope="session")
+def fused_layouts(tmp_path_factory) -> tuple[list[Exported], Path]:
+    """model.fused.pt for each LayerNorm layout, and our build of the kernel library."""
+    from lstm_export.exporters.kernel import build_kernel
+
+    library = build_kernel()
+    exports = []
+    for layout in (lay for lay in LAYOUTS if lay[0]):
+        eager = _layout_model(layout, seed=30 + LAYOUTS.index(layout))
+        path = tmp_path_factory.mktemp("fused-" + _layout_id(layout)) / FUSED_TORCHSCRIPT_FILE
+        save_torchscript(eager, path, fused_kernel=True)
+        exports.append(Exported(eager, path))
+    return exports, library
+
+
+def test_fused_model_with_lengths_in_every_layout_matches_eager_float64(
+    binary: Path, fused_layouts
+) -> None:
+    exports, library = fused_layouts
+    for exported in exports:
+        x, state, lengths = _ragged(exported.eager, RAGGED, seed=1)
+        y, (h, c) = cpp.run(binary, exported.model_pt, x, state, lengths=lengths, kernels=library)
+        _assert_close((y, h, c), _eager64(exported.eager, x, state, lengths))
+
+
+def test_batch_first_streams_along_its_time_axis(binary: Path, tmp_path: Path) -> None:
+    eager = _layout_model((True, True, False), seed=5)
+    save_torchscript(eager, tmp_path / "model.pt")
+    x, state, _ = _ragged(eager, [9, 9, 9], seq=11)
+    y, (h, c) = cpp.run(binary, tmp_path / "model.pt", x, state, chunk=4)
+    _assert_close((y, h, c), _eager64(eager, x, state, None))
+    result = _lstm_run(binary, tmp_path / "model.pt", "--time-seq", 6, "--time-batch", 2)
+    assert "timed forward(x [2, 6, 5], None)" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("name", ["export_v2_plain", "export_v2_layer_norm"])
+def test_an_export_from_before_lengths_runs_and_refuses_lengths_in_one_line(
+    binary: Path, tmp_path: Path, name: str
+) -> None:
+    from lstm_export.exporters.torchscript import load_torchscript
+
+    model_pt = DATA / name / "model.pt"
+    scripted, config = load_torchscript(model_pt)
+    eager = LSTM.from_config(config)
+    eager.load_state_dict(scripted.state_dict())
+    assert cpp.model_config(binary, model_pt) == config  # no batch_first/bidirectional: false
+    x, state, lengths = _ragged(eager.eval(), [7, 7, 7], seq=7)
+    expected = _eager64(eager, x, state, None)
+    for chunk in (None, 3):
+        y, (h, c) = cpp.run(binary, model_pt, x, state, chunk=chunk)
+        _assert_close((y, h, c), expected)
+    args = ["--x", _save(tmp_path / "x.npy", x), "--lengths", _save(tmp_path / "l.npy", lengths)]
+    line = _one_line_error(_lstm_run(binary, model_pt, *args), expected_code=2)
+    assert "has forward(x, state) without lengths" in line and "re-export it" in line
+
+
+@pytest.mark.parametrize(
+    ("lengths", "message"),
+    [
+        ([4, 0, 2], "ValueError: lengths must each be in 1..seq=4, got 0"),
+        ([4, 5, 2], "ValueError: lengths must each be in 1..seq=4, got 5"),
+        ([4, 2], "ValueError: lengths must have shape [batch=3], got [2]"),
+        ([[4, 2, 1]], "ValueError: lengths must have shape [batch=3], got [1, 3]"),
+        (np.array([4.0, 2.0, 1.0]), "expected int64 data (descr '<i8'), got '<f8'"),
+    ],
+    ids=["zero", "above-seq", "short", "2d", "float64"],
+)
+def test_bad_lengths_are_one_line(
+    binary: Path, model_pt: Path, tmp_path: Path, lengths, message: str
+) -> None:
+    x = _save(tmp_path / "x.npy", np.zeros((4, 3, INPUT), np.float32))
+    path = tmp_path / "lengths.npy"
+    np.save(path, np.asarray(lengths) if isinstance(lengths, np.ndarray) else np.int64(lengths))
+    line = _one_line_error(_lstm_run(binary, model_pt, "--x", x, "--lengths", path))
+    assert message in line, line
+
+
+def test_lengths_and_chunks_are_refused_where_undefined(binary: Path, tmp_path: Path) -> None:
+    x = _save(tmp_path / "x.npy", np.zeros((4, 3, INPUT), np.float32))
+    lengths = _save(tmp_path / "l.npy", np.array([4, 1, 2]))
+    bidirectional = _layout_model((False, False, True), seed=2)
+    save_torchscript(bidirectional, tmp_path / "model.pt")
+    model = tmp_path / "model.pt"
+    line = _one_line_error(
+        _lstm_run(binary, model, "--x", x, "--lengths", lengths, "--chunk", 2), expected_code=2
+    )
+    assert "a padded batch with --lengths runs whole" in line
+    line = _one_line_error(_lstm_run(binary, model, "--x", x, "--chunk", 2), expected_code=2)
+    assert "this model is bidirectional" in line and "drop --chunk" in line
+    line = _one_line_error(_lstm_run(binary, model, "--lengths", lengths), expected_code=2)
+    assert "--lengths needs --x" in line
+    with pytest.raises(UsageError, match="give chunk or lengths, not both"):
+        cpp.run(binary, model, np.zeros((4, 3, INPUT)), chunk=2, lengths=[4, 1, 2])
+    with pytest.raises(UsageError, match="lengths must be an integer array"):
+        cpp.run(binary, model, np.zeros((4, 3, INPUT)), lengths=[4.0, 1.0, 2.0])
+    with pytest.raises(cpp.CppRunError, match=r"lengths must each be in 1\.\.seq=4, got 9"):
+        cpp.run(binary, model, np.zeros((4, 3, INPUT)), lengths=torch.tensor([4, 9, 2]))
+    samples = cpp.time_forward(binary, model, 4, 3, repeats=2, warmup=0, lengths=[4, 1, 2])
+    assert len(samples) == 2
