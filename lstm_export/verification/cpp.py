@@ -23,14 +23,27 @@ from lstm_export.runtime.cpp import build, model_config
 from lstm_export.verification.backends import CPP_BACKEND, FUSED_CPP_BACKEND, cpp_backend
 from lstm_export.verification.parity import Case, ParityReport, Reference, Tolerance, check_parity
 
-# Whole from zeros, from a given state, streamed 4 steps per call, and a single step:
-# each is a separate lstm_run process, so the C++ matrix is small.
+# Whole from zeros, from a given state, streamed 4 steps per call, a single step and a
+# ragged padded batch (lstm_run --lengths): each is a separate lstm_run process, so the C++
+# matrix is small. `cpp_cases` drops what a model cannot run.
 CPP_CASES = (
     Case(9, 3, False),
     Case(9, 3, True),
     Case(9, 3, True, (4, 4, 1)),
     Case(1, 1, False),
+    Case(9, 3, True, ragged=True),
 )
+
+
+def cpp_cases(config: LSTMConfig, lengths: bool) -> list[Case]:
+    """`CPP_CASES` without streaming for a bidirectional model (lstm_run refuses --chunk:
+    the reverse direction needs the whole sequence) and without the ragged case for a
+    model.pt whose forward has no lengths (exported before them)."""
+    return [
+        case
+        for case in CPP_CASES
+        if not (case.chunks and config.bidirectional) and (lengths or not case.ragged)
+    ]
 
 
 @dataclass
@@ -113,9 +126,10 @@ def cpp_check(
 
     The reference is `lstm_export.model.LSTM` rebuilt from the config with the scripted
     module's weights, so a pass means libtorch computes what the Python source says,
-    whole, from a given state and streamed in chunks.
+    whole, from a given state, streamed in chunks and on a ragged batch (`cpp_cases`).
     """
     from lstm_export.exporters.torchscript import load_torchscript
+    from lstm_export.verification.folder import takes_lengths
 
     tolerance = Tolerance(atol, factor)
     export_dir = Path(export_dir)
@@ -136,7 +150,8 @@ def cpp_check(
 
         backends.append(cpp_backend(FUSED_CPP_BACKEND, binary, fused_pt, build_kernel()))
     with _one_torch_thread():
-        parity = check_parity(reference, backends, CPP_CASES, tolerance, seed=seed)
+        cases = cpp_cases(config, takes_lengths(scripted))
+        parity = check_parity(reference, backends, cases, tolerance, seed=seed)
     if cpp_config != config:
         parity.problems.append(
             f"C++ reads config {cpp_config.to_json()}, expected {config.to_json()}"

@@ -411,6 +411,7 @@ def test_cpp_check_passes_on_an_export_folder(binary: Path, exported: Exported) 
         "9x3 h0/c0",
         "9x3 h0/c0 chunks 4+4+1",
         "1x1 zeros",
+        "9x3 h0/c0 lengths 9,1,5",
     ]
     assert all(0 <= e <= TOL for r in rows for e in r.error.values())
     assert report.passed
@@ -432,7 +433,7 @@ def test_cpp_check_fails_when_outputs_differ(
     report = cpp_check(model_pt.parent)
     assert not report.passed
     rows = [r for r in report.parity.results if r.backend == CPP_BACKEND]
-    assert len(rows) == 4 and all(r.error["c"] >= 1e-4 > r.allowed["c"] for r in rows)
+    assert len(rows) == 5 and all(r.error["c"] >= 1e-4 > r.allowed["c"] for r in rows)
     assert all(r.passed for r in report.parity.results if r.backend == "eager")
     assert "FAIL" in str(report)
     with pytest.raises(ParityError, match=r"libtorch C\+\+, case .*, output c: error 1\.0"):
@@ -508,7 +509,7 @@ def test_cpp_check_also_checks_model_fused_pt(binary: Path, fused) -> None:
     exported, _library = fused
     report = cpp_check(exported.model_pt.parent)
     backends = [r.backend for r in report.parity.results]
-    assert backends.count(CPP_BACKEND) == backends.count(FUSED_CPP_BACKEND) == 4
+    assert backends.count(CPP_BACKEND) == backends.count(FUSED_CPP_BACKEND) == 5
     assert report.passed, str(report)
 
 
@@ -672,3 +673,20 @@ def test_lengths_and_chunks_are_refused_where_undefined(binary: Path, tmp_path: 
         cpp.run(binary, model, np.zeros((4, 3, INPUT)), lengths=torch.tensor([4, 9, 2]))
     samples = cpp.time_forward(binary, model, 4, 3, repeats=2, warmup=0, lengths=[4, 1, 2])
     assert len(samples) == 2
+
+
+def test_cpp_check_of_a_bidirectional_batch_first_folder_and_of_one_from_before_lengths(
+    binary: Path, tmp_path: Path
+) -> None:
+    """No stream for a bidirectional model, no ragged case for a forward without lengths."""
+    eager = _layout_model((True, True, True), seed=9)
+    save_torchscript(eager, tmp_path / "model.pt")
+    report = cpp_check(tmp_path)
+    assert report.passed, str(report)
+    assert report.cpp_config == eager.config()
+    cases = [r.case for r in report.parity.results if r.backend == CPP_BACKEND]
+    assert cases == ["9x3 zeros", "9x3 h0/c0", "1x1 zeros", "9x3 h0/c0 lengths 9,1,5"]
+    old = cpp_check(DATA / "export_v2_plain")
+    assert old.passed, str(old)
+    cases = [r.case for r in old.parity.results if r.backend == CPP_BACKEND]
+    assert cases == ["9x3 zeros", "9x3 h0/c0", "9x3 h0/c0 chunks 4+4+1", "1x1 zeros"]
