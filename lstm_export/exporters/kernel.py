@@ -3,7 +3,9 @@
 Why a kernel: a LayerNorm-LSTM step in TorchScript is a dozen small ops, each paying
 the interpreter's dispatch, and MKL's small-batch matmul is slow on non-Intel CPUs;
 `csrc/layer_norm_lstm.cpp` runs a whole layer as one op
-(`torch.ops.lstm_export.layer_norm_lstm_layer`), at about `nn.LSTM`'s speed.
+(`torch.ops.lstm_export.layer_norm_lstm_layer`), at about `nn.LSTM`'s speed. Its last
+argument, an optional [seq, batch] bool mask, runs padded batches (padding carries (h, c)
+and outputs 0); it defaults to None, so a `model.fused.pt` saved before it still loads.
 
 The library is compiled on first use (about 15 s with g++) into a cache keyed by the
 source, the torch version, the compiler and the flags, and loaded into this process;
