@@ -13,8 +13,12 @@ route onnxruntime has:
 - layer_norm=True: the input projection of the whole sequence as one MatMul,
   then a `Scan` over time whose body is the cell: one MatMul for the hidden
   projection and one `LayerNormalization` over a [batch, 4, hidden] view. Padding
-  is masked inside the Scan; the reverse direction reverses each sequence within its
-  own length (`ReverseSequence`) before the Scan and its outputs back after it.
+  runs through the Scan unmasked (no step before a sequence's end depends on it); after
+  it, y is zeroed past each length and (h, c) gathered at each sequence's last valid
+  step: once per sequence, where masking in the body cost every step three more nodes
+  (+8-10% for a graph given no lengths, against +3%). The reverse direction reverses
+  each sequence within its own length (`ReverseSequence`) before the Scan and its
+  outputs back after it.
 
 Layers run one after another over the whole sequence, which computes the same
 numbers as interleaving them per step.
@@ -112,7 +116,8 @@ class _Graph:
 
 class _Lengths:
     """The padding, computed once for every layer: lengths as [batch] int64 (seq where the
-    caller gave none), the ONNX LSTM's int32 `sequence_lens`, and the Scan's validity masks.
+    caller gave none), the ONNX LSTM's int32 `sequence_lens`, the validity mask and the
+    indices of each sequence's last valid step.
     """
 
     def __init__(self, g: _Graph, x: str) -> None:
@@ -143,7 +148,8 @@ class _Lengths:
         )
         self._g, self._seq = g, seq
         self._sequence_lens: str | None = None
-        self._masks: tuple[str, str] | None = None
+        self._valid: str | None = None
+        self._last: tuple[str, str] | None = None
 
     @property
     def sequence_lens(self) -> str:
@@ -153,23 +159,31 @@ class _Lengths:
         return self._sequence_lens
 
     @property
-    def masks(self) -> tuple[str, str]:
-        """valid [seq, batch, 1] and [seq, batch, 1, 1] (bool): step t < lengths[b], shaped
-        for h [batch, H] and c [batch, 1, H] in the Scan body."""
-        if self._masks is None:
+    def valid(self) -> str:
+        """[seq, batch, 1] bool: step t of sequence b is valid when t < lengths[b]."""
+        if self._valid is None:
             g = self._g
             last = g.op1("Squeeze", [self._seq, g.const("axis0_seq", _int64(0))])
-            steps = g.op1(
-                "Range", [g.const("zero", _int64(0)[0]), last, g.const("one", _int64(1)[0])]
+            zero, one = g.const("zero", _int64(0)[0]), g.const("one", _int64(1)[0])
+            steps = g.op1("Range", [zero, last, one])
+            column = g.op1("Unsqueeze", [steps, g.const("axes12", _int64(1, 2))])
+            row = g.op1("Unsqueeze", [self.lengths, g.const("axes02", _int64(0, 2))])
+            self._valid = g.op1("Less", [column, row])
+        return self._valid
+
+    def last_step(self, hidden: int) -> tuple[str, str]:
+        """Indices of each sequence's last valid step (lengths - 1) for GatherElements on
+        time-major h_t [seq, batch, H] and c_t [seq, batch, 1, H] along axis 0."""
+        if self._last is None:
+            g = self._g
+            last = g.op1("Sub", [self.lengths, g.const("one_step", _int64(1))])
+            h_index = g.op1("Reshape", [last, g.const("index_h_shape", _int64(1, -1, 1))])
+            c_index = g.op1("Reshape", [last, g.const("index_c_shape", _int64(1, -1, 1, 1))])
+            self._last = (
+                g.op1("Expand", [h_index, g.const("h_wide", _int64(1, 1, hidden))]),
+                g.op1("Expand", [c_index, g.const("c_wide", _int64(1, 1, 1, hidden))]),
             )
-            column = g.op1("Unsqueeze", [steps, g.const("axis1_steps", _int64(1))])
-            row = g.op1("Unsqueeze", [self.lengths, g.const("axis0_lengths", _int64(0))])
-            valid = g.op1("Less", [column, row])  # [seq, batch]
-            self._masks = (
-                g.op1("Unsqueeze", [valid, g.const("axis2", _int64(2))]),
-                g.op1("Unsqueeze", [valid, g.const("axes23", _int64(2, 3))]),
-            )
-        return self._masks
+        return self._last
 
 
 def _plain_layer(
@@ -212,7 +226,7 @@ def _scan(
     h0: str,
     c0: str,
     hidden: int,
-    masks: tuple[str, str] | None,
+    lengths: _Lengths | None,
     reverse: bool = False,
 ) -> tuple[str, str, str]:
     """One direction of a LayerNorm layer: a hoisted input projection and a Scan over time
@@ -222,9 +236,10 @@ def _scan(
     for the hidden projection, one LayerNormalization over a [batch, 4, hidden]
     view for the four gates, and c carried as [batch, 1, hidden] so the gate
     slices need no Squeeze. Weights live inside the body as its own initializers,
-    where onnxruntime can pre-pack them. With `masks`, an invalid step keeps h and c
-    and outputs 0. `reverse` scans from the last step (only for graphs without lengths;
-    with lengths the caller reverses each sequence within its length).
+    where onnxruntime can pre-pack them. The body has no masking: with `lengths`, y is
+    zeroed and (h, c) picked at each sequence's last valid step after the Scan, once per
+    sequence instead of per step. `reverse` scans from the last step (only for graphs
+    without lengths; with lengths the caller reverses each sequence within its length).
     """
     norms = cell.layer_norm
     eps = float(cell.layer_norm_c.eps)
@@ -235,7 +250,6 @@ def _scan(
 
     b = _Graph(prefix=f"{name}_")
     h_prev, c_prev, x_proj_t = (b.prefix + n for n in ("h_prev", "c_prev", "x_proj_t"))
-    valid_h, valid_c = b.prefix + "valid_h", b.prefix + "valid_c"
     w_h = b.const("WhT", _numpy(cell.hidden_lin.weight).T)
     gamma = b.const("gates_gamma", np.stack([_numpy(n.weight) for n in norms]))  # [4, H]
     beta = b.const("gates_beta", np.stack([_numpy(n.bias) for n in norms]))
@@ -260,48 +274,49 @@ def _scan(
     c_norm = b.op1("LayerNormalization", [c_t, gamma_c, beta_c], axis=-1, epsilon=eps)
     h_t = b.op1("Mul", [b.op1("Sigmoid", [o]), b.op1("Tanh", [c_norm])])
     h_t = b.op1("Reshape", [h_t, h_shape])
-    if masks is None:
-        y_t = h_t
-    else:
-        # Padding: (h, c) carried unchanged, y_t = 0.
-        y_t = b.op1("Where", [valid_h, h_t, b.const("zero", np.zeros(1, np.float32))])
-        h_t = b.op1("Where", [valid_h, h_t, h_prev])
-        c_t = b.op1("Where", [valid_c, c_t, c_prev])
-    h_out, c_out, y_out = (b.prefix + n for n in ("h_t", "c_t", "y_t"))
-    for source, target in ((h_t, h_out), (c_t, c_out), (y_t, y_out)):
-        b.rename(source, target)
+    # y_t is h_t; with lengths every c_t is a scan output too, to pick each sequence's last.
+    outputs = {"h_t": (h_t, hidden), "c_t": (c_t, 1, hidden), "y_t": (h_t, hidden)}
+    if lengths is not None:
+        outputs["c_seq_t"] = (c_t, 1, hidden)
 
-    def value(name: str, *dims: int, dtype: int = FLOAT) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(name, dtype, ["batch", *dims])
+    def value(name: str, *dims: int) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, FLOAT, ["batch", *dims])
 
-    inputs = [value(h_prev, hidden), value(c_prev, 1, hidden), value(x_proj_t, 4 * hidden)]
-    if masks is not None:
-        inputs += [value(valid_h, 1, dtype=TensorProto.BOOL)]
-        inputs += [value(valid_c, 1, 1, dtype=TensorProto.BOOL)]
+    for out, (source, *_) in outputs.items():
+        b.rename(source, b.prefix + out)
     body = helper.make_graph(
         b.nodes,
         f"cell_{name}",
-        inputs,
-        [value(h_out, hidden), value(c_out, 1, hidden), value(y_out, hidden)],
+        [value(h_prev, hidden), value(c_prev, 1, hidden), value(x_proj_t, 4 * hidden)],
+        [value(b.prefix + out, *shape) for out, (_, *shape) in outputs.items()],
         initializer=b.initializers,
     )
     # The Scan carries h as [batch, H] and c as [batch, 1, H]; the graph's are [1, batch, H].
     axis0 = g.const(f"axis0_{name}", _int64(0))
     h_first = g.op1("Squeeze", [h0, axis0])
     c_first = g.op1("Transpose", [c0], perm=[1, 0, 2])
-    scanned = [x_proj, *(masks or ())]
     directions = {}
     if reverse:
         directions = {"scan_input_directions": [1], "scan_output_directions": [1]}
-    h_last, c_last, y = g.op(
+    h_last, c_last, y, *c_steps = g.op(
         "Scan",
-        [h_first, c_first, *scanned],
-        n_out=3,
+        [h_first, c_first, x_proj],
+        n_out=len(outputs),
         body=body,
-        num_scan_inputs=len(scanned),
+        num_scan_inputs=1,
         **directions,
     )
-    return y, g.op1("Unsqueeze", [h_last, axis0]), g.op1("Transpose", [c_last], perm=[1, 0, 2])
+    if lengths is None:
+        h_last = g.op1("Unsqueeze", [h_last, axis0])
+        return y, h_last, g.op1("Transpose", [c_last], perm=[1, 0, 2])
+    # Padding runs through the Scan (nothing before a sequence's end depends on it); then
+    # (h, c) is each sequence's state at step lengths - 1 and y is 0 past its end.
+    h_index, c_index = lengths.last_step(hidden)
+    h_n = g.op1("GatherElements", [y, h_index], axis=0)  # [1, batch, H]
+    c_n = g.op1("GatherElements", [c_steps[0], c_index], axis=0)  # [1, batch, 1, H]
+    c_n = g.op1("Squeeze", [c_n, g.const(f"axis2_{name}", _int64(2))])
+    y = g.op1("Where", [lengths.valid, y, g.const(f"padding_{name}", np.zeros(1, np.float32))])
+    return y, h_n, c_n
 
 
 def _layer_norm_layer(
@@ -317,18 +332,17 @@ def _layer_norm_layer(
     """One LayerNorm layer: the forward Scan, and for D = 2 the reverse one, whose input
     is each sequence reversed within its own length and whose outputs are put back in
     time order the same way (pack_padded_sequence's reverse direction)."""
-    masks = None if lengths is None else lengths.masks
     if len(cells) == 1:
-        return _scan(g, f"layer{k}", cells[0], x, h0, c0, hidden, masks)
+        return _scan(g, f"layer{k}", cells[0], x, h0, c0, hidden, lengths)
     ones = g.const(f"directions_split_{k}", _int64(1, 1))
     (h_f, h_r), (c_f, c_r) = (g.op("Split", [s, ones], n_out=2, axis=0) for s in (h0, c0))
-    y_f, h_f, c_f = _scan(g, f"layer{k}", cells[0], x, h_f, c_f, hidden, masks)
+    y_f, h_f, c_f = _scan(g, f"layer{k}", cells[0], x, h_f, c_f, hidden, lengths)
     if lengths is None:
         y_r, h_r, c_r = _scan(g, f"layer{k}_reverse", cells[1], x, h_r, c_r, hidden, None, True)
     else:
         within = {"batch_axis": 1, "time_axis": 0}
         backward = g.op1("ReverseSequence", [x, lengths.lengths], **within)
-        y_r, h_r, c_r = _scan(g, f"layer{k}_reverse", cells[1], backward, h_r, c_r, hidden, masks)
+        y_r, h_r, c_r = _scan(g, f"layer{k}_reverse", cells[1], backward, h_r, c_r, hidden, lengths)
         y_r = g.op1("ReverseSequence", [y_r, lengths.lengths], **within)
     y = g.op1("Concat", [y_f, y_r], axis=2)
     return y, g.op1("Concat", [h_f, h_r], axis=0), g.op1("Concat", [c_f, c_r], axis=0)

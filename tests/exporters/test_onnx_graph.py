@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 
 from helpers import nn_lstm_with_weights_of, run_packed, small_model
 from lstm_export.checkpoints import build_model
@@ -238,16 +239,29 @@ def _drop_second(proto: onnx.ModelProto, op_type: str) -> onnx.ModelProto:
     return broken
 
 
-def _unmask_scans(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph with every Scan body's Where replaced by its `valid` branch: no masking."""
+def _unzeroed(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with y left as it is past each length (each Where -> its `valid` branch)."""
     broken = copy.deepcopy(proto)
     for node in broken.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                for inner in attr.g.node:
-                    if inner.op_type == "Where":
-                        inner.op_type = "Identity"
-                        inner.input[:] = [inner.input[1]]
+        if node.op_type == "Where":
+            node.op_type = "Identity"
+            node.input[:] = [node.input[1]]
+    return broken
+
+
+def _final_state(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with (h, c) taken at the last step of x, not each sequence's last valid step
+    (each GatherElements -> a Slice of the last step)."""
+    broken = copy.deepcopy(proto)
+    for node in broken.graph.node:
+        if node.op_type == "GatherElements":
+            node.op_type = "Slice"
+            del node.attribute[:]
+            node.input[1:] = ["minus_one", "end", "zero_axis"]
+    broken.graph.initializer.extend(
+        numpy_helper.from_array(np.array([v], np.int64), n)
+        for n, v in (("minus_one", -1), ("end", 2**62), ("zero_axis", 0))
+    )
     return broken
 
 
@@ -263,10 +277,16 @@ def _no_sequence_lens(proto: onnx.ModelProto) -> onnx.ModelProto:
     ("layer_norm", "breakage"),
     [
         (True, lambda p: _drop_second(p, "ReverseSequence")),
-        (True, _unmask_scans),
+        (True, _unzeroed),
+        (True, _final_state),
         (False, _no_sequence_lens),
     ],
-    ids=["reverse outputs not re-reversed", "scan masking removed", "sequence_lens removed"],
+    ids=[
+        "reverse outputs not re-reversed",
+        "y not zeroed past lengths",
+        "state at the last step",
+        "sequence_lens removed",
+    ],
 )
 def test_the_comparison_catches_a_broken_graph(layer_norm, breakage):
     """Proof that the parity tests above can fail: each breakage is a known exporter bug."""
