@@ -30,7 +30,8 @@ def triton(
     """Write a Triton model repository (onnxruntime backend, sequence batcher keeping h/c).
 
     <repo>/<name>/config.pbtxt and 1/model.onnx (batch-first), validated with
-    tritonclient's ModelConfig against the graph.
+    tritonclient's ModelConfig against the graph. A bidirectional model is refused: a
+    stream cannot run backwards from an end it has not seen.
     """
     with status("Writing the Triton model"):
         from lstm_export.serving.triton import validate_triton_repo, write_triton_repo

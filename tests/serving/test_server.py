@@ -1434,6 +1434,7 @@ class AppClient:
 @dataclass
 class Served:
     model: torch.nn.Module
+    config: LSTMConfig
     client: AppClient
 
 
@@ -1449,10 +1450,11 @@ LAYOUTS = {
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def served(request, tmp_path_factory) -> Served:
     """A model of each kind, exported (so proven at export) and served in process."""
-    model = build_model(LSTMConfig(5, 8, 2, **LAYOUTS[request.param]), seed=5)
+    config = LSTMConfig(5, 8, 2, **LAYOUTS[request.param])
+    model = build_model(config, seed=5)
     folder = export(model, tmp_path_factory.mktemp("layouts") / request.param).out_dir
     client = AppClient(folder)
-    yield Served(model, client)
+    yield Served(model, config, client)
     client.close()
 
 
@@ -1478,7 +1480,7 @@ def ragged_batch(config: LSTMConfig, seed: int = 0) -> tuple[np.ndarray, tuple, 
 
 
 def test_predict_with_ragged_lengths_matches_eager_float64(served):
-    config = served.model.config
+    config = served.config
     x, state, lengths = ragged_batch(config)
     for s in (None, state):
         reply = served.client.predict(x, s, lengths)
@@ -1494,7 +1496,7 @@ def test_predict_with_ragged_lengths_matches_eager_float64(served):
 
 
 def test_model_says_its_layout_and_that_it_takes_lengths(served):
-    config = served.model.config
+    config = served.config
     info = served.client.call("GET", "/v1/model")
     assert info.status == 200, info.data
     assert info.data["config"] == config.to_dict()  # batch_first and bidirectional among them
@@ -1506,7 +1508,7 @@ def test_model_says_its_layout_and_that_it_takes_lengths(served):
 
 
 def test_streams_of_a_bidirectional_model_are_refused_with_409(served):
-    config = served.model.config
+    config = served.config
     created = served.client.call("POST", "/v1/streams", {"batch": 2})
     if not config.bidirectional:
         assert created.status == 201, created.data
@@ -1521,33 +1523,29 @@ def test_streams_of_a_bidirectional_model_are_refused_with_409(served):
     assert served.client.call("GET", "/healthz").data["streams"] == 0
 
 
-def test_a_batch_first_stream_takes_batch_first_chunks(served):
-    config = served.model.config
-    if not config.batch_first or config.bidirectional:
-        pytest.skip("a stream of a batch-first, unidirectional model")
-    x, _, _ = ragged_batch(config, seed=3)  # [batch 3, seq 6, 5]
-    url = served.client.call("POST", "/v1/streams", {"batch": 3}).data["url"]
-    ys = []
-    for a, b in ((0, 2), (2, 6)):
-        reply = served.client.call("POST", f"{url}/step", {"x": x[:, a:b].tolist()})
-        ys.append(arrays(reply, "y")[0])
-    assert reply.data["steps"] == 6
-    got = (np.concatenate(ys, axis=1), *arrays(reply, "hn", "cn"))
-    assert_close(got, eager64(served.model, x))
-    assert served.client.call("DELETE", url).status == 200
-
-
-def test_batch_first_limits_count_steps_and_batch_on_their_own_axes(tmp_path):
-    model = build_model(LSTMConfig(5, 8, 1, False, batch_first=True), seed=2)
+def test_a_batch_first_model_takes_batch_first_x_in_limits_and_streams(tmp_path):
+    config = LSTMConfig(5, 8, 1, False, batch_first=True)
+    model = build_model(config, seed=2)
     folder = export(model, tmp_path / "bf").out_dir
     client = AppClient(folder, max_seq_len=8, max_batch=4, max_elements=32)
     try:
-        fits = np.zeros((4, 8, 5), dtype=np.float32)  # batch 4, seq 8
+        # Steps and batch are counted on their own axes: x [batch, seq, 5].
+        fits = np.zeros((4, 8, 5), dtype=np.float32)
         assert client.predict(fits, lengths=[8, 1, 2, 3]).status == 200
         long = client.predict(np.zeros((1, 9, 5), dtype=np.float32))
         assert long.status == 413 and "x has 9 time steps" in long.data["error"], long.data
         wide = client.predict(np.zeros((5, 1, 5), dtype=np.float32))
         assert wide.status == 413 and "x has batch 5" in wide.data["error"], wide.data
+        # A stream's chunks follow one another along axis 1.
+        x = np.random.default_rng(3).standard_normal((3, 6, 5), dtype=np.float32)
+        url = client.call("POST", "/v1/streams", {"batch": 3}).data["url"]
+        ys = []
+        for a, b in ((0, 2), (2, 6)):
+            reply = client.call("POST", f"{url}/step", {"x": x[:, a:b].tolist()})
+            ys.append(arrays(reply, "y")[0])
+        assert reply.data["steps"] == 6
+        got = (np.concatenate(ys, axis=1), *arrays(reply, "hn", "cn"))
+        assert_close(got, eager64(model, x))
     finally:
         client.close()
 
@@ -1579,7 +1577,7 @@ BAD_LENGTHS = [
     ("nested", "[[3], [2]]", ["lengths must be a list of integers", "got a list"]),
     ("number", "3", ["lengths must be a list of integers", "got a number"]),
     ("empty", "[]", ["lengths must be a list of integers", "got an empty list"]),
-    ("huge", "[3, " + "9" * 30 + "]", ["lengths must be a list of integers", "got 999"]),
+    ("huge", "[3, " + "9" * 30 + "]", ["lengths must be a list of integers", "got "]),
 ]
 
 

@@ -9,6 +9,7 @@ every kind of tampering.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -100,6 +101,7 @@ def test_batch_first_graph_signature_metadata_and_full_check(served):
         "x": ["batch", "seq", INPUT],
         "h0": ["batch", LAYERS, HIDDEN],
         "c0": ["batch", LAYERS, HIDDEN],
+        "lengths": ["batch"],  # [batch] already: passed through untouched
     }
     assert dims(model.graph.output) == {
         "y": ["batch", "seq", HIDDEN],
@@ -155,10 +157,10 @@ def test_batch_first_backend_refuses_a_time_major_graph(served):
         batch_first_backend(export_dir / "missing.onnx")
 
 
-def test_batch_first_onnx_refuses_foreign_and_already_batch_first_models(served):
+def test_batch_first_onnx_keeps_its_own_graph_and_refuses_foreign_models(served):
     _, _, model_dir = served
-    with pytest.raises(UsageError, match="already batch_first"):
-        batch_first_onnx(onnx.load(str(model_dir / "1" / "model.onnx")))
+    triton_graph = onnx.load(str(model_dir / "1" / "model.onnx"))
+    assert batch_first_onnx(triton_graph) is triton_graph  # already Triton's: as it is
     node = onnx.helper.make_node("Identity", ["a"], ["b"])
     value = onnx.helper.make_tensor_value_info
     graph = onnx.helper.make_graph([node], "g", [value("a", 1, [1])], [value("b", 1, [1])])
@@ -210,21 +212,39 @@ class SequenceBatcher:
             initial[state.input_name] = np.zeros([1, *first.dims], np.float32)
         return initial
 
-    def execute(self, requests: dict[int, np.ndarray], null_slots: int = 1) -> dict:
-        """Run one batch: {correlation id: x [1, chunk, in]} -> {id: {output: [1, ...]}}."""
+    def execute(self, requests: dict[int, np.ndarray | dict], null_slots: int = 1) -> dict:
+        """Run one batch: {correlation id: x [1, chunk, in], or {input name: array}} ->
+        {id: {output: [1, ...]}}. Requests batched together send the same inputs and shapes;
+        an input listed with a reshape (lengths: [1] per request) is fed in the reshaped
+        shape (the graph's [batch])."""
         assert len(requests) + null_slots <= self.config.max_batch_size
-        (x_input,) = self.config.input
-        ids = list(requests)
-        shapes = {requests[i].shape for i in ids}
-        assert len(shapes) == 1 and next(iter(shapes))[0] == 1  # batch-1 requests, one shape
-        rows = {x_input.name: [requests[i] for i in ids]}
+        given = {i: r if isinstance(r, dict) else {"x": r} for i, r in requests.items()}
+        ids = list(given)
+        (sent,) = {tuple(given[i]) for i in ids}  # one set of inputs per execution
+        listed = {entry.name: entry for entry in self.config.input}
+        assert all(listed[name].optional for name in set(listed) - set(sent))
+        rows = {}
+        for name in sent:
+            (shape,) = {given[i][name].shape for i in ids}  # batch 1, the config's dims
+            dims = list(listed[name].dims)
+            assert shape[0] == 1 and len(shape) == 1 + len(dims)
+            assert all(d in (-1, g) for d, g in zip(dims, shape[1:], strict=True))
+            rows[name] = [given[i][name] for i in ids]
         for state in self.states:
             rows[state.input_name] = [
                 self.kept.get(i, self._initial())[state.input_name] for i in ids
             ]
         for tensors in rows.values():  # null requests: garbage the model must ignore
-            tensors += [100 * self.rng.standard_normal(tensors[0].shape, np.float32)] * null_slots
+            if tensors[0].dtype == np.int64:  # lengths: any valid count of steps
+                chunk = rows["x"][0].shape[1]
+                garbage = self.rng.integers(1, chunk + 1, tensors[0].shape)
+            else:
+                garbage = 100 * self.rng.standard_normal(tensors[0].shape, np.float32)
+            tensors += [garbage] * null_slots
         feeds = {name: np.concatenate(tensors) for name, tensors in rows.items()}
+        for name in sent:
+            if listed[name].HasField("reshape"):
+                feeds[name] = feeds[name].reshape(-1, *listed[name].reshape.shape)
         names = [o.name for o in self.config.output] + [s.output_name for s in self.states]
         results = dict(zip(names, self.session.run(names, feeds), strict=True))
         replies = {}
@@ -295,9 +315,12 @@ def test_config_parses_as_model_config(served):
     assert config.name == "speech"
     assert config.backend == "onnxruntime"
     assert config.max_batch_size == 64
-    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
-        ("x", pb2.TYPE_FP32, [-1, INPUT])
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in config.input] == [
+        ("x", pb2.TYPE_FP32, [-1, INPUT], False),
+        ("lengths", pb2.TYPE_INT64, [1], True),  # [batch] in the graph: [1], reshaped to []
     ]
+    assert not config.input[0].HasField("reshape")
+    assert config.input[1].HasField("reshape") and list(config.input[1].reshape.shape) == []
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
         ("y", pb2.TYPE_FP32, [-1, HIDDEN])
     ]
@@ -319,7 +342,10 @@ def test_validator_accepts_the_written_repo(served):
     summary = validate_triton_repo(model_dir)
     assert summary["name"] == "speech" and summary["backend"] == "onnxruntime"
     assert summary["max_batch_size"] == 64
-    assert summary["inputs"] == {"x": {"data_type": "TYPE_FP32", "dims": [-1, INPUT]}}
+    assert summary["inputs"] == {
+        "x": {"data_type": "TYPE_FP32", "dims": [-1, INPUT], "optional": False},
+        "lengths": {"data_type": "TYPE_INT64", "dims": [1], "optional": True},
+    }
     assert summary["outputs"] == {"y": {"data_type": "TYPE_FP32", "dims": [-1, HIDDEN]}}
     assert [(s["input"], s["output"], s["dims"]) for s in summary["states"]] == [
         ("h0", "hn", [LAYERS, HIDDEN]),
@@ -369,6 +395,10 @@ def _state_as_input(config) -> None:
     config.input.add(name="h0", data_type=pb2.TYPE_FP32, dims=[LAYERS, HIDDEN])
 
 
+def _lengths(config):
+    return next(i for i in config.input if i.name == "lengths")
+
+
 TAMPERINGS: list[tuple[str, Callable, str]] = [
     ("backend", lambda c: setattr(c, "backend", "pytorch"), "not the onnxruntime backend"),
     (
@@ -384,6 +414,10 @@ TAMPERINGS: list[tuple[str, Callable, str]] = [
     ("input rank", lambda c: c.input[0].dims.__delitem__(0), r"'x' has dims \[5\]"),
     ("input type", lambda c: setattr(c.input[0], "data_type", pb2.TYPE_FP16), "TYPE_FP16"),
     ("input reshape", lambda c: c.input[0].reshape.shape.extend([-1, 5]), "has a reshape"),
+    ("lengths reshape", lambda c: _lengths(c).ClearField("reshape"), r"must have dims \[ 1 \]"),
+    ("lengths dims", lambda c: _lengths(c).dims.append(1), r"'lengths' must have dims \[ 1 \]"),
+    ("lengths type", lambda c: setattr(_lengths(c), "data_type", pb2.TYPE_INT32), "TYPE_INT32"),
+    ("no lengths", lambda c: c.input.__delitem__(1), "graph input 'lengths' is neither"),
     ("output name", lambda c: setattr(c.output[0], "name", "out"), "'out' is not an output"),
     ("output dim", lambda c: c.output[0].dims.__setitem__(1, 9), r"'y' has dims \[-1, 9\]"),
     ("output type", lambda c: setattr(c.output[0], "data_type", pb2.TYPE_FP64), "TYPE_FP64"),
@@ -570,7 +604,7 @@ def test_bad_input_is_one_clear_usage_error(served, tmp_path):
     batch_first = shutil.copytree(export_dir, tmp_path / "batch_first")
     (batch_first / "manifest.json").unlink()
     shutil.copy(model_dir / "1" / "model.onnx", batch_first / "model.onnx")
-    with pytest.raises(UsageError, match="already batch_first"):
+    with pytest.raises(UsageError, match=r"is the batch_first variant \(for Triton\)"):
         write_triton_repo(batch_first, repo)
 
     broken = shutil.copytree(export_dir, tmp_path / "broken")
@@ -853,3 +887,155 @@ def test_a_config_pbtxt_that_is_a_fifo_is_refused_not_waited_on(served, tmp_path
         UsageError, match=r"config\.pbtxt must be a regular file, but it is a named"
     ):
         validate_triton_repo(copy)
+
+
+# --- lengths, batch-first and bidirectional models -------------------------------------
+
+OLD_EXPORTS = Path(__file__).parents[1] / "data"
+
+
+def _eager64(model, x: np.ndarray, lengths=None):
+    """The eager model in float64 with the same weights, on x in the model's own layout."""
+    reference = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        torch_lengths = None if lengths is None else torch.tensor(lengths, dtype=torch.int64)
+        y, (h, c) = reference(torch.from_numpy(x).double(), None, torch_lengths)
+    return y.numpy(), h.numpy(), c.numpy()
+
+
+def _one(n: int) -> np.ndarray:
+    """One request's lengths: [1], as the config lists it."""
+    return np.array([n], np.int64)
+
+
+def test_a_padded_chunk_keeps_the_state_of_its_last_valid_step(served):
+    """Stream 2 ends 2 steps into its second chunk, padded to stream 1's chunk length so the
+    two batch together: y is zero past its end and the kept h, c are those of step 6."""
+    model, _, model_dir = served
+    batcher = SequenceBatcher(model_dir)
+    rng = np.random.default_rng(5)
+    a, b = _stream(rng, 8), _stream(rng, 6)
+    padded = np.concatenate([b, 100 * rng.standard_normal((1, 2, INPUT), np.float32)], axis=1)
+    ys: dict[int, list] = {1: [], 2: []}
+    for start, valid in ((0, (4, 4)), (4, (4, 2))):
+        requests = {
+            1: {"x": a[:, start : start + 4], "lengths": _one(valid[0])[None]},
+            2: {"x": padded[:, start : start + 4], "lengths": _one(valid[1])[None]},
+        }
+        for i, reply in batcher.execute(requests, null_slots=2).items():
+            ys[i].append(reply["y"])
+    for i, x in ((1, a), (2, b)):
+        y = np.concatenate(ys[i], axis=1)  # [1, 8, hidden]
+        ey, eh, ec = _eager64(model, _tm(x))  # the valid steps alone, no lengths
+        np.testing.assert_allclose(y[:, : x.shape[1]], _tm(ey), rtol=0, atol=TOL)
+        assert not y[:, x.shape[1] :].any()
+        np.testing.assert_allclose(batcher.kept[i]["h0"], _tm(eh), rtol=0, atol=TOL)
+        np.testing.assert_allclose(batcher.kept[i]["c0"], _tm(ec), rtol=0, atol=TOL)
+    # Requests without lengths (the input is optional) run every step of their chunk.
+    batcher.end(1)
+    whole = batcher.execute({1: a[:, :4]})[1]["y"]
+    np.testing.assert_allclose(whole, ys[1][0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["plain", "layer_norm"])
+def test_an_export_from_before_lengths_gets_no_lengths_input(kind, tmp_path):
+    model_dir = write_triton_repo(OLD_EXPORTS / f"export_v2_{kind}", tmp_path / "repo")
+    assert [i.name for i in _parse(model_dir).input] == ["x"]
+    assert "lengths" not in (model_dir / "config.pbtxt").read_text()
+    summary = validate_triton_repo(model_dir)
+    assert summary["inputs"] == {
+        "x": {"data_type": "TYPE_FP32", "dims": [-1, INPUT], "optional": False}
+    }
+
+
+@pytest.fixture(scope="module")
+def batch_first_served(tmp_path_factory):
+    """A batch_first (plain) model's export and its Triton model folder."""
+    root = tmp_path_factory.mktemp("triton_bf")
+    model = build_model(LSTMConfig(INPUT, HIDDEN, LAYERS, False, batch_first=True), seed=4)
+    export(model, root / "exp", name="bf")
+    return model.eval(), root / "exp", write_triton_repo(root / "exp", root / "repo")
+
+
+def test_a_batch_first_models_triton_graph_is_its_model_onnx_with_batch_major_states(
+    batch_first_served,
+):
+    model, export_dir, model_dir = batch_first_served
+    exported = onnx.load(str(export_dir / "model.onnx"))
+    served = onnx.load(str(model_dir / "1" / "model.onnx"))
+
+    def shapes(graph, name):
+        return [batch_first.dims(v) for v in (*graph.input, *graph.output) if v.name == name]
+
+    for name in ("x", "y", "lengths"):  # model.onnx's own, batch-first already
+        assert shapes(served.graph, name) == shapes(exported.graph, name), name
+
+    renamed = {f"time_major/{n}": n for n in ("h0", "c0", "hn", "cn")}
+
+    def plain_names(node: onnx.NodeProto) -> bytes:  # the states' inner renames undone
+        copied = onnx.NodeProto()
+        copied.CopyFrom(node)
+        for names in (copied.input, copied.output):
+            names[:] = [renamed.get(n, n) for n in names]
+        return copied.SerializeToString()
+
+    kept = [n.SerializeToString() for n in exported.graph.node]
+    added = [n for n in served.graph.node if plain_names(n) not in kept]
+    # Only the states (layer-major in model.onnx, batch-major for Triton) gain a Transpose;
+    # x and y feed and leave model.onnx's own nodes untouched.
+    assert len(added) == 4 and {n.op_type for n in added} == {"Transpose"}
+    edges = {name for n in added for name in (*n.input, *n.output)}
+    assert not edges & {"x", "y", "lengths"}
+    assert {"h0", "c0", "hn", "cn"} <= edges
+    # It runs batch-first x as model.onnx does: two streams, one ending mid-chunk.
+    batcher = SequenceBatcher(model_dir)
+    x = np.random.default_rng(8).standard_normal((2, 5, INPUT), dtype=np.float32)
+    replies = batcher.execute(
+        {i: {"x": x[i : i + 1], "lengths": _one(n)[None]} for i, n in ((0, 5), (1, 3))}
+    )
+    ey, eh, ec = _eager64(model, x, [5, 3])  # batch-first x, the model's own layout
+    y = np.concatenate([replies[0]["y"], replies[1]["y"]])
+    np.testing.assert_allclose(y, ey, rtol=0, atol=TOL)
+    for i in (0, 1):
+        np.testing.assert_allclose(batcher.kept[i]["h0"][0], eh[:, i], rtol=0, atol=TOL)
+        np.testing.assert_allclose(batcher.kept[i]["c0"][0], ec[:, i], rtol=0, atol=TOL)
+
+
+@pytest.fixture(scope="module")
+def bidirectional_export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton_bi")
+    model = build_model(LSTMConfig(INPUT, HIDDEN, 1, False, bidirectional=True), seed=6)
+    return export(model, root / "exp", name="bi").out_dir
+
+
+def test_a_bidirectional_model_is_refused_before_anything_is_written(
+    bidirectional_export, tmp_path, call_main, monkeypatch
+):
+    def not_reached(*args, **kwargs):
+        raise AssertionError("model.pt was loaded before the refusal")
+
+    monkeypatch.setattr("lstm_export.exporters.torchscript.load_torchscript", not_reached)
+    with pytest.raises(UsageError) as caught:
+        write_triton_repo(bidirectional_export, tmp_path / "repo")
+    message = str(caught.value)
+    assert (
+        "bidirectional" in message and "cannot run backwards from an end it has not seen" in message
+    )
+    assert "\n" not in message and str(bidirectional_export) in message
+    code, out, err = call_main("triton", bidirectional_export, "--repo", tmp_path / "repo")
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "bidirectional" in lines[0]
+    assert not (tmp_path / "repo").exists()
+    graph = batch_first_onnx(onnx.load(str(bidirectional_export / "model.onnx")))
+    with pytest.raises(UsageError, match="bidirectional, which Triton's sequence batcher"):
+        model_config.config_pbtxt(graph, "bi")
+
+
+def test_the_validator_names_a_bidirectional_graph(served, bidirectional_export, tmp_path):
+    _, _, model_dir = served
+    copy_dir = shutil.copytree(model_dir, tmp_path / model_dir.name)
+    graph = batch_first_onnx(onnx.load(str(bidirectional_export / "model.onnx")))
+    onnx.save(graph, str(copy_dir / "1" / "model.onnx"))
+    with pytest.raises(UsageError, match=r"1/model\.onnx is bidirectional"):
+        validate_triton_repo(copy_dir)

@@ -1,7 +1,9 @@
 """Serve an export with Triton Inference Server: a model repository for the onnxruntime backend.
 
 Triton batches along the first dimension of every tensor, so Triton gets the batch-first
-variant of the time-major `model.onnx` (`lstm_export.exporters.batch_first`).
+variant of the export's `model.onnx` (`lstm_export.exporters.batch_first`): x, y and the
+states batch-major. A batch_first model's `model.onnx` takes batch-first x already, so only
+its states gain a Transpose.
 
 `config.pbtxt` puts the model under the sequence batcher with implicit state: Triton
 keeps each stream's (h, c) between its requests, feeding request i's `hn`/`cn` back as
@@ -11,6 +13,12 @@ sequence batcher takes batch size 1 per request); Triton stacks up to `max_batch
 streams along dim 0, and rows of the LSTM never mix, so whatever fills a slot that has
 no request (Triton's null request) does not touch the other streams. No START/READY
 control inputs are needed: the zero initial state is the start.
+
+A graph with the optional `lengths` input lists it (dims [1] per request, reshaped to the
+graph's [batch]; optional): the valid steps of this chunk, so that a stream's last chunk
+can be padded to the length of the chunks it is batched with; the state kept is the one at
+the last valid step. A bidirectional model is refused (`check_streamable`): a stream cannot
+run backwards from an end it has not seen.
 
 - `model_config`: the config.pbtxt text, and reading it with tritonclient's `ModelConfig`;
 - `validate`: `validate_triton_repo`, the checks the onnxruntime backend makes on loading

@@ -13,8 +13,8 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
-from lstm_export.artifacts import BATCH_FIRST, CONFIG_KEY, LAYOUT_KEY
-from lstm_export.config import config_from_metadata
+from lstm_export.artifacts import BATCH_FIRST, CONFIG_KEY, LAYOUT_KEY, LENGTHS_INPUT
+from lstm_export.config import LSTMConfig, config_from_metadata
 from lstm_export.errors import UsageError
 from lstm_export.exporters.batch_first import (
     INPUT,
@@ -31,7 +31,18 @@ BACKEND = "onnxruntime"
 PLATFORM = "onnxruntime_onnx"  # the legacy spelling of the same backend, accepted on reading
 TRITONCLIENT_REQUIREMENT = "tritonclient[grpc]>=2.68"
 MAX_IDLE_SECONDS = 5.0
-ONNX_TO_TRITON = {TensorProto.FLOAT: "TYPE_FP32"}
+ONNX_TO_TRITON = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.INT64: "TYPE_INT64"}
+
+
+def check_streamable(config: LSTMConfig, source: str) -> None:
+    """Refuse a bidirectional model: the sequence batcher runs a stream chunk by chunk,
+    and a reverse direction would have to start at the stream's end, not yet sent."""
+    if config.bidirectional:
+        raise UsageError(
+            f"{source} is bidirectional, which Triton's sequence batcher cannot serve: a "
+            "stream cannot run backwards from an end it has not seen; serve whole sequences "
+            "with `lstm-export serve` (POST /v1/predict) or onnxruntime instead"
+        )
 
 
 def triton_dims(value: onnx.ValueInfoProto) -> list[int]:
@@ -56,7 +67,9 @@ def config_pbtxt(
     if meta.get(LAYOUT_KEY) != BATCH_FIRST or CONFIG_KEY not in meta:
         raise UsageError("config_pbtxt needs the batch-first graph of batch_first_onnx(...)")
     config = config_from_metadata(meta, "the batch-first graph")
+    check_streamable(config, "the model")
     values = {v.name: v for v in (*model_proto.graph.input, *model_proto.graph.output)}
+    has_lengths = LENGTHS_INPUT in {v.name for v in model_proto.graph.input}
 
     def tensor(tensor_name: str) -> str:
         value = values[tensor_name]
@@ -64,6 +77,16 @@ def config_pbtxt(
         return (
             f'  {{\n    name: "{tensor_name}"\n    data_type: {dtype}\n'
             f"    dims: {_dims_text(triton_dims(value))}\n  }}"
+        )
+
+    def lengths() -> str:
+        # [batch] in the graph: a batching config lists it as [1] per request, reshaped to
+        # [] (Triton's rule for a tensor that is only its batch dim). Optional, as in the
+        # graph: a request without it runs every step of its chunk.
+        dtype = ONNX_TO_TRITON[values[LENGTHS_INPUT].type.tensor_type.elem_type]
+        return (
+            f'  {{\n    name: "{LENGTHS_INPUT}"\n    data_type: {dtype}\n    dims: [ 1 ]\n'
+            "    reshape { shape: [ ] }\n    optional: true\n  }"
         )
 
     def state(input_name: str, output_name: str) -> str:
@@ -76,6 +99,7 @@ def config_pbtxt(
         )
 
     outputs = [OUTPUT, *(STATE_OUTPUTS if expose_state else ())]
+    inputs = [tensor(INPUT), *([lengths()] if has_lengths else ())]
     lines = [
         "# Written by lstm-export for Triton's onnxruntime backend; 1/model.onnx is batch-first.",
         f"# Model: input_size={config.input_size} hidden_size={config.hidden_size}"
@@ -84,11 +108,20 @@ def config_pbtxt(
         "# -> y [1, chunk, hidden_size]. The sequence batcher keeps each stream's h and c",
         "# (implicit state), zeros at the stream's first request; up to max_batch_size",
         "# streams run together, stacked along dim 0.",
+        *(
+            [
+                f"# {LENGTHS_INPUT} [1], optional: the valid steps of this chunk, 1..chunk;",
+                "# y is zero past them and the h and c kept are those of the last valid step",
+                "# (pad a stream's last chunk to the chunk length its batch-mates use).",
+            ]
+            if has_lengths
+            else []
+        ),
         f'name: "{name}"',
         f'backend: "{BACKEND}"',
         f"max_batch_size: {max_batch_size}",
         "input [",
-        tensor(INPUT),
+        ",\n".join(inputs),
         "]",
         "output [",
         ",\n".join(tensor(o) for o in outputs),

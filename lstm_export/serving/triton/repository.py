@@ -16,6 +16,7 @@ import onnx
 from lstm_export.artifacts import (
     ATOL,
     FACTOR,
+    LENGTHS_INPUT,
     MANIFEST_FILE,
     ONNX_FILE,
     TORCHSCRIPT_FILE,
@@ -23,24 +24,31 @@ from lstm_export.artifacts import (
 )
 from lstm_export.config import positive_int
 from lstm_export.errors import ParityError, UsageError
-from lstm_export.exporters.batch_first import VERSION, batch_first_onnx, check_time_major
+from lstm_export.exporters.batch_first import VERSION, batch_first_onnx, check_export_graph
 from lstm_export.files import check_export_folder, read_manifest, write_file
 from lstm_export.runtime.onnx import load_onnx
 from lstm_export.serving.triton.model_config import (
     CONFIG_FILE,
     MAX_IDLE_SECONDS,
+    check_streamable,
     config_pbtxt,
     model_config_module,
 )
 from lstm_export.serving.triton.validate import validate_model_folder
 from lstm_export.staging import staged_folder
 from lstm_export.verification.backends import batch_first_backend
-from lstm_export.verification.parity import ParityReport, Reference, Tolerance, check_parity
+from lstm_export.verification.parity import (
+    ParityReport,
+    Reference,
+    Tolerance,
+    check_parity,
+    default_cases,
+)
 
 
 def check_batch_first(
     export_dir: Path,
-    time_major: onnx.ModelProto,
+    exported: onnx.ModelProto,
     batch_first: onnx.ModelProto,
     tolerance: Tolerance | None = None,
     *,
@@ -50,26 +58,32 @@ def check_batch_first(
 
     The reference is rebuilt from the export's `model.pt` (or `scripted`, its already loaded
     (module, config)), so the graph Triton will serve is held to the same rule as every other
-    artifact. Raises ParityError (exit 1) naming the worst case when it fails, and when
-    model.onnx and model.pt hold different configs (a failed proof, as in `verify`).
+    artifact; on every case of the matrix, the ragged ones only when the graph has `lengths`.
+    Raises ParityError (exit 1) naming the worst case when it fails, and when model.onnx and
+    model.pt hold different configs (a failed proof, as in `verify`).
     """
     from lstm_export.exporters.torchscript import load_torchscript
 
     module, config = scripted or load_torchscript(export_dir / TORCHSCRIPT_FILE)
-    graph_config = check_time_major(time_major, "the ONNX model")
+    graph_config = check_export_graph(exported, "the ONNX model")
     if graph_config != config:
         raise ParityError(
             f"{export_dir / ONNX_FILE} holds config {graph_config.to_dict()}, but "
             f"{TORCHSCRIPT_FILE} holds {config.to_dict()}; re-export the folder"
         )
     reference = Reference.from_scripted(module, config)
-    report = check_parity(reference, [batch_first_backend(batch_first)], tolerance=tolerance)
+    cases = default_cases(config)
+    if LENGTHS_INPUT not in {v.name for v in batch_first.graph.input}:
+        cases = [case for case in cases if not case.ragged]  # exported before lengths existed
+    backend = batch_first_backend(batch_first)
+    report = check_parity(reference, [backend], cases, tolerance=tolerance)
     return report.raise_if_failed(f"the batch-first graph of {export_dir / ONNX_FILE}")
 
 
 def _read_export(export_dir: Path, manifest: dict | None) -> tuple[onnx.ModelProto, Any]:
-    """The export's time-major graph and its loaded model.pt (module, config), checked
-    against what its manifest (if it has one) claims, the way `verify` checks them.
+    """The export's model.onnx and its loaded model.pt (module, config), checked against
+    what its manifest (if it has one) claims, the way `verify` checks them; a bidirectional
+    model is refused (UsageError) before model.pt is read.
 
     An artifact that cannot be read as ours is bad input (UsageError, exit 2), whatever the
     manifest says; then a claim that does not hold (model.pt's or model.onnx's sha256, the
@@ -81,7 +95,8 @@ def _read_export(export_dir: Path, manifest: dict | None) -> tuple[onnx.ModelPro
     check_export_folder(export_dir)  # model.pt too: it holds the float64 reference's weights
     onnx_path = export_dir / ONNX_FILE
     model = load_onnx(onnx_path)
-    config = check_time_major(model, str(onnx_path))
+    config = check_export_graph(model, str(onnx_path))
+    check_streamable(config, str(export_dir))  # before model.pt is loaded: nothing spent
     scripted = load_torchscript(export_dir / TORCHSCRIPT_FILE)
     if manifest is not None:
         names = [TORCHSCRIPT_FILE, ONNX_FILE]
@@ -170,10 +185,10 @@ def write_triton_repo(
     if validate:
         model_config_module()  # fail before any work if tritonclient is missing
 
-    time_major, scripted = _read_export(export_dir, manifest)
-    batch_first = batch_first_onnx(time_major)
+    exported, scripted = _read_export(export_dir, manifest)
+    batch_first = batch_first_onnx(exported)
     onnx.checker.check_model(batch_first, full_check=True)
-    check_batch_first(export_dir, time_major, batch_first, tolerance, scripted=scripted)
+    check_batch_first(export_dir, exported, batch_first, tolerance, scripted=scripted)
     text = config_pbtxt(
         batch_first,
         name,

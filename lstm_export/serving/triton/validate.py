@@ -24,6 +24,7 @@ from lstm_export.serving.triton.model_config import (
     BACKEND,
     ONNX_TO_TRITON,
     PLATFORM,
+    check_streamable,
     model_config_module,
     read_model_config,
     triton_dims,
@@ -52,6 +53,16 @@ class _Checker:
             )
             return
         expected = triton_dims(value)
+        reshaped = "reshape" in entry.DESCRIPTOR.fields_by_name and entry.HasField("reshape")
+        if not expected:  # only the batch dim (lengths): Triton's rule is [1] reshaped to []
+            if list(entry.dims) != [1] or not reshaped or list(entry.reshape.shape):
+                self.problems.append(
+                    f"{kind} must have dims [ 1 ] and reshape {{ shape: [ ] }} (the graph's "
+                    f"{value.name} {graph_dims} is only its batch dim)"
+                )
+            return
+        if reshaped:
+            self.problems.append(f"{kind} has a reshape; the graph needs none")
         if list(entry.dims) != expected:
             self.problems.append(
                 f"{kind} has dims {list(entry.dims)}, expected {expected} "
@@ -97,8 +108,6 @@ class _Checker:
                 continue
             if entry.name in (states or ()):
                 self.problems.append(f"{label} is a state; list it only under state")
-            if entry.HasField("reshape"):
-                self.problems.append(f"{label} has a reshape; the graph needs none")
             self.tensor(label, entry, values[entry.name])
         return listed
 
@@ -206,7 +215,9 @@ def validate_model_folder(model_dir: Path, expected_name: str) -> dict:
             )
         if CONFIG_KEY in meta:
             try:
-                graph_config = config_from_metadata(meta, f"{version.name}/{filename}").to_dict()
+                read = config_from_metadata(meta, f"{version.name}/{filename}")
+                graph_config = read.to_dict()
+                check_streamable(read, f"{version.name}/{filename}")
             except UsageError as exc:
                 check.problems.append(str(exc))
         where = f" ({version.name}/{filename})" if len(versions) > 1 else ""
@@ -225,7 +236,7 @@ def validate_model_folder(model_dir: Path, expected_name: str) -> dict:
         "name": config.name or expected_name,
         "backend": config.backend or config.platform,
         "max_batch_size": config.max_batch_size,
-        "inputs": {e.name: _entry(e, pb2) for e in config.input},
+        "inputs": {e.name: {**_entry(e, pb2), "optional": e.optional} for e in config.input},
         "outputs": {e.name: _entry(e, pb2) for e in config.output},
         "states": [
             {
