@@ -153,7 +153,7 @@ def nudge_onnx_weight(folder: Path, delta: float = 1e-3) -> None:
         if "W_0" in tensors:  # plain: ONNX's LSTM, gates i, o, f, c along dim 1
             name, index = "W_0", (0, 3 * hidden, 0)
         else:  # LayerNorm: our graph's WxT [input, 4H], gates i, f, g, o
-            name, index = "WxT_0", (0, 2 * hidden)
+            name, index = "WxT_layer0", (0, 2 * hidden)
         values = numpy_helper.to_array(tensors[name]).copy()
         values[index] += delta
         tensors[name].CopyFrom(numpy_helper.from_array(values, name))

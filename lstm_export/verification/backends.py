@@ -114,7 +114,9 @@ def batch_first_backend(
         raise UsageError(f"{source} is not a batch-first graph (no {LAYOUT_KEY}={BATCH_FIRST})")
     config = config_from_metadata(meta, source)
     session = _session(model, source)
-    takes_lengths = LENGTHS_INPUT in {i.name for i in session.get_inputs()}
+    # An input with a default (lengths) is listed as an overridable initializer.
+    inputs = [*session.get_inputs(), *session.get_overridable_initializers()]
+    takes_lengths = LENGTHS_INPUT in {i.name for i in inputs}
 
     def swap(t: Array) -> Array:
         return np.ascontiguousarray(np.asarray(t, dtype=np.float32).transpose(1, 0, 2))

@@ -120,7 +120,7 @@ def _check_artifacts(
                 return report, configs
             backends.append(torch_backend(FUSED_BACKEND, fused))
     cases = default_cases(config)
-    ragged = takes_lengths(scripted) and LENGTHS_INPUT in runtime.signature()["inputs"]
+    ragged = takes_lengths(scripted) and runtime.has_lengths
     if not ragged:  # artifacts written before lengths existed: prove what they can run
         cases = [case for case in cases if not case.ragged]
     reference = Reference.from_scripted(scripted, config)
