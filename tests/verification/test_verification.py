@@ -50,7 +50,7 @@ def test_a_good_export_verifies(good_export):
 def test_tampered_onnx_weights_are_caught_by_hash_and_by_parity(good_export):
     path = good_export / "model.onnx"
     proto = onnx.load(str(path))
-    weight = next(t for t in proto.graph.initializer if t.name == "b_1")
+    weight = next(t for t in proto.graph.initializer if t.name == "b_layer1")
     values = np.frombuffer(weight.raw_data, np.float32)
     # Not a uniform shift: LayerNorm would cancel that exactly.
     noise = np.random.default_rng(0).standard_normal(values.shape).astype(np.float32)
