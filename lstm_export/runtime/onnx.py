@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
+from numpy.typing import ArrayLike
 
 from lstm_export.artifacts import (
     BATCH_FIRST,
@@ -273,7 +274,7 @@ class OnnxLSTM:
             )
         return checked[0], checked[1]
 
-    def check_lengths(self, lengths: object, seq: int, batch: int) -> Array | None:
+    def check_lengths(self, lengths: ArrayLike | None, seq: int, batch: int) -> Array | None:
         """Validate `lengths`: integers, shape [batch], each in 1..seq; int64 as the graph
         takes it. A graph exported before `lengths` existed refuses it."""
         if lengths is None:
@@ -303,7 +304,7 @@ class OnnxLSTM:
         return np.ascontiguousarray(array, dtype=np.int64)
 
     def check(
-        self, x: Array, state: State | None = None, lengths: object = None
+        self, x: Array, state: State | None = None, lengths: ArrayLike | None = None
     ) -> tuple[Array, State, Array | None]:
         """Validate and normalize inputs; raise `UsageError` naming expected vs received.
 
@@ -328,7 +329,7 @@ class OnnxLSTM:
         return x, checked, checked_lengths
 
     def run(
-        self, x: Array, state: State | None = None, lengths: object = None
+        self, x: Array, state: State | None = None, lengths: ArrayLike | None = None
     ) -> tuple[Array, State]:
         """y, (h, c) for a whole (padded) batch; state defaults to zeros, lengths (int64
         [batch], each in 1..seq) to every sequence full. y is zero past each length and
