@@ -114,12 +114,12 @@ class Case:
 
     @property
     def label(self) -> str:
-        """`seq x batch`, the state, the chunks or the lengths: short enough for a
-        100-column table."""
+        """`seq x batch`, the state, the chunks or `ragged`: short enough for a 100-column
+        table."""
         state = "h0/c0" if self.initial_state else "zeros"
         stream = f" chunks {'+'.join(map(str, self.chunks))}" if self.chunks else ""
-        if self.ragged:
-            stream = f" lengths {','.join(map(str, case_lengths(self).tolist()))}"
+        if self.ragged:  # the lengths themselves are in the row's inputs
+            stream = " ragged"
         return f"{self.seq}x{self.batch} {state}{stream}"
 
 
