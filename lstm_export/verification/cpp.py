@@ -21,7 +21,8 @@ from lstm_export.errors import UsageError
 from lstm_export.files import artifact
 from lstm_export.runtime.cpp import build, model_config
 from lstm_export.verification.backends import CPP_BACKEND, FUSED_CPP_BACKEND, cpp_backend
-from lstm_export.verification.parity import Case, ParityReport, Reference, Tolerance, check_parity
+from lstm_export.verification.cases import Case
+from lstm_export.verification.parity import ParityReport, Reference, Tolerance, check_parity
 
 # Whole from zeros, from a given state, streamed 4 steps per call, a single step and a
 # ragged padded batch (lstm_run --lengths): each is a separate lstm_run process, so the C++

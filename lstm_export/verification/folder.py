@@ -47,13 +47,8 @@ from lstm_export.verification.backends import (
     onnx_backend,
     torch_backend,
 )
-from lstm_export.verification.parity import (
-    ParityReport,
-    Reference,
-    Tolerance,
-    check_parity,
-    default_cases,
-)
+from lstm_export.verification.cases import default_cases
+from lstm_export.verification.parity import ParityReport, Reference, Tolerance, check_parity
 
 NAME_MAX = 255
 """The longest file name (in bytes) of common filesystems; a longer manifest entry is not ours."""

@@ -31,7 +31,7 @@ from helpers import SizesWithoutLayerNorm
 from lstm_export import LSTM, cli
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
-from lstm_export.verification.parity import default_cases
+from lstm_export.verification.cases import default_cases
 
 # Small and quick: one layer, and no LayerNorm unless a test asks for it.
 SMALL = ["--input-size", "4", "--hidden-size", "8", "--num-layers", "1", "--no-layer-norm"]

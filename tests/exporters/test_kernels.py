@@ -34,8 +34,9 @@ from lstm_export.exporters.routes import KernelLayer, KernelLSTM
 from lstm_export.exporters.torchscript import script
 from lstm_export.pipeline import export
 from lstm_export.verification.backends import FUSED_BACKEND, torch_backend
+from lstm_export.verification.cases import Case
 from lstm_export.verification.folder import verify
-from lstm_export.verification.parity import Case, Reference, check_parity
+from lstm_export.verification.parity import Reference, check_parity
 
 # Every test here needs the kernel, which is compiled C++ (about 15 s where no cache holds it);
 # many also export with it or start Python processes. `-m "not slow"` leaves them out.

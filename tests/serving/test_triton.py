@@ -49,7 +49,8 @@ from lstm_export.verification.backends import (
     batch_first_backend,
     torch_backend,
 )
-from lstm_export.verification.parity import Case, Reference, check_parity
+from lstm_export.verification.cases import Case
+from lstm_export.verification.parity import Reference, check_parity
 
 TOL = 1e-5
 INPUT, HIDDEN, LAYERS = 5, 8, 2

@@ -9,21 +9,17 @@ import pytest
 import torch
 
 from helpers import small_model
-from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.exporters.torchscript import script
 from lstm_export.model import LSTM
+from lstm_export.verification.cases import Case, case_inputs, default_cases
 from lstm_export.verification.parity import (
     Backend,
-    Case,
     CaseResult,
     ParityReport,
     Reference,
     Tolerance,
-    case_inputs,
-    case_lengths,
     check_parity,
-    default_cases,
     max_abs_errors,
     torch_backend,
 )
@@ -214,20 +210,6 @@ def test_a_problem_fails_the_report_even_when_every_row_passes():
     assert report.summary() == "model.onnx is listed in the manifest but missing"
 
 
-def test_matrix_covers_the_required_shapes():
-    cases = default_cases()
-    whole = [c for c in cases if not c.chunks and not c.ragged]
-    assert {c.seq for c in whole} >= {1, 2, 17} and max(c.seq for c in whole) >= 128
-    assert {c.batch for c in whole} >= {1} and max(c.batch for c in whole) > 1
-    assert {(c.seq, c.batch, c.initial_state) for c in whole} == {
-        (s, b, st) for s in {c.seq for c in whole} for b in (1, 3) for st in (False, True)
-    }
-    streams = [c for c in cases if c.chunks]
-    assert streams and all(sum(c.chunks) == c.seq and len(c.chunks) > 1 for c in streams)
-    assert {c.initial_state for c in streams} == {False, True}
-    assert len({c.label for c in cases}) == len(cases)
-
-
 def test_a_passing_report_notes_cases_where_float32_itself_is_far_from_float64():
     report = ParityReport()
     zero = {"y": 0.0, "h": 0.0, "c": 0.0}
@@ -293,28 +275,6 @@ def test_numpy_numbers_are_tolerances_too_and_an_overflowing_allowance_fails():
     with pytest.raises(UsageError, match="atol must be a finite number"):
         Tolerance(10**400)
     assert math.isnan(Tolerance(1e-5, 1e300).allowed(1e10))  # factor x floor is inf: fails
-
-
-def test_ragged_cases_put_a_length_one_sequence_beside_a_full_one():
-    ragged = [c for c in default_cases() if c.ragged]
-    assert ragged and {c.initial_state for c in ragged} == {False, True}
-    for case in ragged:
-        lengths = case_lengths(case)
-        assert lengths.dtype == np.int64 and lengths.shape == (case.batch,)
-        assert lengths.max() == case.seq and lengths.min() == 1
-        assert len(set(lengths.tolist())) == case.batch  # every row ends elsewhere
-    with pytest.raises(UsageError, match="streamed or ragged, not both"):
-        Case(5, 2, False, (2, 3), ragged=True)
-
-
-def test_a_bidirectional_model_has_no_streamed_cases():
-    config = LSTMConfig(5, 8, 2, False, bidirectional=True)
-    cases = default_cases(config)
-    assert not any(c.chunks for c in cases) and any(c.ragged for c in cases)
-    x, state, lengths = case_inputs(config, Case(6, 3, True, ragged=True), seed=0)
-    assert x.shape == (6, 3, 5) and state[0].shape == (4, 3, 8) and lengths.tolist()[:2] == [6, 1]
-    x, _, _ = case_inputs(LSTMConfig(5, 8, 2, False, batch_first=True), Case(6, 3, False), 0)
-    assert x.shape == (3, 6, 5)
 
 
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])

@@ -24,8 +24,8 @@ from lstm_export.pipeline import export
 from lstm_export.serving.triton import repository as triton_repository
 from lstm_export.serving.triton import write_triton_repo
 from lstm_export.verification import folder as verification
+from lstm_export.verification.cases import default_cases
 from lstm_export.verification.folder import verify
-from lstm_export.verification.parity import default_cases
 
 DATA = Path(__file__).parent.parent / "data"
 

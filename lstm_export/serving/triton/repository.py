@@ -37,13 +37,8 @@ from lstm_export.serving.triton.model_config import (
 from lstm_export.serving.triton.validate import validate_model_folder
 from lstm_export.staging import staged_folder
 from lstm_export.verification.backends import batch_first_backend
-from lstm_export.verification.parity import (
-    ParityReport,
-    Reference,
-    Tolerance,
-    check_parity,
-    default_cases,
-)
+from lstm_export.verification.cases import default_cases
+from lstm_export.verification.parity import ParityReport, Reference, Tolerance, check_parity
 
 
 def check_batch_first(
