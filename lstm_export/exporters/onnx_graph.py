@@ -23,11 +23,8 @@ route onnxruntime has:
 Layers run one after another over the whole sequence, which computes the same
 numbers as interleaving them per step.
 
-`lengths` (int64 [batch]) is an input with an initializer of shape [0] as its
-default: onnxruntime lets a caller leave out an initializer that is also a graph
-input, and an empty `lengths` means "every sequence is full". An `If` turns it into
-[batch] values; a given `lengths` is reshaped to x's batch there, so one of another
-size fails inside onnxruntime instead of broadcasting.
+`lengths` (int64 [batch]) is an input with an initializer of shape [0] as its default,
+so callers may leave it out (`lstm_export.exporters.onnx_parts.Lengths` says how).
 """
 
 from __future__ import annotations
@@ -49,17 +46,13 @@ from lstm_export.artifacts import (
 )
 from lstm_export.config import LSTMConfig
 from lstm_export.exporters.batch_first import batch_first_io
+from lstm_export.exporters.onnx_parts import Graph, Lengths, int64
 from lstm_export.files import write_file
 from lstm_export.model import LSTM
 
 FLOAT = TensorProto.FLOAT
-INT64 = TensorProto.INT64
 X, H0, C0 = ONNX_INPUTS
 Y, HN, CN = ONNX_OUTPUTS
-
-WRONG_LENGTHS = f"{LENGTHS_INPUT} must have shape [batch] (one per sequence of x)"
-"""The name of the node that refuses a wrongly sized lengths inside onnxruntime: its errors
-name the node ("...running Reshape node. Name:'lengths must have shape [batch]...'")."""
 
 # Rows of our [4H, ...] weights for ONNX's gate order i, o, f, c (ours: i, f, g, o).
 _ONNX_GATE_ORDER = (0, 3, 1, 2)
@@ -81,120 +74,15 @@ def _reorder_gates(weight: np.ndarray, hidden: int) -> np.ndarray:
     return np.concatenate(chunks, axis=0)
 
 
-def _int64(*values: int) -> np.ndarray:
-    return np.array(values, dtype=np.int64)
-
-
-class _Graph:
-    """A small accumulator of nodes and initializers with unique names."""
-
-    def __init__(self, prefix: str = "") -> None:
-        self.prefix = prefix  # keeps a subgraph's names apart from the outer graph's
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self._count = 0
-
-    def const(self, name: str, value: np.ndarray) -> str:
-        name = self.prefix + name
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs: object) -> list[str]:
-        self._count += 1
-        outputs = [f"{self.prefix}{op_type.lower()}_{self._count}_{k}" for k in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, **attrs))
-        return outputs
-
-    def op1(self, op_type: str, inputs: list[str], **attrs: object) -> str:
-        return self.op(op_type, inputs, **attrs)[0]
-
-    def rename(self, source: str, name: str) -> str:
-        """Give a computed value a fixed name (a graph output)."""
-        self.nodes.append(helper.make_node("Identity", [source], [name]))
-        return name
-
-
-class _Lengths:
-    """The padding, computed once for every layer: lengths as [batch] int64 (seq where the
-    caller gave none), the ONNX LSTM's int32 `sequence_lens`, the validity mask and the
-    indices of each sequence's last valid step.
-    """
-
-    def __init__(self, g: _Graph, x: str) -> None:
-        shape = g.op1("Shape", [x])
-        seq = g.op1("Slice", [shape, g.const("at0", _int64(0)), g.const("at1", _int64(1))])
-        batch = g.op1("Slice", [shape, g.const("from1", _int64(1)), g.const("to2", _int64(2))])
-        # Empty lengths (the initializer's default): every sequence runs all seq steps.
-        full = _Graph(prefix="lengths_full_")
-        full.rename(full.op1("Expand", [seq, batch]), full.prefix + "out")
-        # Given lengths: exactly [batch] (Reshape refuses any other count, where a broadcast
-        # would silently take one length for every sequence).
-        given = _Graph(prefix="lengths_given_")
-        # The node's name is what onnxruntime's error names.
-        shaped = given.op1("Reshape", [LENGTHS_INPUT, batch], name=WRONG_LENGTHS)
-        given.rename(shaped, given.prefix + "out")
-        empty = g.op1("Equal", [g.op1("Size", [LENGTHS_INPUT]), g.const("none", _int64(0)[0])])
-
-        def branch(b: _Graph, name: str) -> onnx.GraphProto:
-            out = helper.make_tensor_value_info(b.prefix + "out", INT64, ["batch"])
-            return helper.make_graph(b.nodes, name, [], [out], initializer=b.initializers)
-
-        self.lengths = g.op1(
-            "If",
-            [empty],
-            name=LENGTHS_INPUT,
-            then_branch=branch(full, "every_sequence_full"),
-            else_branch=branch(given, "lengths_given"),
-        )
-        self._g, self._seq = g, seq
-        self._sequence_lens: str | None = None
-        self._valid: str | None = None
-        self._last: tuple[str, str] | None = None
-
-    @property
-    def sequence_lens(self) -> str:
-        """int32 [batch], as the ONNX LSTM operator wants."""
-        if self._sequence_lens is None:
-            self._sequence_lens = self._g.op1("Cast", [self.lengths], to=TensorProto.INT32)
-        return self._sequence_lens
-
-    @property
-    def valid(self) -> str:
-        """[seq, batch, 1] bool: step t of sequence b is valid when t < lengths[b]."""
-        if self._valid is None:
-            g = self._g
-            last = g.op1("Squeeze", [self._seq, g.const("axis0_seq", _int64(0))])
-            zero, one = g.const("zero", _int64(0)[0]), g.const("one", _int64(1)[0])
-            steps = g.op1("Range", [zero, last, one])
-            column = g.op1("Unsqueeze", [steps, g.const("axes12", _int64(1, 2))])
-            row = g.op1("Unsqueeze", [self.lengths, g.const("axes02", _int64(0, 2))])
-            self._valid = g.op1("Less", [column, row])
-        return self._valid
-
-    def last_step(self, hidden: int) -> tuple[str, str]:
-        """Indices of each sequence's last valid step (lengths - 1) for GatherElements on
-        time-major h_t [seq, batch, H] and c_t [seq, batch, 1, H] along axis 0."""
-        if self._last is None:
-            g = self._g
-            last = g.op1("Sub", [self.lengths, g.const("one_step", _int64(1))])
-            h_index = g.op1("Reshape", [last, g.const("index_h_shape", _int64(1, -1, 1))])
-            c_index = g.op1("Reshape", [last, g.const("index_c_shape", _int64(1, -1, 1, 1))])
-            self._last = (
-                g.op1("Expand", [h_index, g.const("h_wide", _int64(1, 1, hidden))]),
-                g.op1("Expand", [c_index, g.const("c_wide", _int64(1, 1, 1, hidden))]),
-            )
-        return self._last
-
-
 def _plain_layer(
-    g: _Graph,
+    g: Graph,
     k: int,
     cells: list[torch.nn.Module],
     x: str,
     h0: str,
     c0: str,
     hidden: int,
-    lengths: _Lengths | None,
+    lengths: Lengths | None,
 ) -> tuple[str, str, str]:
     """One layer as the ONNX LSTM operator: ONNX's c_t and h_t are exactly ours without LN.
 
@@ -213,20 +101,20 @@ def _plain_layer(
     )
     # Y is [seq, D, batch, H]: y is [seq, batch, D * H], forward first.
     if len(cells) == 1:
-        return g.op1("Squeeze", [y, g.const(f"axis1_{k}", _int64(1))]), h, c
+        return g.op1("Squeeze", [y, g.const(f"axis1_{k}", int64(1))]), h, c
     y = g.op1("Transpose", [y], perm=[0, 2, 1, 3])
-    return g.op1("Reshape", [y, g.const(f"merge_directions_{k}", _int64(0, 0, -1))]), h, c
+    return g.op1("Reshape", [y, g.const(f"merge_directions_{k}", int64(0, 0, -1))]), h, c
 
 
 def _scan(
-    g: _Graph,
+    g: Graph,
     name: str,
     cell: torch.nn.Module,
     x: str,
     h0: str,
     c0: str,
     hidden: int,
-    lengths: _Lengths | None,
+    lengths: Lengths | None,
     reverse: bool = False,
 ) -> tuple[str, str, str]:
     """One direction of a LayerNorm layer: a hoisted input projection and a Scan over time
@@ -248,7 +136,7 @@ def _scan(
     # input_lin(x_t) + bias for every t at once: [seq, batch, 4H].
     x_proj = g.op1("Add", [g.op1("MatMul", [x, w_x]), bias])
 
-    b = _Graph(prefix=f"{name}_")
+    b = Graph(prefix=f"{name}_")
     h_prev, c_prev, x_proj_t = (b.prefix + n for n in ("h_prev", "c_prev", "x_proj_t"))
     w_h = b.const("WhT", _numpy(cell.hidden_lin.weight).T)
     gamma = b.const("gates_gamma", np.stack([_numpy(n.weight) for n in norms]))  # [4, H]
@@ -257,9 +145,9 @@ def _scan(
     zeros = b.const("zeros", np.zeros(hidden, dtype=np.float32))
     gamma_c = b.const("c_gamma", _numpy(cell.layer_norm_c.weight))
     beta_c = b.const("c_beta", _numpy(cell.layer_norm_c.bias))
-    gates_shape = b.const("gates_shape", _int64(-1, 4, hidden))
-    h_shape = b.const("h_shape", _int64(-1, hidden))
-    split = b.const("split", _int64(1, 1, 1, 1))
+    gates_shape = b.const("gates_shape", int64(-1, 4, hidden))
+    h_shape = b.const("h_shape", int64(-1, hidden))
+    split = b.const("split", int64(1, 1, 1, 1))
 
     # z = input_lin(x_t) + hidden_lin(h_{t-1}); i, f, g, o = LN(z) per gate.
     z = b.op1("Gemm", [h_prev, w_h, x_proj_t])
@@ -292,7 +180,7 @@ def _scan(
         initializer=b.initializers,
     )
     # The Scan carries h as [batch, H] and c as [batch, 1, H]; the graph's are [1, batch, H].
-    axis0 = g.const(f"axis0_{name}", _int64(0))
+    axis0 = g.const(f"axis0_{name}", int64(0))
     h_first = g.op1("Squeeze", [h0, axis0])
     c_first = g.op1("Transpose", [c0], perm=[1, 0, 2])
     directions = {}
@@ -314,27 +202,27 @@ def _scan(
     h_index, c_index = lengths.last_step(hidden)
     h_n = g.op1("GatherElements", [y, h_index], axis=0)  # [1, batch, H]
     c_n = g.op1("GatherElements", [c_steps[0], c_index], axis=0)  # [1, batch, 1, H]
-    c_n = g.op1("Squeeze", [c_n, g.const(f"axis2_{name}", _int64(2))])
+    c_n = g.op1("Squeeze", [c_n, g.const(f"axis2_{name}", int64(2))])
     y = g.op1("Where", [lengths.valid, y, g.const(f"padding_{name}", np.zeros(1, np.float32))])
     return y, h_n, c_n
 
 
 def _layer_norm_layer(
-    g: _Graph,
+    g: Graph,
     k: int,
     cells: list[torch.nn.Module],
     x: str,
     h0: str,
     c0: str,
     hidden: int,
-    lengths: _Lengths | None,
+    lengths: Lengths | None,
 ) -> tuple[str, str, str]:
     """One LayerNorm layer: the forward Scan, and for D = 2 the reverse one, whose input
     is each sequence reversed within its own length and whose outputs are put back in
     time order the same way (pack_padded_sequence's reverse direction)."""
     if len(cells) == 1:
         return _scan(g, f"layer{k}", cells[0], x, h0, c0, hidden, lengths)
-    ones = g.const(f"directions_split_{k}", _int64(1, 1))
+    ones = g.const(f"directions_split_{k}", int64(1, 1))
     (h_f, h_r), (c_f, c_r) = (g.op("Split", [s, ones], n_out=2, axis=0) for s in (h0, c0))
     y_f, h_f, c_f = _scan(g, f"layer{k}", cells[0], x, h_f, c_f, hidden, lengths)
     if lengths is None:
@@ -360,8 +248,8 @@ def build_onnx(model: LSTM, opset: int = OPSET, *, lengths: bool = True) -> onnx
         raise ValueError(f"opset must be >= {OPSET} (LayerNormalization), got {opset}")
     config = model.config()
     hidden, layers, directions = config.hidden_size, config.num_layers, config.num_directions
-    g = _Graph()
-    padding = _Lengths(g, X) if lengths else None
+    g = Graph()
+    padding = Lengths(g, X) if lengths else None
     # Each layer's initial state: its [D, batch, hidden] slice (index layer * D + direction).
     if layers > 1:
         sizes = g.const("state_split", np.full(layers, directions, dtype=np.int64))
@@ -389,9 +277,9 @@ def build_onnx(model: LSTM, opset: int = OPSET, *, lengths: bool = True) -> onnx
     ]
     initializers = g.initializers
     if lengths:
-        inputs.append(helper.make_tensor_value_info(LENGTHS_INPUT, INT64, ["batch"]))
+        inputs.append(helper.make_tensor_value_info(LENGTHS_INPUT, TensorProto.INT64, ["batch"]))
         # The default a caller may override: empty, every sequence full.
-        initializers = [numpy_helper.from_array(_int64(), LENGTHS_INPUT), *initializers]
+        initializers = [numpy_helper.from_array(int64(), LENGTHS_INPUT), *initializers]
     graph = helper.make_graph(
         g.nodes,
         "lstm",

@@ -17,7 +17,8 @@ from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.exporters.batch_first import batch_first_onnx, check_export_graph
-from lstm_export.exporters.onnx_graph import OPSET, WRONG_LENGTHS, build_onnx
+from lstm_export.exporters.onnx_graph import OPSET, build_onnx
+from lstm_export.exporters.onnx_parts import WRONG_LENGTHS
 from lstm_export.model import LSTM
 
 
