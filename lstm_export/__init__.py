@@ -18,7 +18,7 @@ _EXPORTS = {
     "LSTMConfig": "lstm_export.config",
     "build_model": "lstm_export.checkpoints",
     "load_checkpoint": "lstm_export.checkpoints",
-    "to_nn_lstm_state_dict": "lstm_export.checkpoints",
+    "to_nn_lstm_state_dict": "lstm_export.nn_lstm",
     "export": "lstm_export.pipeline",
     "verify": "lstm_export.verification.folder",
     "Tolerance": "lstm_export.verification.parity",

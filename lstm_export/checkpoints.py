@@ -4,15 +4,20 @@
 Two layouts are understood: this model's own keys (`cells.{k}.input_lin.weight`, ...,
 as the original notebook code wrote them, and `reverse_cells.{k}....` beside them for a
 bidirectional model) and `torch.nn.LSTM`'s (`weight_ih_l{k}`, ..., and `weight_ih_l{k}_reverse`,
-...). Either way the keys decide whether the model is bidirectional; nothing in a state dict
-says whether it was batch-first (`layout_note` says so at export). Files are read with
-`torch.load(weights_only=True)`: a checkpoint is data, never code.
+...; `lstm_export.nn_lstm` holds that layout). Either way the keys decide whether the model
+is bidirectional; nothing in a state dict says whether it was batch-first (`layout_note`
+says so at export). Files are read with `torch.load(weights_only=True)`: a checkpoint is
+data, never code.
 
 Everything about a checkpoint is checked before a model is built from it, in the order of
 what it costs: the file's type, its keys and the layer indices they name, the size those
 imply (`lstm_export.config.check_size`), every tensor's kind, dtype and shape, and last
 its values (finite, at most MAX_ABS_WEIGHT). A refusal is one line naming the checkpoint,
 and at most MAX_LISTED keys, escaped: key names come from the file.
+
+Over 400 lines because those checks are one sequence for both layouts: nn.LSTM's
+(`_check_nn_lstm`) run `infer_config` and `_fit_problems` as ours do, so they stay here;
+`lstm_export.nn_lstm` holds nn.LSTM's layout itself (keys, shapes, the translation).
 """
 
 from __future__ import annotations
@@ -40,11 +45,18 @@ from lstm_export.config import (
 )
 from lstm_export.errors import UsageError
 from lstm_export.model import LSTM
+from lstm_export.nn_lstm import (
+    NN_LSTM_KEY,
+    REVERSE_PREFIX,
+    REVERSE_SUFFIX,
+    check_nn_lstm_keys,
+    is_nn_lstm_state_dict,
+    nn_lstm_described,
+    nn_lstm_shapes,
+    translate_nn_lstm,
+)
 
-_NN_LSTM_KEY = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?\Z")  # \Z: no "\n"
 _OUR_LAYER = re.compile(r"^(reverse_)?cells\.(\d+)")
-_REVERSE_SUFFIX = "_reverse"  # nn.LSTM's reverse-direction keys: weight_ih_l0_reverse, ...
-_REVERSE_PREFIX = "reverse_"  # ours: reverse_cells.0.input_lin.weight beside cells.0....
 
 # float16, bfloat16 and float64 weights are converted to float32 (what the artifacts run);
 # anything else (integers, bool, complex, float8) is refused, for either layout alike.
@@ -94,28 +106,24 @@ def _index(digits: str) -> int:
     return int(digits) if len(digits) <= 18 else 10**18
 
 
-def is_nn_lstm_state_dict(state: Mapping[str, Tensor]) -> bool:
-    return any(_NN_LSTM_KEY.match(k) for k in state)
-
-
 def _is_reverse(key: str) -> bool:
     """Whether `key` holds a reverse-direction weight, in either layout."""
-    found = _NN_LSTM_KEY.match(key)
-    return bool(found.group(4)) if found else key.startswith(_REVERSE_PREFIX + "cells.")
+    found = NN_LSTM_KEY.match(key)
+    return bool(found.group(4)) if found else key.startswith(REVERSE_PREFIX + "cells.")
 
 
 def _partner(key: str) -> str:
     """The same weight's key in the other direction, in the key's own layout."""
-    if _NN_LSTM_KEY.match(key):
-        return key.removesuffix(_REVERSE_SUFFIX) if _is_reverse(key) else key + _REVERSE_SUFFIX
-    return key.removeprefix(_REVERSE_PREFIX) if _is_reverse(key) else _REVERSE_PREFIX + key
+    if NN_LSTM_KEY.match(key):
+        return key.removesuffix(REVERSE_SUFFIX) if _is_reverse(key) else key + REVERSE_SUFFIX
+    return key.removeprefix(REVERSE_PREFIX) if _is_reverse(key) else REVERSE_PREFIX + key
 
 
 def _check_both_directions(state: Mapping[str, Tensor], source: str) -> None:
     """Refuse a half-bidirectional state dict: once any reverse weight is there, every
     layer weight needs its partner in the other direction (a reverse key for each forward
     one and back), named when it is missing."""
-    layer_keys = [k for k in state if _NN_LSTM_KEY.match(k) or _OUR_LAYER.match(k)]
+    layer_keys = [k for k in state if NN_LSTM_KEY.match(k) or _OUR_LAYER.match(k)]
     missing = sorted({_partner(k) for k in layer_keys} - set(state))
     if missing:
         raise UsageError(
@@ -144,7 +152,7 @@ def infer_config(state: Mapping[str, Tensor], source: str = "checkpoint") -> LST
             f"{source}: cannot infer sizes: expected {first} of shape [4*hidden_size, input_size], "
             f"got {shown}; keys: {listing(map(shown_key, sorted(state)))}"
         )
-    pattern = _NN_LSTM_KEY if prefix == "weight_ih_l" else _OUR_LAYER
+    pattern = NN_LSTM_KEY if prefix == "weight_ih_l" else _OUR_LAYER
     group = 3 if prefix == "weight_ih_l" else 2
     layers = sorted({_index(m.group(group)) for k in state if (m := pattern.match(k))})
     # Checked before any model is built: one stray key cells.1000000.* must not make
@@ -165,56 +173,10 @@ def infer_config(state: Mapping[str, Tensor], source: str = "checkpoint") -> LST
     )
 
 
-def _check_nn_lstm_keys(state: Mapping[str, Tensor], source: str) -> None:
-    """Refuse nn.LSTM variants we do not run, and keys that are not nn.LSTM's."""
-    bad = sorted(k for k in state if (m := _NN_LSTM_KEY.match(k)) and m.group(2) == "hr")
-    if bad:
-        raise UsageError(
-            f"{source}: only nn.LSTM with proj_size=0 is supported; "
-            f"found {listing(map(shown_key, bad), 4)}"
-        )
-    unexpected = sorted(k for k in state if not _NN_LSTM_KEY.match(k))
-    if unexpected:
-        raise UsageError(
-            f"{source}: unexpected keys for an nn.LSTM state dict: "
-            f"{listing(map(shown_key, unexpected))}"
-        )
-
-
-def _suffixes(config: LSTMConfig) -> tuple[str, ...]:
-    return ("", _REVERSE_SUFFIX) if config.bidirectional else ("",)
-
-
-def nn_lstm_shapes(config: LSTMConfig) -> dict[str, tuple[int, ...]]:
-    """nn.LSTM(config)'s keys and shapes (its biases may be absent: bias=False); layer k > 0
-    reads the layer below's D * hidden_size outputs."""
-    gates, hidden = 4 * config.hidden_size, config.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {}
-    for k in range(config.num_layers):
-        for s in _suffixes(config):
-            shapes[f"weight_ih_l{k}{s}"] = (
-                gates,
-                config.input_size if k == 0 else config.output_size,
-            )
-            shapes[f"weight_hh_l{k}{s}"] = (gates, hidden)
-            shapes[f"bias_ih_l{k}{s}"] = (gates,)
-            shapes[f"bias_hh_l{k}{s}"] = (gates,)
-    return shapes
-
-
-def _nn_lstm_described(config: LSTMConfig) -> str:
-    """`nn.LSTM(input_size=4, hidden_size=8, num_layers=1)`, bidirectional named when on."""
-    switch = ", bidirectional=True" if config.bidirectional else ""
-    return (
-        f"nn.LSTM(input_size={config.input_size}, hidden_size={config.hidden_size}, "
-        f"num_layers={config.num_layers}{switch})"
-    )
-
-
 def _check_nn_lstm(state: Mapping[str, Tensor], source: str, limits: SizeLimits) -> LSTMConfig:
     """Every check an nn.LSTM state dict gets before it is translated (and biases summed)."""
     check_tensor_kinds(state, source)
-    _check_nn_lstm_keys(state, source)
+    check_nn_lstm_keys(state, source)
     config = infer_config(state, source)
     check_size(config, limits, source)
     expected = nn_lstm_shapes(config)
@@ -222,7 +184,7 @@ def _check_nn_lstm(state: Mapping[str, Tensor], source: str, limits: SizeLimits)
     problems = _fit_problems(state, expected, optional)
     if problems:
         raise UsageError(
-            f"{source} does not fit {_nn_lstm_described(config)}: " + "; ".join(problems)
+            f"{source} does not fit {nn_lstm_described(config)}: " + "; ".join(problems)
         )
     return config
 
@@ -234,56 +196,13 @@ def from_nn_lstm_state_dict(state: Mapping[str, Tensor], source: str = "checkpoi
     limits, shapes and dtypes), so the sum never meets two biases of different shapes.
     """
     _check_nn_lstm(state, source, DEFAULT_LIMITS)
-    return _translate_nn_lstm(state)
-
-
-def _translate_nn_lstm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """nn.LSTM's `{name}_l{k}{suffix}` as our `{direction}cells.{k}.{name}`: the forward keys
-    to `cells.{k}`, the `_reverse` ones to `reverse_cells.{k}`."""
-    ours: dict[str, Tensor] = {}
-    found = {m.group(3, 4) for k in state if (m := _NN_LSTM_KEY.match(k))}
-    for digits, reverse in sorted(found, key=lambda f: (int(f[0]), bool(f[1]))):
-        k, s = int(digits), reverse or ""
-        prefix = f"{_REVERSE_PREFIX if reverse else ''}cells.{k}."
-        for theirs, mine in (("weight_ih", "input_lin.weight"), ("weight_hh", "hidden_lin.weight")):
-            if f"{theirs}_l{k}{s}" in state:
-                ours[prefix + mine] = state[f"{theirs}_l{k}{s}"]
-        biases = [state[b] for b in (f"bias_ih_l{k}{s}", f"bias_hh_l{k}{s}") if b in state]
-        if biases:
-            # Summed in float32 or wider, as the model will run: a float16 sum rounds once more.
-            dtype = torch.promote_types(biases[0].dtype, torch.float32)
-            ours[prefix + "hidden_lin.bias"] = sum(
-                (b.to(dtype) for b in biases[1:]), biases[0].to(dtype, copy=True)
-            )
-        elif f"weight_hh_l{k}{s}" in state:  # nn.LSTM(bias=False): our bias is zero
-            weight = state[f"weight_hh_l{k}{s}"]
-            ours[prefix + "hidden_lin.bias"] = torch.zeros(weight.size(0), dtype=weight.dtype)
-    return ours
-
-
-def to_nn_lstm_state_dict(model: LSTM) -> dict[str, Tensor]:
-    """Our weights as an `nn.LSTM` state dict, `_reverse` keys for the reverse cells
-    (layer_norm=False only: nn.LSTM has no LayerNorm)."""
-    if model.layer_norm:
-        raise UsageError("only a layer_norm=False model can be written as an nn.LSTM state dict")
-    state: dict[str, Tensor] = {}
-    directions = [("", model.cells)]
-    if model.bidirectional:
-        directions.append((_REVERSE_SUFFIX, model.reverse_cells))
-    for s, cells in directions:
-        for k, cell in enumerate(cells):
-            bias = cell.hidden_lin.bias.detach().clone()
-            state[f"weight_ih_l{k}{s}"] = cell.input_lin.weight.detach().clone()
-            state[f"weight_hh_l{k}{s}"] = cell.hidden_lin.weight.detach().clone()
-            state[f"bias_ih_l{k}{s}"] = torch.zeros_like(bias)
-            state[f"bias_hh_l{k}{s}"] = bias
-    return state
+    return translate_nn_lstm(state)
 
 
 def expected_shapes(config: LSTMConfig) -> dict[str, tuple[int, ...]]:
     """`LSTM(config).state_dict()`'s keys and shapes, without building the model."""
     gates, hidden = 4 * config.hidden_size, config.hidden_size
-    directions = ("", _REVERSE_PREFIX) if config.bidirectional else ("",)
+    directions = ("", REVERSE_PREFIX) if config.bidirectional else ("",)
     shapes: dict[str, tuple[int, ...]] = {}
     for k in range(config.num_layers):
         for direction in directions:
@@ -383,7 +302,7 @@ def _read_checkpoint(path: Path, limits: SizeLimits) -> tuple[dict[str, Tensor],
     if is_nn_lstm_state_dict(state):
         config = _check_nn_lstm(state, source, limits)
         check_weights(state, source)
-        return _translate_nn_lstm(state), config, "nn.LSTM"
+        return translate_nn_lstm(state), config, "nn.LSTM"
     config = infer_config(state, source)
     check_size(config, limits, source)
     check_weights(state, source)

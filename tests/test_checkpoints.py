@@ -30,12 +30,11 @@ from lstm_export.checkpoints import (
     infer_config,
     load_checkpoint,
     model_from_state_dict,
-    nn_lstm_shapes,
     read_checkpoint,
-    to_nn_lstm_state_dict,
 )
 from lstm_export.cli import app
 from lstm_export.config import LSTMConfig, SizeLimits
+from lstm_export.nn_lstm import nn_lstm_shapes, to_nn_lstm_state_dict
 
 ATOL = 1e-5
 ONE = torch.zeros(1)  # one tensor under many keys: a quick torch.save of a huge state dict

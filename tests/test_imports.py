@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "model": 1,
     "checkpoint_file": 1,
     "checkpoints": 1,
+    "nn_lstm": 1,
     # writing artifacts | running them: siblings that never import each other
     "exporters": 2,
     "runtime": 2,

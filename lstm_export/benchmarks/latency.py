@@ -154,7 +154,7 @@ class BenchReport:
 def nn_lstm_anchor(model: LSTM) -> torch.nn.LSTM:
     """nn.LSTM with the model's weights (plain) or of the same sizes (LayerNorm), in the
     model's layout (batch_first, bidirectional)."""
-    from lstm_export.checkpoints import to_nn_lstm_state_dict
+    from lstm_export.nn_lstm import to_nn_lstm_state_dict
 
     anchor = torch.nn.LSTM(
         model.input_size,
