@@ -2,19 +2,17 @@
 
 All backends run in one process, on the same weights and inputs, in blocks
 spread over rotating rounds (see `_time_in_rounds`) so that a noisy shared
-machine slows them alike and the ratios stay meaningful. Anchors:
-
-- `nn.LSTM` with the same weights (plain models) or the same sizes (LayerNorm
-  models: nn.LSTM has no LayerNorm, so it is the bar to aim for);
-- onnxruntime running the graph torch's TorchScript-based exporter writes for
-  that `nn.LSTM`: the ONNX `LSTM` operator, onnxruntime's fused kernel.
+machine slows them alike and the ratios stay meaningful. The anchors, nn.LSTM and
+onnxruntime's LSTM operator, are built in `lstm_export.benchmarks.anchors`.
 
 Targets are ratios, checked in the report, never absolute times.
+
+Just over 400 lines: the timing, its report and the report's plot read the same records
+(`Timing`, `BenchReport`); the anchors it times against are in `benchmarks.anchors`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import platform
@@ -22,17 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
-from onnx import TensorProto, helper
 
 from lstm_export.artifacts import (
     FUSED_TORCHSCRIPT_FILE,
@@ -41,22 +36,26 @@ from lstm_export.artifacts import (
     TORCHSCRIPT_FILE,
 )
 from lstm_export.benchmarks import DEFAULT_SHAPES
+from lstm_export.benchmarks.anchors import (
+    ANCHORS,
+    NN_LSTM,
+    ORT_LSTM_OP,
+    nn_lstm_anchor,
+    ort_lstm_op_anchor,
+    packed_runner,
+)
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.exporters.kernel import build_kernel
 from lstm_export.exporters.torchscript import load_torchscript, script
-from lstm_export.model import LSTM
 from lstm_export.runtime.cpp import built_binary, time_forward
 from lstm_export.runtime.onnx import OnnxLSTM
 from lstm_export.verification.backends import FUSED_BACKEND, ONNX_BACKEND, TORCHSCRIPT_BACKEND
 from lstm_export.verification.parity import EAGER_BACKEND, eager_from_scripted
 
 RAGGED = ":ragged"
-NN_LSTM = "nn.LSTM"
 LIBTORCH_CPP = "libtorch C++ (model.pt)"
 LIBTORCH_CPP_FUSED = "libtorch C++ (model.fused.pt)"
-ORT_LSTM_OP = "onnxruntime LSTM op"
-ANCHORS = (NN_LSTM, ORT_LSTM_OP)
 # backend -> (anchor it is held to, allowed ratio) for plain and LayerNorm models.
 TARGETS = {
     False: {ONNX_BACKEND: (ORT_LSTM_OP, 1.05), TORCHSCRIPT_BACKEND: (NN_LSTM, 1.2)},
@@ -151,90 +150,6 @@ class BenchReport:
         return all(t.meets_target is not False for t in self.timings)
 
 
-def nn_lstm_anchor(model: LSTM) -> torch.nn.LSTM:
-    """nn.LSTM with the model's weights (plain) or of the same sizes (LayerNorm), in the
-    model's layout (batch_first, bidirectional)."""
-    from lstm_export.nn_lstm import to_nn_lstm_state_dict
-
-    anchor = torch.nn.LSTM(
-        model.input_size,
-        model.hidden_size,
-        model.num_layers,
-        batch_first=model.batch_first,
-        bidirectional=model.bidirectional,
-    )
-    if not model.layer_norm:
-        anchor.load_state_dict(to_nn_lstm_state_dict(model))
-    return anchor.eval()
-
-
-def _packed_runner(anchor: torch.nn.LSTM) -> Callable[..., object]:
-    """nn.LSTM on a padded batch as its users run one: pack, run, pad back (all timed)."""
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-    def run(x: torch.Tensor, state: tuple, lengths: torch.Tensor) -> object:
-        first = anchor.batch_first
-        packed = pack_padded_sequence(x, lengths, batch_first=first, enforce_sorted=False)
-        out, final = anchor(packed, state)
-        return pad_packed_sequence(out, batch_first=first, total_length=x.size(int(first))), final
-
-    return run
-
-
-def _with_sequence_lens(model: onnx.ModelProto) -> onnx.ModelProto:
-    """torch's export of nn.LSTM given an int64 `lengths` input fed to every LSTM node's
-    `sequence_lens`, as onnxruntime's own kernel runs a padded batch."""
-    graph = model.graph
-    graph.input.append(helper.make_tensor_value_info(LENGTHS_INPUT, TensorProto.INT64, ["batch"]))
-    cast = helper.make_node("Cast", [LENGTHS_INPUT], ["anchor_sequence_lens"], to=TensorProto.INT32)
-    for node in graph.node:
-        if node.op_type == "LSTM":
-            while len(node.input) < 5:
-                node.input.append("")
-            node.input[4] = "anchor_sequence_lens"
-    graph.node.insert(0, cast)
-    return model
-
-
-def ort_lstm_op_anchor(
-    anchor: torch.nn.LSTM, threads: int, lengths: bool = False
-) -> ort.InferenceSession:
-    """onnxruntime on torch's own export of `anchor`: the ONNX LSTM operator (with
-    `sequence_lens` fed from a `lengths` input when `lengths`)."""
-    buffer = io.BytesIO()
-    time_major = (3, 2) if not anchor.batch_first else (2, 3)
-    x = torch.zeros(*time_major, anchor.input_size)
-    directions = 2 if anchor.bidirectional else 1
-    h = torch.zeros(anchor.num_layers * directions, 2, anchor.hidden_size)
-    batch = {1: "batch"}
-    x_axes = {0: "batch", 1: "seq"} if anchor.batch_first else {0: "seq", 1: "batch"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            anchor,
-            (x, (h, h)),
-            buffer,
-            dynamo=False,
-            opset_version=17,
-            input_names=["x", "h0", "c0"],
-            output_names=["y", "hn", "cn"],
-            dynamic_axes={"x": x_axes, "h0": batch, "c0": batch},
-        )
-    model = onnx.load_from_string(buffer.getvalue())
-    if lengths:
-        model = _with_sequence_lens(model)
-    return ort.InferenceSession(
-        model.SerializeToString(), _session_options(threads), ["CPUExecutionProvider"]
-    )
-
-
-def _session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return options
-
-
 Bind = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], Runner]
 
 
@@ -249,7 +164,7 @@ def _backends(folder: Path, threads: int) -> tuple[LSTMConfig, dict[str, Bind]]:
     anchor_sessions = {
         ragged: ort_lstm_op_anchor(anchor, threads, lengths=ragged) for ragged in (False, True)
     }
-    packed_anchor = _packed_runner(anchor)
+    packed_anchor = packed_runner(anchor)
 
     def torch_runner(module: Callable) -> Bind:
         def bind(x: np.ndarray, zeros: np.ndarray, lengths: np.ndarray | None) -> Runner:
