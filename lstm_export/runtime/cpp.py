@@ -5,6 +5,9 @@ compiles `cpp/` against the libtorch inside the installed torch wheel (so there 
 separate libtorch download to keep in sync), caches the build per torch version, and
 drives the binary through `.npy` files; `lstm_export.verification.cpp` proves with it
 that C++ computes the model (`cpp_check`), the benchmark times it.
+
+A little over 400 lines: the build's cache key and the run's arguments describe one program
+(its sources, flags and command line), and tests replace `find_toolchain` and `run` here.
 """
 
 from __future__ import annotations
