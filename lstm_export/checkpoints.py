@@ -127,8 +127,8 @@ def _check_both_directions(state: Mapping[str, Tensor], source: str) -> None:
     missing = sorted({_partner(k) for k in layer_keys} - set(state))
     if missing:
         raise UsageError(
-            f"{source} is half bidirectional: it has reverse-direction weights, but not every "
-            f"weight in both directions; missing: {listing(map(shown_key, missing))}"
+            f"{source} is bidirectional (it has reverse-direction weights) but lacks weights of "
+            f"one direction or the other; missing: {listing(map(shown_key, missing))}"
         )
 
 

@@ -32,7 +32,7 @@ RECORDED = (
 
 
 def inspect_torchscript(path: Path) -> dict:
-    from lstm_export.exporters.torchscript import forward_signature, load_torchscript
+    from lstm_export.exporters.torchscript import forward_signature, load_torchscript, takes_lengths
 
     module, config = load_torchscript(path)
     return {
@@ -42,7 +42,7 @@ def inspect_torchscript(path: Path) -> dict:
         "config": config.to_dict(),
         "forward": forward_signature(module),
         # Artifacts written before padded batches have no lengths argument: say so plainly.
-        "takes_lengths": any(a.name == LENGTHS_INPUT for a in module.forward.schema.arguments),
+        "takes_lengths": takes_lengths(module),
         "parameters": sum(p.numel() for p in module.parameters()),
     }
 

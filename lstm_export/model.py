@@ -88,6 +88,8 @@ def check_inputs(
 
 def check_lengths(lengths: Tensor, seq: int, batch: int) -> None:
     """Refuse `lengths` unless it is int64 [batch] with every value in 1..seq."""
+    if not torch.jit.is_scripting() and not isinstance(lengths, Tensor):  # scripted: typed
+        raise ValueError(f"lengths must be an int64 tensor, got {type(lengths).__name__}")
     if lengths.dtype != torch.int64:
         raise ValueError(f"lengths must be an int64 tensor, got {_dtype_name(lengths.dtype)}")
     if lengths.dim() != 1 or lengths.size(0) != batch:

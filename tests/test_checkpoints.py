@@ -566,7 +566,7 @@ def test_a_half_bidirectional_state_dict_is_refused_naming_the_missing_keys(
     with pytest.raises(UsageError) as error:
         read_checkpoint(path)
     message = str(error.value)
-    assert message.startswith(f"checkpoint {path} is half bidirectional: ")
+    assert message.startswith(f"checkpoint {path} is bidirectional (it has reverse-direction ")
     assert missing in message, message
     assert "\x1b" not in message
 
@@ -580,7 +580,7 @@ def test_cli_refuses_a_half_bidirectional_nn_lstm_in_one_line(tmp_path, call_mai
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert "half bidirectional" in lines[0] and "missing: weight_hh_l0_reverse" in lines[0]
+    assert "is bidirectional" in lines[0] and "missing: weight_hh_l0_reverse" in lines[0]
     assert not out.exists()
 
 
@@ -1275,3 +1275,12 @@ def test_a_bidirectional_key_with_a_newline_is_shown_escaped(tmp_path):
         load_checkpoint(path)
     message = str(caught.value)
     assert "\n" not in message and "weight_ih_l0_reverse\\n" in message
+
+
+def test_a_missing_forward_weight_of_a_bidirectional_nn_lstm_is_named_as_missing(tmp_path):
+    """Not called a half-bidirectional file: the forward bias is what is missing."""
+    state = _half(nn.LSTM(4, 5, bidirectional=True).state_dict(), "bias_hh_l0")
+    with pytest.raises(UsageError) as error:
+        read_checkpoint(_saved(tmp_path, state))
+    message = str(error.value)
+    assert "one direction or the other; missing: bias_hh_l0" in message, message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -387,3 +388,14 @@ def test_batch_first_x_is_described_batch_first():
     x = torch.randn(3, 4, 5)  # batch 3: a state for batch 4 (the time-major reading) is refused
     with pytest.raises(ValueError, match=r"batch=3"):
         model(x, (torch.zeros(2, 4, 8), torch.zeros(2, 4, 8)))
+
+
+@pytest.mark.parametrize(
+    "given", [[4, 2], (4, 2), np.array([4, 2])], ids=["list", "tuple", "ndarray"]
+)
+def test_eager_lengths_that_are_not_a_tensor_are_named(given):
+    model = layout_model(False, False, False)
+    with pytest.raises(
+        ValueError, match=r"lengths must be an int64 tensor, got (list|tuple|ndarray)$"
+    ):
+        model(torch.randn(4, 2, 5), None, given)

@@ -47,7 +47,7 @@ from lstm_export.benchmarks.anchors import (
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.exporters.kernel import build_kernel
-from lstm_export.exporters.torchscript import load_torchscript, script
+from lstm_export.exporters.torchscript import load_torchscript, script, takes_lengths
 from lstm_export.runtime.cpp import built_binary, time_forward
 from lstm_export.runtime.onnx import OnnxLSTM
 from lstm_export.verification.backends import FUSED_BACKEND, ONNX_BACKEND, TORCHSCRIPT_BACKEND
@@ -139,6 +139,7 @@ class BenchReport:
     cpp: str = ""
     timings: list[Timing] = field(default_factory=list)
     export: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -153,9 +154,10 @@ class BenchReport:
 Bind = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], Runner]
 
 
-def _backends(folder: Path, threads: int) -> tuple[LSTMConfig, dict[str, Bind]]:
+def _backends(folder: Path, threads: int) -> tuple[LSTMConfig, dict[str, Bind], bool]:
     """name -> (x, zeros, lengths or None) -> runner; each backend gets its inputs bound
-    once, outside timing."""
+    once, outside timing. Last, whether the artifacts take lengths (exports from before
+    them do not)."""
     scripted, config = load_torchscript(folder / TORCHSCRIPT_FILE)
     eager = eager_from_scripted(scripted, config)
     scratch_scripted = script(eager)
@@ -205,7 +207,7 @@ def _backends(folder: Path, threads: int) -> tuple[LSTMConfig, dict[str, Bind]]:
     if (folder / FUSED_TORCHSCRIPT_FILE).is_file():  # export --fused-kernel
         fused, _ = load_torchscript(folder / FUSED_TORCHSCRIPT_FILE)
         backends[FUSED_BACKEND] = torch_runner(fused)
-    return config, backends
+    return config, backends, takes_lengths(scripted) and onnx_model.has_lengths
 
 
 def _time_in_rounds(
@@ -298,7 +300,7 @@ def bench(
     step = progress or (lambda _message: None)
     torch.set_num_threads(threads)
     folder = Path(folder)
-    config, backends = _backends(folder, threads)
+    config, backends, ragged_ok = _backends(folder, threads)
     cpp_binary = built_binary() if cpp else None
     report = BenchReport(
         cpp=str(cpp_binary) if cpp_binary else "not built (run lstm-export cpp-check once)",
@@ -317,6 +319,12 @@ def bench(
     if cpp_binary is not None and FUSED_BACKEND in backends:  # our build, not the folder's
         cpp_models.append((LIBTORCH_CPP_FUSED, FUSED_TORCHSCRIPT_FILE, build_kernel()))
     rng = np.random.default_rng(0)
+    if not ragged_ok and any(shape.ragged for shape in shapes):
+        report.notes.append(
+            f"{folder} was exported before lengths existed: its ragged shapes were not timed "
+            "(export it again to run padded batches)"
+        )
+        shapes = [shape for shape in shapes if not shape.ragged]
     for shape in shapes:
         seq, batch = shape.seq, shape.batch
         step(f"Timing seq={seq} batch={batch}{' ragged' if shape.ragged else ''}")

@@ -95,7 +95,13 @@ def load_test(
         raise UsageError(f"cannot reach {base_url}: {exc}") from None
     finally:
         probe.close()
-    input_size = info["config"]["input_size"]
+    config = info["config"]
+    input_size = config["input_size"]
+    batch_first = bool(config.get("batch_first", False))
+    notes = []
+    if stream_fraction and not info.get("streaming", True):  # a bidirectional model
+        notes.append(f"{base_url} serves a model that cannot stream; every request is a predict")
+        stream_fraction = 0.0
     headers = {"Content-Type": "application/json"}
     n_stream = round(requests * stream_fraction)
     # Spread each client's stream steps evenly among its predicts (a Bresenham schedule).
@@ -114,8 +120,10 @@ def load_test(
     def client(index: int) -> None:
         nonlocal errors, first_error
         rng = random.Random(seed * 1_000_003 + index)
-        x = [[[rng.uniform(-1, 1) for _ in range(input_size)] for _ in range(batch)]]
-        body = json.dumps({"x": x * seq}).encode()
+        rows = [[rng.uniform(-1, 1) for _ in range(input_size)] for _ in range(batch)]
+        # One step of every row, repeated seq times, in the model's own layout.
+        x = [[row] * seq for row in rows] if batch_first else [rows] * seq
+        body = json.dumps({"x": x}).encode()
         conn = connect()
         mine_p, mine_s, mine_errors = [], [], 0
         mine_first: tuple[float, int, str] | None = None
@@ -191,6 +199,7 @@ def load_test(
         "requests_per_s": round(done / wall, 1) if wall > 0 else None,
         "predict": _summary(predict_times),
         "stream_step": _summary(step_times),
+        "notes": notes,
     }
 
 

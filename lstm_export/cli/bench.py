@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from lstm_export.benchmarks import DEFAULT_SHAPES
-from lstm_export.cli.base import app, out, status
+from lstm_export.cli.base import app, err, out, status
 from lstm_export.cli.render import latency_table
 
 
@@ -66,6 +67,8 @@ def bench(
             progress=progress,
         )
     out.print(latency_table(report))
+    for note in report.notes:
+        err.print(f"[bold yellow]note[/]: {escape(note)}", highlight=False, soft_wrap=True)
     out.print(f"libtorch C++: {report.cpp}", markup=False, highlight=False)
     if report.export:
         out.print(

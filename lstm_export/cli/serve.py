@@ -142,6 +142,8 @@ def serve_bench(
         print_json(report)
     else:
         out.print(load_table(report, clients, requests, seq, batch))
+        for note in report["notes"]:
+            err.print(f"[bold yellow]note[/]: {escape(note)}", highlight=False, soft_wrap=True)
         if reason and not failed:
             err.print(
                 f"{report['errors']} errors; {escape(reason)}", highlight=False, soft_wrap=True

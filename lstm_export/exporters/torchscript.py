@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lstm_export.artifacts import TORCHSCRIPT_CONFIG_FILE
+from lstm_export.artifacts import LENGTHS_INPUT, TORCHSCRIPT_CONFIG_FILE
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError, first_line
 from lstm_export.exporters.kernel import OP_NAME, build_kernel, kernel_loaded
@@ -51,6 +51,11 @@ def config_of(model: LSTM | torch.jit.ScriptModule) -> LSTMConfig:
 def forward_signature(module: torch.jit.ScriptModule) -> str:
     """The scripted forward's schema without `self` (whose class name torch may mangle)."""
     return re.sub(r"\(\S+ self, ", "(", str(module.forward.schema))
+
+
+def takes_lengths(module: torch.jit.ScriptModule) -> bool:
+    """Whether a scripted module's forward has the `lengths` argument (exports before it do not)."""
+    return any(arg.name == LENGTHS_INPUT for arg in module.forward.schema.arguments)
 
 
 def script(model: torch.nn.Module) -> torch.jit.ScriptModule:

@@ -129,8 +129,7 @@ def cpp_check(
     module's weights, so a pass means libtorch computes what the Python source says,
     whole, from a given state, streamed in chunks and on a ragged batch (`cpp_cases`).
     """
-    from lstm_export.exporters.torchscript import load_torchscript
-    from lstm_export.verification.folder import takes_lengths
+    from lstm_export.exporters.torchscript import load_torchscript, takes_lengths
 
     tolerance = Tolerance(atol, factor)
     export_dir = Path(export_dir)

@@ -27,7 +27,6 @@ from lstm_export.artifacts import (
     FACTOR,
     FUSED_TORCHSCRIPT_FILE,
     KERNEL_LIBRARY,
-    LENGTHS_INPUT,
     MANIFEST_FILE,
     ONNX_FILE,
     TORCHSCRIPT_FILE,
@@ -54,11 +53,6 @@ NAME_MAX = 255
 """The longest file name (in bytes) of common filesystems; a longer manifest entry is not ours."""
 
 
-def takes_lengths(scripted: torch.jit.ScriptModule) -> bool:
-    """Whether a saved module's forward has the `lengths` argument (exports before it do not)."""
-    return any(arg.name == LENGTHS_INPUT for arg in scripted.forward.schema.arguments)
-
-
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -83,7 +77,7 @@ def _check_artifacts(
 ) -> tuple[ParityReport, dict[str, LSTMConfig]]:
     """`verify_artifacts`'s report, and the config each artifact holds (for the manifest's
     claim to be checked against, without loading them twice)."""
-    from lstm_export.exporters.torchscript import load_torchscript
+    from lstm_export.exporters.torchscript import load_torchscript, takes_lengths
 
     tolerance = tolerance or Tolerance()
     scripted, config = load_torchscript(torchscript_path)  # config.json, attributes, weights

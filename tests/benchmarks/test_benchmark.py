@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +24,7 @@ from lstm_export.errors import UsageError
 from lstm_export.pipeline import export
 from lstm_export.verification.backends import FUSED_BACKEND
 
+DATA = Path(__file__).parent.parent / "data"
 PYTHON_BACKENDS = {"eager", "torchscript (scratch cell)", "torchscript", "onnxruntime", *ANCHORS}
 
 
@@ -147,3 +150,29 @@ def test_plot_writes_a_png(tmp_path):
     png = tmp_path / "latency.png"
     plot(report, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_bench_of_an_export_from_before_lengths_skips_its_ragged_shapes_with_a_note(tmp_path):
+    folder = shutil.copytree(DATA / "export_v2_plain", tmp_path / "old")
+    report = bench(
+        folder,
+        parse_shapes("2x1,3x2:ragged"),
+        threads=1,
+        repeats=2,
+        warmup=0,
+        with_export=False,
+        cpp=False,
+        settle_seconds=0,
+    )
+    assert {t.shape for t in report.timings} == {"2x1"}
+    assert len(report.notes) == 1 and "before lengths" in report.notes[0]
+    assert not bench(
+        folder,
+        parse_shapes("2x1"),
+        threads=1,
+        repeats=1,
+        warmup=0,
+        with_export=False,
+        cpp=False,
+        settle_seconds=0,
+    ).notes

@@ -1615,3 +1615,19 @@ def test_an_export_from_before_lengths_serves_and_refuses_lengths_clearly(kind):
         assert "re-export" in message and "\n" not in message
     finally:
         client.close()
+
+
+@pytest.mark.slow
+def test_serve_bench_of_a_batch_first_bidirectional_model_sends_only_what_it_can_run(tmp_path):
+    """x in the model's own layout, and no stream steps where the model cannot stream:
+    every request is answered, and a note says why there were no stream steps."""
+    config = LSTMConfig(5, 8, 1, False, batch_first=True, bidirectional=True)
+    folder = export(build_model(config, seed=4), tmp_path / "bibf").out_dir
+    options = ["--clients", "1", "--requests", "4", "--seq", "3", "--batch", "2", "--json"]
+    done = run_cli("serve-bench", folder, *options, timeout=180)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    report = json.loads(done.stdout)
+    assert report["errors"] == 0, report["first_error"]
+    assert report["predict"]["count"] == 4 and report["stream_step"]["count"] == 0
+    assert report["stream_fraction"] == 0.0
+    assert "cannot stream" in report["notes"][0]
