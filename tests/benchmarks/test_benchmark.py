@@ -28,18 +28,17 @@ DATA = Path(__file__).parent.parent / "data"
 PYTHON_BACKENDS = {"eager", "torchscript (scratch cell)", "torchscript", "onnxruntime", *ANCHORS}
 
 
+def quick_bench(folder, shapes: str, **options):
+    """`bench` as these tests run it: one thread, two repeats, no warm-up, no pauses and no
+    export timing, unless `options` say otherwise."""
+    settings = {"threads": 1, "repeats": 2, "warmup": 0, "with_export": False, "settle_seconds": 0}
+    return bench(folder, parse_shapes(shapes), **{**settings, **options})
+
+
 @pytest.mark.parametrize("ln", [False, True], ids=["plain", "layer_norm"])
 def test_bench_times_every_backend_on_every_shape(tmp_path, ln):
     folder = export(small_model(ln, 2), tmp_path / "m").out_dir
-    report = bench(
-        folder,
-        parse_shapes("3x2,1x1,5x3:ragged"),
-        threads=1,
-        repeats=3,
-        warmup=1,
-        with_export=False,
-        settle_seconds=0,
-    )
+    report = quick_bench(folder, "3x2,1x1,5x3:ragged", repeats=3, warmup=1)
     backends = {t.backend for t in report.timings}
     assert backends >= PYTHON_BACKENDS
     assert {t.shape for t in report.timings} == {"3x2", "1x1", "5x3:ragged"}
@@ -56,44 +55,19 @@ def test_bench_times_every_backend_on_every_shape(tmp_path, ln):
 @pytest.mark.slow  # builds the C++ example (cpp_binary) where no cache holds it
 def test_bench_times_libtorch_from_cpp_when_the_example_is_built(tmp_path, cpp_binary):
     folder = export(small_model(True, 1), tmp_path / "m").out_dir
-    report = bench(
-        folder,
-        parse_shapes("3x2"),
-        threads=1,
-        repeats=2,
-        warmup=1,
-        with_export=False,
-        settle_seconds=0,
-    )
+    report = quick_bench(folder, "3x2", warmup=1)
     cpp_rows = [t for t in report.timings if t.backend == LIBTORCH_CPP]
     assert report.cpp == str(cpp_binary)
     assert len(cpp_rows) == 1 and cpp_rows[0].median_ms > 0
     assert cpp_rows[0].ratio_to_best_anchor is not None
-    without = bench(
-        folder,
-        parse_shapes("3x2"),
-        threads=1,
-        repeats=1,
-        warmup=0,
-        with_export=False,
-        cpp=False,
-        settle_seconds=0,
-    )
+    without = quick_bench(folder, "3x2", repeats=1, cpp=False)
     assert LIBTORCH_CPP not in {t.backend for t in without.timings}
 
 
 @pytest.mark.slow  # compiles the kernel and the C++ example where no cache holds them
 def test_bench_times_the_fused_kernel_in_python_and_cpp_when_exported(tmp_path, cpp_binary):
     folder = export(small_model(True, 2), tmp_path / "m", fused_kernel=True).out_dir
-    report = bench(
-        folder,
-        parse_shapes("5x3"),
-        threads=1,
-        repeats=2,
-        warmup=1,
-        with_export=False,
-        settle_seconds=0,
-    )
+    report = quick_bench(folder, "5x3", warmup=1)
     rows = {t.backend: t for t in report.timings}
     assert rows.keys() >= PYTHON_BACKENDS | {FUSED_BACKEND, LIBTORCH_CPP, LIBTORCH_CPP_FUSED}
     assert rows[FUSED_BACKEND].target == "<= 2.5x nn.LSTM"
@@ -136,15 +110,7 @@ def test_shapes_parse():
 
 def test_plot_writes_a_png(tmp_path):
     folder = export(small_model(False, 1), tmp_path / "m").out_dir
-    report = bench(
-        folder,
-        parse_shapes("2x1,6x1"),
-        threads=1,
-        repeats=2,
-        warmup=0,
-        with_export=False,
-        settle_seconds=0,
-    )
+    report = quick_bench(folder, "2x1,6x1")
     from lstm_export.benchmarks.latency import plot
 
     png = tmp_path / "latency.png"
@@ -154,25 +120,7 @@ def test_plot_writes_a_png(tmp_path):
 
 def test_bench_of_an_export_from_before_lengths_skips_its_ragged_shapes_with_a_note(tmp_path):
     folder = shutil.copytree(DATA / "export_v2_plain", tmp_path / "old")
-    report = bench(
-        folder,
-        parse_shapes("2x1,3x2:ragged"),
-        threads=1,
-        repeats=2,
-        warmup=0,
-        with_export=False,
-        cpp=False,
-        settle_seconds=0,
-    )
+    report = quick_bench(folder, "2x1,3x2:ragged", cpp=False)
     assert {t.shape for t in report.timings} == {"2x1"}
     assert len(report.notes) == 1 and "before lengths" in report.notes[0]
-    assert not bench(
-        folder,
-        parse_shapes("2x1"),
-        threads=1,
-        repeats=1,
-        warmup=0,
-        with_export=False,
-        cpp=False,
-        settle_seconds=0,
-    ).notes
+    assert not quick_bench(folder, "2x1", repeats=1, cpp=False).notes
