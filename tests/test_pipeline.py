@@ -294,3 +294,33 @@ def test_keep_failed_that_would_hold_the_destination_is_refused_first(tmp_path):
     with pytest.raises(UsageError, match="holds the export's destination"):
         check_keep_failed(tmp_path / "new", tmp_path / "new" / "m")
     assert list(tmp_path.iterdir()) == []
+
+
+LAYOUTS = [
+    pytest.param(ln, batch_first, bidirectional, id=f"{kind}-{order}-{direction}")
+    for ln, kind in ((False, "plain"), (True, "layer_norm"))
+    for batch_first, order in ((False, "time_major"), (True, "batch_first"))
+    for bidirectional, direction in ((False, "one_way"), (True, "bidirectional"))
+]
+
+
+@pytest.mark.slow  # LayerNorm cases compile (or reuse) the fused kernel
+@pytest.mark.parametrize("ln,batch_first,bidirectional", LAYOUTS)
+def test_every_layout_exports_with_every_artifact_proven_on_ragged_batches(
+    ln, batch_first, bidirectional, tmp_path
+):
+    """The issue's matrix, end to end: each layout's export passes the parity engine's ragged
+    cases on model.pt, model.onnx, Triton's batch-major graph and (LayerNorm) model.fused.pt,
+    each against the eager model in float64."""
+    config = LSTMConfig(4, 6, 2, ln, batch_first=batch_first, bidirectional=bidirectional)
+    model = build_model(config, seed=11)
+    with torch.no_grad():  # weights of a trained model's scale
+        for parameter in model.parameters():
+            parameter.mul_(2.0)
+    result = export(model, tmp_path / "m", fused_kernel=ln)
+    rows = result.report.results
+    ragged = {r.backend for r in rows if r.case.endswith("ragged") and r.passed}
+    expected = {"eager", "torchscript", "onnxruntime", "onnxruntime batch-first"}
+    assert ragged == expected | ({"torchscript (fused kernel)"} if ln else set())
+    assert result.report.passed
+    assert any(r.case.endswith("chunks 64+1+63") for r in rows) is not bidirectional
