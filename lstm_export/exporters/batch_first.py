@@ -88,10 +88,6 @@ def check_export_graph(model_proto: onnx.ModelProto, source: str) -> LSTMConfig:
     return config
 
 
-check_time_major = check_export_graph
-"""The older name, from when every export's model.onnx was time-major."""
-
-
 def _rename_in_graph(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
     """Rename values in `graph`'s nodes and in their subgraphs, unless a subgraph shadows them."""
     for node in graph.node:
