@@ -14,11 +14,11 @@ streams along dim 0, and rows of the LSTM never mix, so whatever fills a slot th
 no request (Triton's null request) does not touch the other streams. No START/READY
 control inputs are needed: the zero initial state is the start.
 
-A graph with the optional `lengths` input lists it (dims [1] per request, reshaped to the
-graph's [batch]; optional): the valid steps of this chunk, so that a stream's last chunk
-can be padded to the length of the chunks it is batched with; the state kept is the one at
-the last valid step. A bidirectional model is refused (`check_streamable`): a stream cannot
-run backwards from an end it has not seen.
+A graph's optional `lengths` input is not listed: Triton's onnxruntime backend refuses an
+optional input on a model that batches ("optional input ... is not supported for models that
+support batching"), and a required one would make every client send it; the graph's default
+(every sequence full) runs each chunk whole. A bidirectional model is refused
+(`check_streamable`): a stream cannot run backwards from an end it has not seen.
 
 - `model_config`: the config.pbtxt text, and reading it with tritonclient's `ModelConfig`;
 - `validate`: `validate_triton_repo`, the checks the onnxruntime backend makes on loading

@@ -79,16 +79,6 @@ def config_pbtxt(
             f"    dims: {_dims_text(triton_dims(value))}\n  }}"
         )
 
-    def lengths() -> str:
-        # [batch] in the graph: a batching config lists it as [1] per request, reshaped to
-        # [] (Triton's rule for a tensor that is only its batch dim). Optional, as in the
-        # graph: a request without it runs every step of its chunk.
-        dtype = ONNX_TO_TRITON[values[LENGTHS_INPUT].type.tensor_type.elem_type]
-        return (
-            f'  {{\n    name: "{LENGTHS_INPUT}"\n    data_type: {dtype}\n    dims: [ 1 ]\n'
-            "    reshape { shape: [ ] }\n    optional: true\n  }"
-        )
-
     def state(input_name: str, output_name: str) -> str:
         shape = _dims_text(triton_dims(values[input_name]))
         return (
@@ -99,7 +89,7 @@ def config_pbtxt(
         )
 
     outputs = [OUTPUT, *(STATE_OUTPUTS if expose_state else ())]
-    inputs = [tensor(INPUT), *([lengths()] if has_lengths else ())]
+    inputs = [tensor(INPUT)]
     lines = [
         "# Written by lstm-export for Triton's onnxruntime backend; 1/model.onnx is batch-first.",
         f"# Model: input_size={config.input_size} hidden_size={config.hidden_size}"
@@ -110,9 +100,10 @@ def config_pbtxt(
         "# streams run together, stacked along dim 0.",
         *(
             [
-                f"# {LENGTHS_INPUT} [1], optional: the valid steps of this chunk, 1..chunk;",
-                "# y is zero past them and the h and c kept are those of the last valid step",
-                "# (pad a stream's last chunk to the chunk length its batch-mates use).",
+                f"# The graph's optional {LENGTHS_INPUT} is not listed: Triton's onnxruntime "
+                "backend refuses",
+                "# optional inputs on a model that batches, so every chunk runs all its steps",
+                "# (its default: the graph's empty initializer).",
             ]
             if has_lengths
             else []

@@ -122,7 +122,15 @@ class _Checker:
         for control in sorted(controls - set(graph_inputs)):
             problems.append(f"control input {control!r} is not an input of the graph{where}")
         listed = self.entries("input", config.input, graph_inputs, where, state_inputs)
-        for missing in sorted(set(graph_inputs) - listed - state_inputs - controls):
+        for entry in config.input:
+            if entry.optional and config.max_batch_size != 0:  # the backend's own rule
+                problems.append(
+                    f"input {entry.name!r} is optional, which Triton's onnxruntime backend "
+                    f"refuses for a model that batches{where}"
+                )
+        # An input with a default (an initializer: lengths) may go unlisted: the graph runs it.
+        defaults = {t.name for t in model.graph.initializer}
+        for missing in sorted(set(graph_inputs) - listed - state_inputs - controls - defaults):
             problems.append(f"graph input {missing!r} is neither a config input nor a state{where}")
 
         state_outputs = {s.output_name for s in batching.state}
