@@ -213,39 +213,21 @@ class SequenceBatcher:
             initial[state.input_name] = np.zeros([1, *first.dims], np.float32)
         return initial
 
-    def execute(self, requests: dict[int, np.ndarray | dict], null_slots: int = 1) -> dict:
-        """Run one batch: {correlation id: x [1, chunk, in], or {input name: array}} ->
-        {id: {output: [1, ...]}}. Requests batched together send the same inputs and shapes;
-        an input listed with a reshape (lengths: [1] per request) is fed in the reshaped
-        shape (the graph's [batch])."""
+    def execute(self, requests: dict[int, np.ndarray], null_slots: int = 1) -> dict:
+        """Run one batch: {correlation id: x [1, chunk, in]} -> {id: {output: [1, ...]}}."""
         assert len(requests) + null_slots <= self.config.max_batch_size
-        given = {i: r if isinstance(r, dict) else {"x": r} for i, r in requests.items()}
-        ids = list(given)
-        (sent,) = {tuple(given[i]) for i in ids}  # one set of inputs per execution
-        listed = {entry.name: entry for entry in self.config.input}
-        assert all(listed[name].optional for name in set(listed) - set(sent))
-        rows = {}
-        for name in sent:
-            (shape,) = {given[i][name].shape for i in ids}  # batch 1, the config's dims
-            dims = list(listed[name].dims)
-            assert shape[0] == 1 and len(shape) == 1 + len(dims)
-            assert all(d in (-1, g) for d, g in zip(dims, shape[1:], strict=True))
-            rows[name] = [given[i][name] for i in ids]
+        (x_input,) = self.config.input
+        ids = list(requests)
+        shapes = {requests[i].shape for i in ids}
+        assert len(shapes) == 1 and next(iter(shapes))[0] == 1  # batch-1 requests, one shape
+        rows = {x_input.name: [requests[i] for i in ids]}
         for state in self.states:
             rows[state.input_name] = [
                 self.kept.get(i, self._initial())[state.input_name] for i in ids
             ]
         for tensors in rows.values():  # null requests: garbage the model must ignore
-            if tensors[0].dtype == np.int64:  # lengths: any valid count of steps
-                chunk = rows["x"][0].shape[1]
-                garbage = self.rng.integers(1, chunk + 1, tensors[0].shape)
-            else:
-                garbage = 100 * self.rng.standard_normal(tensors[0].shape, np.float32)
-            tensors += [garbage] * null_slots
+            tensors += [100 * self.rng.standard_normal(tensors[0].shape, np.float32)] * null_slots
         feeds = {name: np.concatenate(tensors) for name, tensors in rows.items()}
-        for name in sent:
-            if listed[name].HasField("reshape"):
-                feeds[name] = feeds[name].reshape(-1, *listed[name].reshape.shape)
         names = [o.name for o in self.config.output] + [s.output_name for s in self.states]
         results = dict(zip(names, self.session.run(names, feeds), strict=True))
         replies = {}
@@ -892,12 +874,11 @@ def test_a_config_pbtxt_that_is_a_fifo_is_refused_not_waited_on(served, tmp_path
 OLD_EXPORTS = Path(__file__).parents[1] / "data"
 
 
-def _eager64(model, x: np.ndarray, lengths=None):
+def _eager64(model, x: np.ndarray):
     """The eager model in float64 with the same weights, on x in the model's own layout."""
     reference = copy.deepcopy(model).double().eval()
     with torch.no_grad():
-        torch_lengths = None if lengths is None else torch.tensor(lengths, dtype=torch.int64)
-        y, (h, c) = reference(torch.from_numpy(x).double(), None, torch_lengths)
+        y, (h, c) = reference(torch.from_numpy(x).double())
     return y.numpy(), h.numpy(), c.numpy()
 
 
@@ -912,10 +893,7 @@ def test_chunks_run_whole_through_the_graphs_lengths_default(served):
     batcher = SequenceBatcher(model_dir)
     a = _stream(np.random.default_rng(5), 8)
     ys = [batcher.execute({1: a[:, start : start + 4]}, null_slots=2)[1]["y"] for start in (0, 4)]
-    ey, eh, ec = _eager64(model, _tm(a))
-    np.testing.assert_allclose(np.concatenate(ys, axis=1), _tm(ey), rtol=0, atol=TOL)
-    np.testing.assert_allclose(batcher.kept[1]["h0"], _tm(eh), rtol=0, atol=TOL)
-    np.testing.assert_allclose(batcher.kept[1]["c0"], _tm(ec), rtol=0, atol=TOL)
+    _assert_stream_matches_eager(model, a, ys, batcher.kept[1])
 
 
 @pytest.mark.parametrize("kind", ["plain", "layer_norm"])
