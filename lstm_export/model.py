@@ -131,6 +131,18 @@ def reverse_steps(x: Tensor, index: Optional[Tensor]) -> Tensor:
     return x.gather(0, index.unsqueeze(2).expand(x.size(0), x.size(1), x.size(2)))
 
 
+def padded_step(new: State, old: State, valid: Optional[Tensor], t: int) -> Tuple[Tensor, State]:
+    """One step's output and carried state under the padding mask: where step t is padding
+    (`valid[t]` false) the output is 0 and the old (h, c) is carried; without a mask, the
+    new h and (h, c)."""
+    h_t, c_t = new
+    if valid is None:
+        return h_t, (h_t, c_t)
+    keep = valid[t]
+    carried = (torch.where(keep, h_t, old[0]), torch.where(keep, c_t, old[1]))
+    return h_t.masked_fill(~keep, 0.0), carried
+
+
 class LSTMCell(nn.Module):
     r"""One LSTM step, with LayerNorm on every gate and on the cell state.
 
@@ -189,13 +201,8 @@ class LSTMCell(nn.Module):
         h, c = state
         outputs: List[Tensor] = []
         for t, x_t in enumerate(x.unbind(0)):
-            h_t, c_t = self(x_t, (h, c))
-            if valid is None:
-                h, c = h_t, c_t
-            else:
-                h, c = torch.where(valid[t], h_t, h), torch.where(valid[t], c_t, c)
-                h_t = h_t.masked_fill(~valid[t], 0.0)
-            outputs.append(h_t)
+            y_t, (h, c) = padded_step(self(x_t, (h, c)), (h, c), valid, t)
+            outputs.append(y_t)
         return torch.stack(outputs), (h, c)
 
 
@@ -267,7 +274,8 @@ class LayerStack(nn.Module):
         index: Optional[Tensor] = None
         if lengths is not None:
             valid = valid_steps(lengths, x.size(0))
-            index = reverse_index(lengths, x.size(0))
+            if self.bidirectional:
+                index = reverse_index(lengths, x.size(0))
         layer_input = x
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lstm_export.config import LSTMConfig
-from lstm_export.model import LSTM, LayerStack, LSTMCell, State
+from lstm_export.model import LSTM, LayerStack, LSTMCell, State, padded_step
 
 
 class _Route(LayerStack):
@@ -143,13 +143,9 @@ class HoistedLayer(_LayerNormLayer):
         h, c = state
         outputs: List[Tensor] = []
         for t, xw_t in enumerate(x_proj.unbind(0)):
-            h_t, c_t = self.step(xw_t, (h, c), w_h, gamma, beta)
-            if valid is None:
-                h, c = h_t, c_t
-            else:  # padding: carry (h, c), output 0 (as `LSTMCell.scan`)
-                h, c = torch.where(valid[t], h_t, h), torch.where(valid[t], c_t, c)
-                h_t = h_t.masked_fill(~valid[t], 0.0)
-            outputs.append(h_t)
+            new = self.step(xw_t, (h, c), w_h, gamma, beta)
+            y_t, (h, c) = padded_step(new, (h, c), valid, t)  # as `LSTMCell.scan`
+            outputs.append(y_t)
         return torch.stack(outputs), (h, c)
 
     def step(self, xw_t: Tensor, state: State, w_h: Tensor, gamma: Tensor, beta: Tensor) -> State:
