@@ -69,9 +69,17 @@ def case_lengths(case: Case) -> Array:
     return lengths.astype(np.int64)
 
 
-def default_cases(config: LSTMConfig | None = None) -> list[Case]:
-    """The matrix: every seq x batch x state, ragged padded batches, and streaming cases
-    (not for a bidirectional model, which no stream can run)."""
+def runnable(cases: list[Case], config: LSTMConfig | None, lengths: bool = True) -> list[Case]:
+    """The `cases` artifacts of `config` can run: no streamed case for a bidirectional model
+    (no stream can run one), no ragged case where `lengths` is False (artifacts exported
+    before lengths existed)."""
+    bidirectional = config is not None and config.bidirectional
+    return [c for c in cases if not (c.chunks and bidirectional) and (lengths or not c.ragged)]
+
+
+def default_cases(config: LSTMConfig | None = None, lengths: bool = True) -> list[Case]:
+    """The matrix: every seq x batch x state, ragged padded batches, and streaming cases,
+    those `config`'s artifacts can run (`runnable`)."""
     cases = [
         Case(seq, batch, state)
         for seq in (1, 2, 17, 128)
@@ -79,13 +87,12 @@ def default_cases(config: LSTMConfig | None = None) -> list[Case]:
         for state in (False, True)
     ]
     cases += [Case(17, 3, False, ragged=True), Case(128, 4, True, ragged=True)]
-    if config is None or not config.bidirectional:
-        cases += [
-            Case(17, 3, False, (1, 7, 9)),
-            Case(17, 1, True, (5, 1, 11)),
-            Case(128, 3, True, (64, 1, 63)),
-        ]
-    return cases
+    cases += [
+        Case(17, 3, False, (1, 7, 9)),
+        Case(17, 1, True, (5, 1, 11)),
+        Case(128, 3, True, (64, 1, 63)),
+    ]
+    return runnable(cases, config, lengths)
 
 
 def case_inputs(

@@ -21,7 +21,7 @@ from lstm_export.errors import UsageError
 from lstm_export.files import artifact
 from lstm_export.runtime.cpp import build, model_config
 from lstm_export.verification.backends import CPP_BACKEND, FUSED_CPP_BACKEND, cpp_backend
-from lstm_export.verification.cases import Case
+from lstm_export.verification.cases import Case, runnable
 from lstm_export.verification.parity import ParityReport, Reference, Tolerance, check_parity
 
 # Whole from zeros, from a given state, streamed 4 steps per call, a single step and a
@@ -40,11 +40,7 @@ def cpp_cases(config: LSTMConfig, lengths: bool) -> list[Case]:
     """`CPP_CASES` without streaming for a bidirectional model (lstm_run refuses --chunk:
     the reverse direction needs the whole sequence) and without the ragged case for a
     model.pt whose forward has no lengths (exported before them)."""
-    return [
-        case
-        for case in CPP_CASES
-        if not (case.chunks and config.bidirectional) and (lengths or not case.ragged)
-    ]
+    return runnable(CPP_CASES, config, lengths)
 
 
 @dataclass

@@ -108,10 +108,8 @@ def _check_artifacts(
                 )
                 return report, configs
             backends.append(torch_backend(FUSED_BACKEND, fused))
-    cases = default_cases(config)
-    ragged = takes_lengths(scripted) and runtime.has_lengths
-    if not ragged:  # artifacts written before lengths existed: prove what they can run
-        cases = [case for case in cases if not case.ragged]
+    ragged = takes_lengths(scripted) and runtime.has_lengths  # False: exported before lengths
+    cases = default_cases(config, lengths=ragged)
     reference = Reference.from_scripted(scripted, config)
     checked = check_parity(reference, backends, cases, tolerance=tolerance)
     checked.problems[:0] = report.problems
