@@ -75,8 +75,20 @@ def serve(
     access_log: Annotated[
         bool, typer.Option("--access-log/--no-access-log", help="Log every request.")
     ] = True,
+    name: Annotated[
+        str | None,
+        typer.Option(help="The model's name under /v2 (default: the export's); as triton --name."),
+    ] = None,
+    expose_state: Annotated[
+        bool,
+        typer.Option(
+            "--expose-state",
+            help="List hn and cn among /v2's outputs, as triton --expose-state does.",
+        ),
+    ] = False,
 ) -> None:
-    """Serve an export over HTTP, JSON in and out (needs the serve extra); Ctrl+C stops it."""
+    """Serve an export over HTTP: our /v1 JSON API and the Open Inference Protocol (/v2, as
+    Triton speaks it) side by side (needs the serve extra); Ctrl+C stops it."""
     from lstm_export.serving.http import serve as run_serve
 
     limits = ServerLimits(
@@ -103,6 +115,8 @@ def serve(
         optimization=optimization,
         log_level=log_level,
         access_log=access_log,
+        name=name,
+        expose_state=expose_state,
     )
 
 

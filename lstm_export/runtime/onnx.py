@@ -368,18 +368,21 @@ class Stream:
     def batch(self) -> int | None:
         return None if self.state is None else int(self.state[0].shape[1])
 
-    def step(self, chunk: Array) -> Array:
+    def step(self, chunk: Array, *, restart: bool = False) -> Array:
+        """y of the chunk, run from the state the previous chunks left (`restart`: from
+        zeros, as a new sequence of the chunk's batch, forgetting what came before)."""
         with self._lock:
             x = _as_float32("x", chunk)
             batch, axis = self.batch, self.model.batch_axis
-            if batch is not None and x.ndim == 3 and x.shape[axis] != batch:
+            if not restart and batch is not None and x.ndim == 3 and x.shape[axis] != batch:
                 raise UsageError(
                     f"this stream has batch {batch}, but the chunk has batch {x.shape[axis]} "
                     f"(shape {list(x.shape)})"
                 )
-            y, state = self.model.run(x, self.state)
+            y, state = self.model.run(x, None if restart else self.state)
             self.state = state
-            self.steps += int(x.shape[self.model.time_axis])
+            steps = int(x.shape[self.model.time_axis])
+            self.steps = steps if restart else self.steps + steps
             return y
 
 

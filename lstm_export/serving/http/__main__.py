@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--access-log", action=argparse.BooleanOptionalAction, default=True, help="Log requests."
     )
+    parser.add_argument("--name", default=None, help="The model's name under /v2.")
+    parser.add_argument(
+        "--expose-state", action="store_true", help="List hn and cn among /v2's outputs."
+    )
     return parser
 
 
@@ -57,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             optimization=args.optimization,
             log_level=args.log_level,
             access_log=args.access_log,
+            name=args.name,
+            expose_state=args.expose_state,
         )
     except LSTMExportError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -22,118 +22,25 @@ import contextlib
 import functools
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from lstm_export.artifacts import check_model_name
 from lstm_export.config import positive_int
 from lstm_export.errors import UsageError
 from lstm_export.runtime.onnx import OnnxLSTM, session_options
-from lstm_export.serving.http.codec import JSON, encode, error_body, is_json_type
+from lstm_export.serving.http.endpoints import Endpoints, error_response
 from lstm_export.serving.http.limits import HTTPError, ServerLimits, cpu_count
 from lstm_export.serving.http.notices import loop_error
 from lstm_export.serving.http.service import Service
-
-
-def json_response(status: int, data: Any, headers: dict[str, str] | None = None) -> Response:
-    return Response(encode(data), status, headers=headers, media_type=JSON)
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(error_body(message), status, headers=headers, media_type=JSON)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes.
-
-    A body must come as `application/json` (else 415; a wrong type before the body is
-    read): pages on other sites can POST text/plain or forms to 127.0.0.1 without asking,
-    but not JSON. No body needs no Content-Type (POST /v1/streams).
-    """
-    content_type = request.headers.get("content-type")
-    if content_type is not None and not is_json_type(content_type):
-        raise HTTPError(
-            415,
-            f"send the body as Content-Type: application/json (UTF-8), not {content_type!r}",
-            {"Connection": "close"},
-        )
-    too_large = HTTPError(
-        413,
-        f"the request body is larger than this server's limit of {limit} bytes",
-        {"Connection": "close"},
-    )
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise too_large
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise HTTPError(400, "the client disconnected before sending the whole body") from None
-    if content_type is None and size:
-        raise HTTPError(
-            415,
-            "the request has a body but no Content-Type; "
-            "send it with Content-Type: application/json",
-        )
-    return b"".join(chunks)
-
-
-class Endpoints:
-    """Each route: its request read, the service asked, its answer written."""
-
-    def __init__(self, service: Service) -> None:
-        self.service = service
-
-    async def body(self, request: Request) -> bytes:
-        return await read_body(request, self.service.limits.max_body_bytes)
-
-    async def healthz(self, request: Request) -> Response:
-        return json_response(200, self.service.health())
-
-    async def model(self, request: Request) -> Response:
-        return json_response(200, self.service.info)
-
-    async def predict(self, request: Request) -> Response:
-        answer = await self.service.predict(await self.body(request))
-        return Response(answer, 200, media_type=JSON)
-
-    async def create_stream(self, request: Request) -> Response:
-        answer = await self.service.open_stream(await self.body(request))
-        return json_response(201, answer, {"Location": answer["url"]})
-
-    async def step(self, request: Request) -> Response:
-        body = await self.body(request)
-        answer = await self.service.step(request.path_params["stream_id"], body)
-        return Response(answer, 200, media_type=JSON)
-
-    async def stream_resource(self, request: Request) -> Response:
-        """GET: the stream's batch, steps and idle time; DELETE: close it."""
-        stream_id = request.path_params["stream_id"]
-        if request.method == "DELETE":
-            return json_response(200, self.service.close_stream(stream_id))
-        return json_response(200, self.service.describe_stream(stream_id))
-
-    def routes(self) -> list[Route]:
-        return [
-            Route("/healthz", self.healthz, methods=["GET"]),
-            Route("/v1/model", self.model, methods=["GET"]),
-            Route("/v1/predict", self.predict, methods=["POST"]),
-            Route("/v1/streams", self.create_stream, methods=["POST"]),
-            Route("/v1/streams/{stream_id}", self.stream_resource, methods=["GET", "DELETE"]),
-            Route("/v1/streams/{stream_id}/step", self.step, methods=["POST"]),
-        ]
+from lstm_export.serving.http.v2_endpoints import V2Endpoints
+from lstm_export.serving.http.v2_service import OpenInference
 
 
 class RefuseWebPages:
@@ -173,7 +80,10 @@ async def bad_input(request: Request, exc: Exception) -> Response:
 async def no_such_route(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        message = f"no route {request.url.path}; see GET /v1/model and the README's API section"
+        message = (
+            f"no route {request.url.path}; see GET /v1/model, GET /v2/models/NAME and the "
+            "README's API section"
+        )
     elif exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")
         message = f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}"
@@ -195,8 +105,12 @@ def create_app(
     workers: int | None = None,
     optimization: str = "all",
     providers: Sequence[str] = ("CPUExecutionProvider",),
+    name: str | None = None,
+    expose_state: bool = False,
 ) -> Starlette:
-    """The ASGI app over an export folder or .onnx file.
+    """The ASGI app over an export folder or .onnx file: the /v1 API and the Open Inference
+    Protocol's /v2 (model `name`, default the export's; hn/cn among its outputs with
+    `expose_state`, as `lstm-export triton --expose-state` lists them).
 
     `threads` is onnxruntime's intra-op threads per request (1: requests run in parallel
     instead), at most the CPU count; `workers` the size of the thread pool that runs requests
@@ -206,17 +120,20 @@ def create_app(
     """
     limits = limits or ServerLimits()
     cpus = cpu_count()
-    for name, value, most in (("threads", threads, cpus), ("workers", workers, 4 * cpus)):
+    for option, value, most in (("threads", threads, cpus), ("workers", workers, 4 * cpus)):
         if value is None:
             continue
-        if positive_int(name, value) > most:
-            rule = "the CPU count" if name == "threads" else "4 x the CPU count"
-            raise UsageError(f"{name} must be at most {most} ({rule}, {cpus} here), got {value}")
+        if positive_int(option, value) > most:
+            rule = "the CPU count" if option == "threads" else "4 x the CPU count"
+            raise UsageError(f"{option} must be at most {most} ({rule}, {cpus} here), got {value}")
     if runtime is None:
         options = session_options(threads, optimization)
         options.enable_cpu_mem_arena = False
         runtime = OnnxLSTM(export_dir, options=options, providers=providers)
+    if name is not None:
+        check_model_name(name)
     service = Service(runtime, limits, workers or max(2, cpus))
+    inference = OpenInference(service, name, expose_state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -235,7 +152,7 @@ def create_app(
             service.pool.shutdown(wait=False, cancel_futures=True)
 
     app = Starlette(
-        routes=Endpoints(service).routes(),
+        routes=[*Endpoints(service).routes(), *V2Endpoints(inference).routes()],
         middleware=[Middleware(RefuseWebPages)],
         lifespan=lifespan,
         exception_handlers={
@@ -249,4 +166,5 @@ def create_app(
     # is a JSON 404 like any unknown route.
     app.router.redirect_slashes = False
     app.state.service = service
+    app.state.inference = inference
     return app

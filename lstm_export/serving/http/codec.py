@@ -17,6 +17,7 @@ import orjson
 from lstm_export.serving.http.limits import HTTPError
 
 JSON = "application/json"
+BINARY = "application/octet-stream"
 
 
 def _reject_constant(name: str) -> None:
@@ -25,7 +26,7 @@ def _reject_constant(name: str) -> None:
     )
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
     if value is None:
         return "null"
@@ -74,7 +75,7 @@ def decode_object(body: bytes, allowed: Sequence[str], required: Sequence[str] =
     except ValueError as exc:  # JSONDecodeError, an int of 4300+ digits
         raise HTTPError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise HTTPError(400, f"the request body must be a JSON object, got {_json_type(data)}")
+        raise HTTPError(400, f"the request body must be a JSON object, got {json_type(data)}")
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         raise HTTPError(400, f"unknown key(s) {unknown}; expected some of {sorted(allowed)}")
@@ -96,7 +97,7 @@ _KIND_NAMES = {"b": "booleans", "U": "strings", "S": "strings", "O": "null, obje
 def to_array(name: str, value: object) -> np.ndarray:
     """A JSON nested list of numbers as a float64 array; 400 for anything else."""
     if not isinstance(value, list):
-        raise HTTPError(400, f"{name} must be a nested list of numbers, got {_json_type(value)}")
+        raise HTTPError(400, f"{name} must be a nested list of numbers, got {json_type(value)}")
     try:
         array = np.asarray(value)
     except (ValueError, TypeError):
@@ -120,11 +121,11 @@ def to_lengths(value: object) -> np.ndarray:
     `decode_object`). Whether the count and the values fit x is the runtime's check.
     """
     if not isinstance(value, list) or not value:
-        shown = "an empty list" if value == [] else _json_type(value)
+        shown = "an empty list" if value == [] else json_type(value)
         raise HTTPError(400, f"lengths must be a list of integers, one per batch row, got {shown}")
     for item in value:
         if isinstance(item, bool) or not isinstance(item, int) or abs(item) > INT64_MAX:
-            shown = _short_json(item) if isinstance(item, int | float) else _json_type(item)
+            shown = _short_json(item) if isinstance(item, int | float) else json_type(item)
             raise HTTPError(
                 400, f"lengths must be a list of integers, one per batch row, got {shown}"
             )

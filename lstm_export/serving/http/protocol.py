@@ -7,11 +7,11 @@ its parser errors are plain text. Here a request's line and headers must arrive 
 a kept-alive connection) and its body within `body_timeout` of the headers, else a JSON 408;
 an answer that backs up in the server (a client that does not read) must drain within
 `write_timeout`, else the connection is dropped. Past `max_connections`, a new connection is
-answered a JSON 503 (GET /healthz is still answered); past `spare_connections` more it is
-closed at once. Request bodies (by Content-Length) and answers not yet handed to the kernel
-count against `max_bytes_in_flight`: a request or answer that would pass it gets a JSON 503
-with `Retry-After`. On SIGINT/SIGTERM requests in flight get `shutdown_timeout`; connections
-still open then are answered 503 (or dropped).
+answered a JSON 503 (GET /healthz and /v2/health/* are still answered); past
+`spare_connections` more it is closed at once. Request bodies (by Content-Length) and
+answers not yet handed to the kernel count against `max_bytes_in_flight`: a request or
+answer that would pass it gets a JSON 503 with `Retry-After`. On SIGINT/SIGTERM requests in
+flight get `shutdown_timeout`; connections still open then are answered 503 (or dropped).
 
 Over 400 lines because it is one class: uvicorn's protocol, whose hooks (connection made
 and lost, data received, writing paused and resumed, shutdown, the app call) share one
@@ -39,9 +39,11 @@ from lstm_export.serving.http.limits import (
 )
 from lstm_export.serving.http.notices import Notices
 from lstm_export.serving.http.service import Service
+from lstm_export.serving.http.v2_endpoints import HEALTH_ROUTES
 
 OVER_CAP_HEAD_SECONDS = 1.0  # a connection past the cap has this long to send its head
 RETRY = [("retry-after", "1")]
+PROBES = ("/healthz", *HEALTH_ROUTES)  # answered past the connection cap too
 CLOSE = [("connection", "close")]
 
 
@@ -375,7 +377,7 @@ class LimitedH11Protocol(H11Protocol):
                 [],
             )
         if self.over_cap:
-            if scope["path"] == "/healthz" and scope["method"] in ("GET", "HEAD"):
+            if scope["path"] in PROBES and scope["method"] in ("GET", "HEAD"):
                 return None  # answered, then closed
             self.notice("cap", self.over_cap_message())
             return 503, self.over_cap_message(), RETRY

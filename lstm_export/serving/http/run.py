@@ -109,20 +109,29 @@ def serve(
     log_level: str = "info",
     access_log: bool = True,
     on_ready: Callable[[str], None] | None = None,
+    name: str | None = None,
+    expose_state: bool = False,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully and return (exit code 0).
 
     Everything that can fail for a user reason (export folder, port, options, too low a file
     limit for `max_connections`) fails with `UsageError` before the server starts. `on_ready`
     gets the URL once the port is listening (default: one line on stderr); port 0 picks a
-    free port. Sets glibc's mmap threshold for the process (see `tune_malloc`).
+    free port. `name` and `expose_state` shape the /v2 API (see `create_app`). Sets glibc's
+    mmap threshold for the process (see `tune_malloc`).
     """
     if log_level not in LOG_LEVELS:
         raise UsageError(f"log_level must be one of {list(LOG_LEVELS)}, got {log_level!r}")
     limits = limits or ServerLimits()
     backlog = _backlog(limits.max_connections)
     app = create_app(
-        export_dir, limits, threads=threads, workers=workers, optimization=optimization
+        export_dir,
+        limits,
+        threads=threads,
+        workers=workers,
+        optimization=optimization,
+        name=name,
+        expose_state=expose_state,
     )
     tune_malloc()
     sock = _listen(host, port, backlog)
@@ -149,7 +158,7 @@ def serve(
     server = uvicorn.Server(config)
     quiet = QuietParserLines(app.state.service.notice)
     log.addFilter(quiet)
-    name = app.state.service.info["name"]
+    name = app.state.inference.name
     if on_ready is not None:
         on_ready(url)
     else:

@@ -1,8 +1,11 @@
-"""Open streams by id: each keeps its (h, c) on the server between chunks.
+"""Open streams by key: each keeps its (h, c) on the server between chunks.
 
-Each stream has an asyncio lock (FIFO), so concurrent chunks to one stream run one after
-another in the order they arrived. Idle streams expire after a TTL, checked on access and
-by the service's sweeper; the number of open streams is capped (then 429).
+Two APIs keep state here under one cap and one TTL: /v1's streams, keyed by a random id the
+server made (a str), and /v2's sequences, keyed by the client's sequence id (a tuple, so
+that neither API can reach the other's). Each has an asyncio lock (FIFO), so concurrent
+chunks to one stream run one after another in the order they arrived. Idle streams expire
+after a TTL, checked on access and by the service's sweeper; the number open is capped
+(then 429).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import asyncio
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
 
 @dataclass(eq=False)
 class StreamEntry:
-    id: str
+    id: Hashable  # a /v1 stream's str, or a /v2 sequence's ("sequence", its id)
     stream: Stream
     last_used: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -51,33 +54,42 @@ class StreamStore:
         now = self.clock()
         expired = [e for e in self._streams.values() if self._expired(e, now)]
         for entry in expired:
-            self._close(entry)
+            self.close(entry)
         return len(expired)
 
-    def _close(self, entry: StreamEntry) -> None:
+    def close(self, entry: StreamEntry) -> None:
         entry.closed = True
-        self._streams.pop(entry.id, None)
+        if self._streams.get(entry.id) is entry:
+            del self._streams[entry.id]
 
-    def create(self, stream: Stream) -> StreamEntry:
+    def create(self, stream: Stream, key: Hashable | None = None) -> StreamEntry:
+        """A new entry under `key` (default: a new random id), replacing none: the caller
+        has found no open entry under it."""
         if len(self._streams) >= self.max_streams:
             self.sweep()
         if len(self._streams) >= self.max_streams:
             retry = max(1, math.ceil(self.ttl))
             raise HTTPError(
                 429,
-                f"too many open streams (limit {self.max_streams}); delete one, or retry once "
-                f"idle streams expire (after {self.ttl:g} s)",
+                f"too many open streams (limit {self.max_streams}); /v1 streams and /v2 "
+                "sequences count together: end or delete one, or retry once idle ones expire "
+                f"(after {self.ttl:g} s)",
                 {"Retry-After": str(retry)},
             )
-        entry = StreamEntry(secrets.token_urlsafe(16), stream, self.clock())
+        entry = StreamEntry(secrets.token_urlsafe(16) if key is None else key, stream, self.clock())
         self._streams[entry.id] = entry
         return entry
 
-    def get(self, stream_id: str) -> StreamEntry:
-        entry = self._streams.get(stream_id)
+    def find(self, key: Hashable) -> StreamEntry | None:
+        """The open entry under `key`, or None (never opened, closed, or expired now)."""
+        entry = self._streams.get(key)
         if entry is not None and self._expired(entry, self.clock()):
-            self._close(entry)
+            self.close(entry)
             entry = None
+        return entry
+
+    def get(self, stream_id: str) -> StreamEntry:
+        entry = self.find(stream_id)
         if entry is None:
             raise HTTPError(
                 404,
@@ -88,5 +100,5 @@ class StreamStore:
 
     def delete(self, stream_id: str) -> StreamEntry:
         entry = self.get(stream_id)
-        self._close(entry)
+        self.close(entry)
         return entry

@@ -8,7 +8,7 @@ schema Triton itself loads, not by our own reading of the text.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import onnx
 from onnx import TensorProto
@@ -50,6 +50,31 @@ def triton_dims(value: onnx.ValueInfoProto) -> list[int]:
     return [d if isinstance(d, int) else -1 for d in dims(value)[1:]]
 
 
+class TritonTensor(NamedTuple):
+    """One tensor of the Triton model: its name, config data type and dims (no batch dim)."""
+
+    name: str
+    data_type: str  # the config's spelling, TYPE_FP32
+    dims: list[int]
+
+
+def model_signature(
+    model_proto: onnx.ModelProto, *, expose_state: bool = False
+) -> tuple[list[TritonTensor], list[TritonTensor]]:
+    """The inputs and outputs the Triton model shows its clients, from a batch-first graph:
+    x in, y out (and hn, cn with `expose_state`); the states themselves are the sequence
+    batcher's, never the client's. What `config_pbtxt` writes and `serve`'s /v2 reports."""
+    values = {v.name: v for v in (*model_proto.graph.input, *model_proto.graph.output)}
+
+    def spec(name: str) -> TritonTensor:
+        value = values[name]
+        dtype = ONNX_TO_TRITON[value.type.tensor_type.elem_type]
+        return TritonTensor(name, dtype, triton_dims(value))
+
+    outputs = [OUTPUT, *(STATE_OUTPUTS if expose_state else ())]
+    return [spec(INPUT)], [spec(name) for name in outputs]
+
+
 def _dims_text(values: list[int]) -> str:
     return "[ " + ", ".join(map(str, values)) + " ]"
 
@@ -70,13 +95,12 @@ def config_pbtxt(
     check_streamable(config, "the model")
     values = {v.name: v for v in (*model_proto.graph.input, *model_proto.graph.output)}
     has_lengths = LENGTHS_INPUT in {v.name for v in model_proto.graph.input}
+    inputs, outputs = model_signature(model_proto, expose_state=expose_state)
 
-    def tensor(tensor_name: str) -> str:
-        value = values[tensor_name]
-        dtype = ONNX_TO_TRITON[value.type.tensor_type.elem_type]
+    def tensor(spec: TritonTensor) -> str:
         return (
-            f'  {{\n    name: "{tensor_name}"\n    data_type: {dtype}\n'
-            f"    dims: {_dims_text(triton_dims(value))}\n  }}"
+            f'  {{\n    name: "{spec.name}"\n    data_type: {spec.data_type}\n'
+            f"    dims: {_dims_text(spec.dims)}\n  }}"
         )
 
     def state(input_name: str, output_name: str) -> str:
@@ -88,8 +112,6 @@ def config_pbtxt(
             f'        zero_data: true\n        name: "zeros"\n      }}\n    }}'
         )
 
-    outputs = [OUTPUT, *(STATE_OUTPUTS if expose_state else ())]
-    inputs = [tensor(INPUT)]
     lines = [
         "# Written by lstm-export for Triton's onnxruntime backend; 1/model.onnx is batch-first.",
         f"# Model: input_size={config.input_size} hidden_size={config.hidden_size}"
@@ -112,7 +134,7 @@ def config_pbtxt(
         f'backend: "{BACKEND}"',
         f"max_batch_size: {max_batch_size}",
         "input [",
-        ",\n".join(inputs),
+        ",\n".join(tensor(i) for i in inputs),
         "]",
         "output [",
         ",\n".join(tensor(o) for o in outputs),

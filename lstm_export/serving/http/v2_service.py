@@ -1,0 +1,220 @@
+"""The Open Inference Protocol's model work: metadata, and infer requests, stateless or in
+sequences kept the way Triton's sequence batcher keeps them.
+
+No HTTP here, as in `service`: this rides on the `Service` the /v1 API uses (its runtime,
+thread pool, limits and stream store). The model shows the signature of the Triton model
+`lstm-export triton` writes for the same export (x [batch, seq, input_size] -> y, and hn/cn
+with `expose_state`), batch-first whatever the export's own layout: x and y are transposed
+here for a time-major model, the states made batch-major.
+
+Sequences (request parameters `sequence_id`, `sequence_start`, `sequence_end`) follow
+Triton's rules: the first request of a sequence must carry `sequence_start` (a 400
+otherwise), which starts from zeros; a `sequence_start` on an open sequence starts it anew
+once the requests before it have run; `sequence_end` releases it; one sequence element per
+request (batch 1). A request without `sequence_id` runs whole, from zeros, at any batch: the
+one thing `serve` takes that Triton's sequence batcher refuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import lstm_export
+from lstm_export.errors import UsageError
+from lstm_export.exporters.batch_first import (
+    INPUT,
+    OUTPUT,
+    STATE_OUTPUTS,
+    VERSION,
+    batch_first_onnx,
+)
+from lstm_export.runtime.onnx import BIDIRECTIONAL_STREAM, OnnxLSTM, load_onnx
+from lstm_export.serving.http.limits import HTTPError
+from lstm_export.serving.http.service import Service
+from lstm_export.serving.http.streams import StreamEntry
+from lstm_export.serving.http.v2_codec import (
+    InferRequest,
+    SequenceControl,
+    Signature,
+    TensorSpec,
+    compress,
+    decompress,
+    encode_response,
+    read_request,
+    split_body,
+)
+from lstm_export.serving.triton.model_config import BACKEND, TritonTensor, model_signature
+
+SERVER_NAME = "lstm-export"
+EXTENSIONS = ("binary_tensor_data", "sequence")
+"""The protocol extensions served: Triton's binary tensors, and its sequence parameters."""
+SEQUENCE = "sequence"  # the first element of a sequence's key in the stream store
+
+
+def protocol_spec(tensor: TritonTensor) -> TensorSpec:
+    """A Triton config tensor as Triton's model metadata shows it for a model that batches:
+    -1 for the batch dim first, the datatype without its TYPE_ prefix."""
+    return TensorSpec(tensor.name, tensor.data_type.removeprefix("TYPE_"), (-1, *tensor.dims))
+
+
+def protocol_signature(runtime: OnnxLSTM, name: str, expose_state: bool) -> Signature:
+    """The model's inputs and outputs as Triton reports them for the repository
+    `lstm-export triton` writes: read off the same batch-first graph by the same function."""
+    graph = batch_first_onnx(load_onnx(runtime.path))
+    inputs, outputs = model_signature(graph, expose_state=expose_state)
+    return Signature(name, tuple(map(protocol_spec, inputs)), tuple(map(protocol_spec, outputs)))
+
+
+class OpenInference:
+    """The /v2 endpoints' logic over a `Service`: one model, version 1."""
+
+    def __init__(self, service: Service, name: str | None = None, expose_state: bool = False):
+        self.service = service
+        self.runtime = service.runtime
+        self.name = name or service.info["name"]
+        self.signature = protocol_signature(self.runtime, self.name, expose_state)
+
+    # ---- metadata
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {
+            "name": SERVER_NAME,
+            "version": lstm_export.__version__,
+            "extensions": list(EXTENSIONS),
+        }
+
+    def check_model(self, name: str, version: str | None = None) -> None:
+        """404 unless `name` (and `version`, if given) is the served model's."""
+        if name != self.name:
+            raise HTTPError(
+                404,
+                f"Request for unknown model: '{name[:100]}' is not found; this server "
+                f"serves '{self.name}'",
+            )
+        if version is not None and version != VERSION:
+            raise HTTPError(
+                404,
+                f"Request for unknown model: '{name}' version {version[:20]} is not found; "
+                f"it has version {VERSION}",
+            )
+
+    def model_metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "versions": [VERSION],
+            "platform": BACKEND,
+            "inputs": [spec.to_dict() for spec in self.signature.inputs],
+            "outputs": [spec.to_dict() for spec in self.signature.outputs],
+        }
+
+    # ---- inference
+
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        """The server's limits on x [batch, seq, input_size], before its data is read."""
+        batch, seq = shape[0], shape[1]
+        if batch < 1 or seq < 1:
+            raise HTTPError(
+                400,
+                f"input '{name}' must hold at least one sequence of one step, got {list(shape)}",
+            )
+        self.service.check_size(seq, batch)
+
+    def read(self, body: bytes, header_length: str | None, encoding: str | None) -> InferRequest:
+        body = decompress(body, encoding, self.service.limits.max_body_bytes)
+        header, binary = split_body(body, header_length)
+        return read_request(header, binary, self.signature, self.check_shape)
+
+    def to_model(self, x: np.ndarray) -> np.ndarray:
+        """Batch-first x in the model's own layout (a view)."""
+        return x if self.runtime.batch_axis == 0 else x.transpose(1, 0, 2)
+
+    def from_model(self, y: np.ndarray, state: tuple[np.ndarray, np.ndarray]) -> dict:
+        """The model's y and (h, c) as the protocol's outputs: batch-first, batch-major."""
+        if self.runtime.batch_axis != 0:
+            y = y.transpose(1, 0, 2)
+        h, c = (s.transpose(1, 0, 2) for s in state)
+        return dict(zip((OUTPUT, *STATE_OUTPUTS), (y, h, c), strict=True))
+
+    def run_whole(self, x: np.ndarray) -> dict:
+        y, state = self.runtime.run(self.to_model(x))
+        return self.from_model(y, state)
+
+    def run_step(self, entry: StreamEntry, x: np.ndarray, start: bool) -> dict:
+        y = entry.stream.step(self.to_model(x), restart=start)
+        return self.from_model(y, entry.stream.state)
+
+    async def run_in_sequence(self, sequence: SequenceControl, x: np.ndarray) -> dict:
+        """Run x as the next request of its sequence, after the requests of that sequence
+        that arrived before it (FIFO); a failed request changes no sequence's state."""
+        if self.runtime.config.bidirectional:
+            raise HTTPError(400, f"sequences are refused: {BIDIRECTIONAL_STREAM}")
+        if x.shape[0] != 1:
+            raise HTTPError(
+                400,
+                f"inference request to model '{self.name}' must specify batch-size 1 due to "
+                "requirements of sequence batcher",
+            )
+        store = self.service.store
+        key = (SEQUENCE, sequence.id)
+        while True:
+            entry = store.find(key)
+            fresh = entry is None
+            if entry is None:
+                if not sequence.start:
+                    raise HTTPError(
+                        400,
+                        f"inference request for sequence {str(sequence.id)[:100]} to model "
+                        f"'{self.name}' must specify the START flag on the first request of "
+                        "the sequence",
+                    )
+                entry = store.create(self.runtime.stream(), key)
+            entry.busy += 1
+            try:
+                async with entry.lock:
+                    if entry.closed:  # ended or expired while this request waited
+                        continue
+                    try:
+                        outputs = await self.service.call(self.run_step, entry, x, sequence.start)
+                    except BaseException:
+                        if fresh:  # a sequence whose first request failed never began
+                            store.close(entry)
+                        raise
+                    if sequence.end:
+                        store.close(entry)
+                    return outputs
+            finally:
+                entry.busy -= 1
+                entry.last_used = store.clock()
+
+    def answer(
+        self, request: InferRequest, outputs: dict, accept_encoding: str | None
+    ) -> tuple[bytes, dict[str, str]]:
+        tensors = [(name, outputs[name], binary) for name, binary in request.outputs]
+        body, headers = encode_response(self.name, VERSION, request.id, tensors)
+        body, encoding = compress(body, accept_encoding)
+        if encoding is not None:
+            headers["Content-Encoding"] = encoding
+        return body, headers
+
+    async def infer(
+        self,
+        body: bytes,
+        header_length: str | None,
+        encoding: str | None,
+        accept_encoding: str | None = None,
+    ) -> tuple[bytes, dict[str, str]]:
+        """The answer (body, headers) to an infer request's body and its headers
+        (Inference-Header-Content-Length, Content-Encoding, Accept-Encoding)."""
+        service = self.service
+        request = await service.call(self.read, body, header_length, encoding)
+        x = request.inputs[INPUT]
+        try:
+            if request.sequence is None:
+                outputs = await service.call(self.run_whole, x)
+            else:
+                outputs = await self.run_in_sequence(request.sequence, x)
+        except UsageError as exc:  # the runtime's word on an input it refuses
+            raise HTTPError(400, str(exc)) from None
+        return await service.call(self.answer, request, outputs, accept_encoding)
