@@ -15,7 +15,6 @@ import hashlib
 import http.client
 import json
 import re
-import resource
 import select
 import signal
 import socket
@@ -40,23 +39,7 @@ from lstm_export.errors import UsageError
 from lstm_export.pipeline import export
 from lstm_export.runtime.onnx import OnnxLSTM
 from lstm_export.serving.http import ServerLimits, cpu_count, create_app, serve
-
-LOOPBACK = "127.0.0.1"
-TIMEOUT = 30  # seconds, per request
-LIMITS = {
-    "max_body_bytes": 64 * 1024,
-    "max_seq_len": 64,
-    "max_batch": 4,
-    "max_elements": 200,  # under max_seq_len x max_batch, so that it is the limit that bites
-    "max_streams": 64,
-    "stream_ttl": 120.0,
-    "header_timeout": 10.0,
-    "body_timeout": 30.0,
-    "write_timeout": 30.0,
-    "max_connections": 64,
-    "max_bytes_in_flight": 64 * 1024 * 1024,
-    "shutdown_timeout": 1.0,
-}
+from server_process import LIMITS, LOOPBACK, TIMEOUT, Server, file_limit
 
 
 @dataclass
@@ -78,70 +61,6 @@ def eager(model, x, state=None):
         torch_state = None if state is None else tuple(torch.from_numpy(s) for s in state)
         y, (h, c) = model(torch.from_numpy(x), torch_state)
     return y.numpy(), h.numpy(), c.numpy()
-
-
-# --------------------------------------------------------------------------- server process
-
-
-class Server:
-    """`lstm-export serve DIR --port 0` in a subprocess; its port read off its log."""
-
-    def __init__(
-        self, folder: Path, log_path: Path, *, files: int | None = None, **limits: float
-    ) -> None:
-        options = []
-        for key, value in {**LIMITS, **limits}.items():
-            options += [f"--{key.replace('_', '-')}", str(value)]
-        self.log_path = log_path
-        self.log_file = log_path.open("wb")
-        command = [sys.executable, "-m", "lstm_export.cli", "serve", str(folder)]
-        command += ["--host", LOOPBACK, "--port", "0", *options]
-        self.proc = subprocess.Popen(
-            command,
-            stdout=self.log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=None if files is None else lambda: file_limit(files),
-        )
-        self.port = self._wait_for_port()
-
-    def _wait_for_port(self) -> int:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            found = re.search(rf"http://{re.escape(LOOPBACK)}:(\d+)", self.log())
-            if found:
-                return int(found.group(1))
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise AssertionError(f"the server did not start:\n{self.log()}")
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def client(self) -> Client:
-        return Client(self.port)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.log_file.close()
-        return self.proc.returncode
-
-
-def file_limit(files: int) -> None:
-    """In a child before exec: at most `files` open files, soft and hard (ulimit -n)."""
-    resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
 
 
 @dataclass
@@ -195,7 +114,7 @@ def server(exported, tmp_path_factory):
 
 @pytest.fixture
 def client(server):
-    connection = server.client()
+    connection = Client(server.port)
     yield connection
     connection.close()
 
@@ -219,7 +138,7 @@ def assert_predict_works(client: Client, exported: Exported, seed: int = 0) -> N
 
 def assert_fresh_client_predicts(server, exported: Exported) -> None:
     """A new connection gets correct answers: a refused request disturbed nothing."""
-    after = server.client()
+    after = Client(server.port)
     try:
         assert_predict_works(after, exported)
     finally:
@@ -417,7 +336,7 @@ BAD = [
 
 @pytest.fixture(scope="module")
 def live_stream(server):
-    client = server.client()
+    client = Client(server.port)
     created = client.call("POST", "/v1/streams", {"batch": 2})
     client.close()
     assert created.status == 201
@@ -432,7 +351,7 @@ BAD_IDS = [b[0] for b in BAD]
 def test_bad_input_gets_its_status_and_reason(
     server, exported, live_stream, method, path, raw, status, message
 ):
-    client = server.client()
+    client = Client(server.port)
     try:
         reply = client.call(method, path.format(stream=live_stream), raw=raw)
         assert reply.status == status, reply.data
@@ -452,7 +371,7 @@ def test_bad_table_covers_at_least_ten_kinds():
 def test_bad_chunks_leave_their_stream_and_others_intact(server, exported):
     rng = np.random.default_rng(11)
     xa, xb = (rng.standard_normal((9, 2, 5), dtype=np.float32) for _ in range(2))
-    client = server.client()
+    client = Client(server.port)
     try:
         urls = [client.call("POST", "/v1/streams", {"batch": 2}).data["url"] for _ in range(2)]
         firsts = [
@@ -461,7 +380,7 @@ def test_bad_chunks_leave_their_stream_and_others_intact(server, exported):
         ]
         bad_chunks = [raw for _, _, path, raw, _, _ in BAD if path == "/v1/predict"]
         for raw in bad_chunks:
-            fresh = server.client()  # a 413 may close the connection
+            fresh = Client(server.port)  # a 413 may close the connection
             reply = fresh.call("POST", f"{urls[0]}/step", raw=raw)
             fresh.close()
             assert reply.status in (400, 413), reply.data
@@ -495,7 +414,7 @@ def test_a_body_must_be_sent_as_application_json(server, exported, live_stream, 
     # application/json: refusing the rest keeps other sites' pages from driving the server.
     headers = {} if content_type is None else {"Content-Type": content_type}
     body = js({"x": np.zeros((1, 2, 5)).tolist()})
-    client = server.client()
+    client = Client(server.port)
     try:
         steps = client.call("GET", live_stream).data["steps"]
         for path in ("/v1/predict", "/v1/streams", f"{live_stream}/step"):
@@ -517,7 +436,7 @@ def test_a_body_must_be_sent_as_application_json(server, exported, live_stream, 
 @pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://127.0.0.1:8000"])
 def test_requests_from_web_pages_change_nothing(server, exported, live_stream, origin):
     # Even an empty POST (no Content-Type needed) from a page must not open or step streams.
-    client = server.client()
+    client = Client(server.port)
     try:
         opened = client.call("GET", "/healthz").data["streams"]
         steps = client.call("GET", live_stream).data["steps"]
@@ -560,7 +479,7 @@ def test_application_json_with_or_without_charset_is_accepted(client, exported, 
 @pytest.mark.slow
 def test_max_elements_bounds_each_predict_and_each_chunk(server, exported):
     # seq x batch bounds the work and the answer of one request, not just each dimension.
-    client = server.client()
+    client = Client(server.port)
     try:
         limits = client.call("GET", "/v1/model").data["limits"]
         assert limits["max_elements"] == 200
@@ -628,7 +547,7 @@ def test_body_limit_is_enforced_before_the_body_is_read(server, exported):
     small = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
     status, data = raw_exchange(server.port, head, [small])
     assert status == 200 and np.asarray(data["y"]).shape == (2, 1, 8)
-    client = server.client()
+    client = Client(server.port)
     try:
         assert_predict_works(client, exported)
     finally:
@@ -734,7 +653,7 @@ def test_many_clients_at_once_each_get_their_own_correct_answer(server, exported
 
     def predict_client(k: int) -> list:
         rng = np.random.default_rng(1000 + k)
-        client, answers = server.client(), []
+        client, answers = Client(server.port), []
         try:
             gate.wait(TIMEOUT)
             for _ in range(per_client):
@@ -747,7 +666,7 @@ def test_many_clients_at_once_each_get_their_own_correct_answer(server, exported
 
     def stream_client(k: int) -> list:
         rng = np.random.default_rng(2000 + k)
-        client, answers = server.client(), []
+        client, answers = Client(server.port), []
         try:
             created = client.call("POST", "/v1/streams", {"batch": 2})
             assert created.status == 201, created.data
@@ -789,13 +708,13 @@ def test_many_clients_at_once_each_get_their_own_correct_answer(server, exported
 def test_concurrent_chunks_to_one_stream_run_one_at_a_time(server, exported):
     rng = np.random.default_rng(5)
     chunks = [rng.standard_normal((k % 5 + 1, 1, 5), dtype=np.float32) for k in range(24)]
-    client = server.client()
+    client = Client(server.port)
     url = client.call("POST", "/v1/streams", {"batch": 1}).data["url"]
     client.close()
     gate = threading.Barrier(6)
 
     def poster(k: int) -> list:
-        own, answers = server.client(), []
+        own, answers = Client(server.port), []
         try:
             gate.wait(TIMEOUT)
             for index in range(k, len(chunks), 6):
@@ -820,7 +739,7 @@ def test_concurrent_chunks_to_one_stream_run_one_at_a_time(server, exported):
 
 @pytest.mark.slow
 def test_load_test_reports_rates_and_latencies(server):
-    before = server.client().call("GET", "/healthz").data["streams"]
+    before = Client(server.port).call("GET", "/healthz").data["streams"]
     report = load_test(
         server.url, clients=2, requests=6, seq=3, batch=2, stream_fraction=0.5, timeout=TIMEOUT
     )
@@ -830,7 +749,7 @@ def test_load_test_reports_rates_and_latencies(server):
     for kind in ("predict", "stream_step"):
         assert 0 < report[kind]["p50_ms"] <= report[kind]["p99_ms"]
     assert report["requests_per_s"] > 0
-    assert server.client().call("GET", "/healthz").data["streams"] == before  # cleaned up
+    assert Client(server.port).call("GET", "/healthz").data["streams"] == before  # cleaned up
     with pytest.raises(UsageError, match="stream_fraction"):
         load_test(server.url, clients=1, requests=1, seq=1, batch=1, stream_fraction=2.0)
 
@@ -906,7 +825,7 @@ def test_serve_bench_reports_a_server_that_cannot_start(tmp_path):
 @pytest.mark.slow
 def test_idle_streams_expire_and_open_streams_are_capped(exported, tmp_path):
     server = Server(exported.folder, tmp_path / "ttl.log", max_streams=2, stream_ttl=0.6)
-    client = server.client()
+    client = Client(server.port)
     try:
         x = {"x": np.zeros((1, 1, 5)).tolist()}
         a, b = (client.call("POST", "/v1/streams", {"batch": 1}).data["url"] for _ in range(2))
@@ -1000,7 +919,7 @@ def test_slow_heads_and_bodies_get_a_json_408_after_their_timeout(exported, tmp_
             assert 0.9 <= seconds < 3.0, seconds
         # A kept-alive connection may idle past the header timeout: its clock starts with the
         # next request's first byte (the idle time is --keep-alive's, 60 s).
-        client = server.client()
+        client = Client(server.port)
         try:
             assert client.call("GET", "/healthz").status == 200
             time.sleep(1.5)
@@ -1108,7 +1027,7 @@ def test_never_reading_clients_are_bounded_and_memory_returns(exported, tmp_path
     body = js({"x": BIG_X})
     sockets: list[socket.socket] = []
     try:
-        client = server.client()
+        client = Client(server.port)
         try:  # warm up: one whole answer read, so that the baseline holds what a read one costs
             reply = client.call("POST", "/v1/predict", {"x": BIG_X})
             assert reply.status == 200 and len(reply.data["y"]) == 2000
@@ -1181,7 +1100,7 @@ def test_an_answer_nobody_reads_is_dropped_after_the_write_timeout(exported, tmp
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_shuts_down_cleanly_on_signal(exported, tmp_path, sig):
     server = Server(exported.folder, tmp_path / "signal.log")
-    client = server.client()  # stays open (keep-alive) across the shutdown
+    client = Client(server.port)  # stays open (keep-alive) across the shutdown
     try:
         assert client.call("POST", "/v1/streams", {"batch": 1}).status == 201
         assert_predict_works(client, exported)
@@ -1211,7 +1130,7 @@ def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(exported, tmp_path
         with socket.create_connection((LOOPBACK, server.port), timeout=TIMEOUT) as sock:
             sock.sendall(head + body[:10])  # in flight: head received, body half sent
             # One more answer from the event loop: it has read the head sent before it.
-            assert server.client().call("GET", "/healthz").status == 200
+            assert Client(server.port).call("GET", "/healthz").status == 200
             server.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 20
             while "Shutting down" not in server.log() and time.monotonic() < deadline:
@@ -1240,7 +1159,7 @@ def test_sigterm_with_slow_clients_exits_within_2_s_without_a_traceback(exported
     server = Server(exported.folder, tmp_path / "slow-stop.log")
     slow_head = connect(server.port)
     slow_body = connect(server.port)
-    idle = server.client()
+    idle = Client(server.port)
     try:
         slow_head.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         slow_body.sendall(predict_head(1000) + b'{"x": [')
