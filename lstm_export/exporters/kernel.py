@@ -7,11 +7,15 @@ the interpreter's dispatch, and MKL's small-batch matmul is slow on non-Intel CP
 argument, an optional [seq, batch] bool mask, runs padded batches (padding carries (h, c)
 and outputs 0); it defaults to None, so a `model.fused.pt` saved before it still loads.
 
+The op's arithmetic is `csrc/layer_norm_lstm_core.h`, shared with the onnxruntime custom op
+(`ort_kernel`); `csrc/layer_norm_lstm.cpp` binds it to TorchScript.
+
 The library is compiled on first use (about 15 s with g++) into a cache keyed by the
-source, the torch version, the compiler and the flags, and loaded into this process;
+sources, the torch version, the compiler and the flags, and loaded into this process;
 once cached, no compiler is needed. Our tools only ever load a library built here from
 the packaged source, never one found in an export folder: that copy is for deployment
-(C++ programs `dlopen` it).
+(C++ programs `dlopen` it). `build_library` (cache folder, lock, compile, stamp) serves
+`ort_kernel` too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -34,6 +39,9 @@ from lstm_export.files import locked_folder, sha256
 
 OP_NAME = "lstm_export::layer_norm_lstm_layer"
 SOURCE = Path(__file__).parent / "csrc" / "layer_norm_lstm.cpp"
+# The numerical core, included by SOURCE (and by the onnxruntime binding).
+CORE_HEADER = SOURCE.with_name("layer_norm_lstm_core.h")
+WHAT = "the fused kernel"
 CACHE_ENV = "LSTM_EXPORT_KERNEL_CACHE"
 # Set to 1 to build the portable scalar route only, as on a CPU without AVX2.
 PORTABLE_ENV = "LSTM_EXPORT_KERNEL_PORTABLE"
@@ -61,13 +69,9 @@ def _command(output: Path) -> list[str]:
     """
     from torch.utils.cpp_extension import include_paths, library_paths
 
-    try:
-        compiler = shlex.split(_compiler())
-    except ValueError as exc:
-        raise UsageError(f"CXX={_compiler()!r} is not a command line: {exc}") from None
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [
-        *compiler,
+        *compiler_command(),
         *compile_flags(),
         "-std=c++17",
         "-shared",
@@ -85,21 +89,45 @@ def _command(output: Path) -> list[str]:
     ]
 
 
-def _cache_dir() -> Path:
-    """One folder per source, torch version and compile command (all but the output)."""
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lstm-export" / "kernels"
+def cache_root() -> Path:
+    """Where built libraries (and fetched headers) live: $LSTM_EXPORT_KERNEL_CACHE or
+    ~/.cache/lstm-export/kernels."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lstm-export" / "kernels")
+
+
+def cache_key(sources: Sequence[Path], what: str, *extra: str) -> str:
+    """16 hex digits of a hash of the sources' bytes (each file's sha256, in order) and the
+    `extra` strings; a source missing from the package is one line naming it."""
     key = hashlib.sha256()
-    try:
-        key.update(SOURCE.read_bytes())
-    except OSError as exc:
-        raise UsageError(f"the fused kernel's source is missing from the package: {exc}") from None
-    key.update(torch.__version__.encode())
-    key.update("\0".join(_command(Path("OUT"))).encode())
-    return Path(root) / key.hexdigest()[:16]
+    for source in sources:
+        try:
+            key.update(hashlib.sha256(source.read_bytes()).digest())
+        except OSError as exc:
+            raise UsageError(f"{what}'s source is missing from the package: {exc}") from None
+    for part in extra:
+        key.update(part.encode() + b"\0")
+    return key.hexdigest()[:16]
+
+
+def _cache_dir() -> Path:
+    """One folder per source (the binding and the core), torch version and compile command
+    (all but the output)."""
+    key = cache_key(
+        (SOURCE, CORE_HEADER), WHAT, torch.__version__, "\0".join(_command(Path("OUT")))
+    )
+    return cache_root() / key
 
 
 def _compiler() -> str:
     return os.environ.get("CXX", "c++")
+
+
+def compiler_command() -> list[str]:
+    """$CXX (else c++) as the start of a command line; one line if it is not one."""
+    try:
+        return shlex.split(_compiler())
+    except ValueError as exc:
+        raise UsageError(f"CXX={_compiler()!r} is not a command line: {exc}") from None
 
 
 _loaded: Path | None = None
@@ -133,15 +161,7 @@ def build_kernel() -> Path:
     if _loaded is not None:
         return _loaded
     build_dir = _cache_dir()
-    library = build_dir / KERNEL_LIBRARY
-    if not _intact(library):
-        try:
-            build_dir.mkdir(parents=True, exist_ok=True)
-            with locked_folder(build_dir):
-                if not _intact(library):  # another process may have built it meanwhile
-                    _compile(library)
-        except OSError as exc:
-            raise UsageError(f"cannot build the fused kernel in {build_dir}: {exc}") from None
+    library = build_library(build_dir / KERNEL_LIBRARY, _command, WHAT)
     if kernel_loaded():
         return library
     try:
@@ -158,20 +178,44 @@ def build_kernel() -> Path:
     return library
 
 
-def _compile(library: Path) -> None:
-    """One g++ call against the installed torch; the library and its stamp appear whole."""
-    command = _command(library.with_name(f".{library.name}.{os.getpid()}.partial"))
-    partial = Path(command[command.index("-o") + 1])
+def build_library(library: Path, command: Callable[[Path], list[str]], what: str) -> Path:
+    """`library` in its cache folder, compiled by `command(output)` unless it is there intact.
+
+    The build holds the folder's lock (parallel pytest workers, two CLI calls); loading a
+    cached library needs no lock, so a read-only shared cache works. `what` names the
+    library in the one-line `UsageError`s: no compiler, a failed compile, an unwritable cache.
+    """
+    build_dir = library.parent
+    if not _intact(library):
+        try:
+            build_dir.mkdir(parents=True, exist_ok=True)
+            with locked_folder(build_dir):
+                if not _intact(library):  # another process may have built it meanwhile
+                    _compile(library, command, what)
+        except OSError as exc:
+            raise UsageError(f"cannot build {what} in {build_dir}: {exc}") from None
+    return library
+
+
+def require_compiler(command: list[str], what: str) -> None:
+    """One line when the compiler of `command` (from $CXX, else c++) is not on PATH."""
     if shutil.which(command[0]) is None:
         raise UsageError(
-            f"the fused kernel is compiled on first use and needs a C++ compiler; "
+            f"{what} is compiled on first use and needs a C++ compiler; "
             f"{_compiler()!r} is not on PATH (apt-get install g++, or set CXX)"
         )
+
+
+def _compile(library: Path, command_for: Callable[[Path], list[str]], what: str) -> None:
+    """One compiler call, in its own process group; the library and its stamp appear whole."""
+    command = command_for(library.with_name(f".{library.name}.{os.getpid()}.partial"))
+    partial = Path(command[command.index("-o") + 1])
+    require_compiler(command, what)
     try:
-        returncode, stderr = _run_in_own_group(command)
+        returncode, stderr = run_in_own_group(command)
         if returncode != 0:
             why = _compiler_error(stderr, returncode)
-            raise UsageError(f"compiling the fused kernel failed: {why}")
+            raise UsageError(f"compiling {what} failed: {why}")
         with open(partial, "rb") as written:
             os.fsync(written.fileno())
         (library.parent / STAMP).write_text(sha256(partial) + "\n")
@@ -180,9 +224,9 @@ def _compile(library: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _run_in_own_group(command: list[str]) -> tuple[int, str]:
-    """Run the compiler; if we are interrupted (Ctrl-C, SIGTERM), its whole process group
-    (g++ and the cc1plus/as it started) goes too."""
+def run_in_own_group(command: list[str]) -> tuple[int, str]:
+    """Run the compiler (or npm); if we are interrupted (Ctrl-C, SIGTERM), its whole process
+    group (g++ and the cc1plus/as it started) goes too. Returns its exit code and stderr."""
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )

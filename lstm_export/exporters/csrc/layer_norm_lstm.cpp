@@ -8,14 +8,9 @@
 // (h, c) is carried unchanged and y is 0, as LSTMCell.scan masks; None: every step is real.
 // It is the last argument with a default, so a model.fused.pt saved before it existed (a
 // call with nine arguments) still loads and runs.
-// Per step, in the order of the equations in lstm_export/model.py:
-//   z = x_proj[t] + h W_h^T                         (w_h is hidden_lin.weight, [4H, H])
-//   i, f, g, o = LN_k(z_k) = (z_k - mean) / sqrt(var + eps) * gamma[k] + beta[k]
-//   c = sigmoid(f) * c + sigmoid(i) * tanh(g)
-//   h = sigmoid(o) * tanh(LN_c(c))
-// Why a kernel: per step, TorchScript pays a dispatch for each of a dozen small ops and
-// MKL's small-batch GEMM is slow on non-Intel CPUs; here one pass does the matmul with
-// AVX2 FMA and the LayerNorms and activations in registers.
+// This file is the TorchScript binding: the checks, the tensors, at::parallel_for. The
+// equations and their arithmetic (AVX2/FMA and scalar routes) are in layer_norm_lstm_core.h,
+// shared with the onnxruntime binding (ort_layer_norm_lstm.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -23,226 +18,15 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define LSTM_EXPORT_AVX2 1
-#endif
+#include "layer_norm_lstm_core.h"
 
 namespace {
 
 using at::Tensor;
-
-#ifdef LSTM_EXPORT_AVX2
-// exp of 8 floats: Cephes' polynomial (as in avx_mathfun), relative error about 1e-7.
-inline __m256 exp8(__m256 x) {
-  // The clamp's bound goes first: min/max return their second operand for a NaN, so
-  // NaN passes through (to NaN outputs, as eager PyTorch gives) instead of turning finite.
-  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
-  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
-  __m256 n = _mm256_floor_ps(
-      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
-  __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(0x7f)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-inline __m256 sigmoid8(__m256 x) {
-  __m256 one = _mm256_set1_ps(1.0f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-}
-
-inline __m256 tanh8(__m256 x) {  // tanh(x) = 2 sigmoid(2x) - 1
-  __m256 two = _mm256_set1_ps(2.0f);
-  return _mm256_fmsub_ps(two, sigmoid8(_mm256_mul_ps(two, x)), _mm256_set1_ps(1.0f));
-}
-
-// [sum(a), sum(b), sum(c), sum(d)]
-inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-}
-#endif
-
-inline float sigmoid1(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-
-#ifdef LSTM_EXPORT_AVX2
-// z[b0 + r, n + j] for R batch rows r and 4 output rows j: 4R accumulators over k.
-template <int R>
-void rows_times_block(const float* h, const float* w0, const float* bias, float* z,
-                      int64_t b0, int64_t n, int64_t hidden) {
-  const int64_t width = 4 * hidden, k8 = hidden - hidden % 8;
-  __m256 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < k8; k += 8) {
-    __m256 wj[4];
-    for (int j = 0; j < 4; ++j) wj[j] = _mm256_loadu_ps(w0 + j * hidden + k);
-    for (int r = 0; r < R; ++r) {
-      __m256 x = _mm256_loadu_ps(h + (b0 + r) * hidden + k);
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(x, wj[j], acc[r][j]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    alignas(16) float sum[4];
-    _mm_store_ps(sum, hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
-    const float* hr = h + (b0 + r) * hidden;
-    for (int j = 0; j < 4; ++j) {
-      for (int64_t k = k8; k < hidden; ++k) sum[j] += hr[k] * w0[j * hidden + k];
-      z[(b0 + r) * width + n + j] = bias[(b0 + r) * width + n + j] + sum[j];
-    }
-  }
-}
-#endif
-
-#ifdef LSTM_EXPORT_AVX2
-// z[b0 + r, n .. n + 16) for R batch rows from one panel of packed weights, wp[k][16]:
-// per k, two loads of w feed 2R FMAs (the dot-product route needs four per 4R).
-template <int R>
-void rows_times_panel(const float* h, const float* wp, const float* bias, float* z,
-                      int64_t b0, int64_t n, int64_t hidden) {
-  const int64_t width = 4 * hidden;
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < hidden; ++k) {
-    __m256 w0 = _mm256_loadu_ps(wp + k * 16), w1 = _mm256_loadu_ps(wp + k * 16 + 8);
-    for (int r = 0; r < R; ++r) {
-      __m256 x = _mm256_broadcast_ss(h + (b0 + r) * hidden + k);
-      acc[r][0] = _mm256_fmadd_ps(x, w0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(x, w1, acc[r][1]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const float* bi = bias + (b0 + r) * width + n;
-    float* zr = z + (b0 + r) * width + n;
-    _mm256_storeu_ps(zr, _mm256_add_ps(acc[r][0], _mm256_loadu_ps(bi)));
-    _mm256_storeu_ps(zr + 8, _mm256_add_ps(acc[r][1], _mm256_loadu_ps(bi + 8)));
-  }
-}
-
-// The same product from panels [4H / 16][H][16] (hidden % 4 == 0), panels p0..p1.
-void panel_matmul(const float* h, const float* panels, const float* bias, float* z,
-                  int64_t batch, int64_t hidden, int64_t p0, int64_t p1) {
-  for (int64_t p = p0; p < p1; ++p) {
-    const float* wp = panels + p * hidden * 16;
-    int64_t b = 0;
-    for (; b + 4 <= batch; b += 4) rows_times_panel<4>(h, wp, bias, z, b, p * 16, hidden);
-    if (batch - b == 3) rows_times_panel<3>(h, wp, bias, z, b, p * 16, hidden);
-    if (batch - b == 2) rows_times_panel<2>(h, wp, bias, z, b, p * 16, hidden);
-    if (batch - b == 1) rows_times_panel<1>(h, wp, bias, z, b, p * 16, hidden);
-  }
-}
-#endif
-
-// z[b, n] = bias[b, n] + sum_k h[b, k] w[n, k] for output rows n in [n0, n1), n0 % 4 == 0.
-void recurrent_matmul(const float* h, const float* w, const float* bias, float* z,
-                      int64_t batch, int64_t hidden, int64_t n0, int64_t n1) {
-  const int64_t width = 4 * hidden;
-  int64_t n = n0;
-#ifdef LSTM_EXPORT_AVX2
-  for (; n + 4 <= n1; n += 4) {  // 3 batch rows x 4 output rows: 12 of 16 registers
-    const float* w0 = w + n * hidden;
-    int64_t b = 0;
-    for (; b + 3 <= batch; b += 3) rows_times_block<3>(h, w0, bias, z, b, n, hidden);
-    if (batch - b == 2) rows_times_block<2>(h, w0, bias, z, b, n, hidden);
-    if (batch - b == 1) rows_times_block<1>(h, w0, bias, z, b, n, hidden);
-  }
-#endif
-  for (; n < n1; ++n) {  // scalar route: builds without AVX2
-    const float* wr = w + n * hidden;
-    for (int64_t b = 0; b < batch; ++b) {
-      float s = 0.0f;
-      for (int64_t k = 0; k < hidden; ++k) s += h[b * hidden + k] * wr[k];
-      z[b * width + n] = bias[b * width + n] + s;
-    }
-  }
-}
-
-// Mean and 1/sqrt(var + eps) of v[0..n), as LayerNorm computes them (biased variance,
-// two passes); eight float lanes each sum at most n / 8 terms.
-void moments(const float* v, int64_t n, double eps, float& mean, float& rstd) {
-  int64_t j = 0;
-  double sum = 0.0, sq = 0.0;
-#ifdef LSTM_EXPORT_AVX2
-  __m256 acc = _mm256_setzero_ps();
-  for (; j + 8 <= n; j += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(v + j));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  for (float lane : lanes) sum += lane;
-#endif
-  for (int64_t t = j; t < n; ++t) sum += v[t];
-  const float m = static_cast<float>(sum / static_cast<double>(n));
-  j = 0;
-#ifdef LSTM_EXPORT_AVX2
-  __m256 vm = _mm256_set1_ps(m), sq8 = _mm256_setzero_ps();
-  for (; j + 8 <= n; j += 8) {
-    __m256 d = _mm256_sub_ps(_mm256_loadu_ps(v + j), vm);
-    sq8 = _mm256_fmadd_ps(d, d, sq8);
-  }
-  _mm256_store_ps(lanes, sq8);
-  for (float lane : lanes) sq += lane;
-#endif
-  for (int64_t t = j; t < n; ++t) sq += (v[t] - m) * (v[t] - m);
-  mean = m;
-  rstd = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(n) + eps));
-}
-
-// The gate LayerNorms, the activations and the cell update for one batch row.
-void cell_update(float* z, float* c, float* h, float* y, const float* gamma, const float* beta,
-                 const float* gamma_c, const float* beta_c, int64_t hidden, double eps) {
-  float mean[4], rstd[4];
-  for (int k = 0; k < 4; ++k) moments(z + k * hidden, hidden, eps, mean[k], rstd[k]);
-  auto norm = [&](int k, int64_t j) {
-    return (z[k * hidden + j] - mean[k]) * rstd[k] * gamma[k * hidden + j] + beta[k * hidden + j];
-  };
-  int64_t j = 0;
-#ifdef LSTM_EXPORT_AVX2
-  auto norm8 = [&](int k, int64_t at) {
-    __m256 v = _mm256_sub_ps(_mm256_loadu_ps(z + k * hidden + at), _mm256_set1_ps(mean[k]));
-    return _mm256_fmadd_ps(_mm256_mul_ps(v, _mm256_set1_ps(rstd[k])),
-                           _mm256_loadu_ps(gamma + k * hidden + at),
-                           _mm256_loadu_ps(beta + k * hidden + at));
-  };
-  for (; j + 8 <= hidden; j += 8) {  // c = sigmoid(f) c + sigmoid(i) tanh(g)
-    __m256 i = sigmoid8(norm8(0, j)), f = sigmoid8(norm8(1, j)), g = tanh8(norm8(2, j));
-    _mm256_storeu_ps(c + j, _mm256_fmadd_ps(f, _mm256_loadu_ps(c + j), _mm256_mul_ps(i, g)));
-  }
-#endif
-  for (; j < hidden; ++j) {
-    c[j] = sigmoid1(norm(1, j)) * c[j] + sigmoid1(norm(0, j)) * std::tanh(norm(2, j));
-  }
-  float mean_c, rstd_c;
-  moments(c, hidden, eps, mean_c, rstd_c);
-  j = 0;
-#ifdef LSTM_EXPORT_AVX2
-  for (; j + 8 <= hidden; j += 8) {  // h = sigmoid(o) tanh(LN_c(c))
-    __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(c + j), _mm256_set1_ps(mean_c)),
-                             _mm256_set1_ps(rstd_c));
-    v = _mm256_fmadd_ps(v, _mm256_loadu_ps(gamma_c + j), _mm256_loadu_ps(beta_c + j));
-    __m256 out = _mm256_mul_ps(sigmoid8(norm8(3, j)), tanh8(v));
-    _mm256_storeu_ps(h + j, out);
-    _mm256_storeu_ps(y + j, out);
-  }
-#endif
-  for (; j < hidden; ++j) {
-    float v = (c[j] - mean_c) * rstd_c * gamma_c[j] + beta_c[j];
-    h[j] = y[j] = sigmoid1(norm(3, j)) * std::tanh(v);
-  }
-}
 
 void check(const Tensor& t, const char* name, at::IntArrayRef shape) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(),
@@ -286,46 +70,34 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_lstm_layer(
   Tensor y = at::empty({seq, batch, hidden}, xp.options());
   Tensor h = h0.contiguous().clone(), c = c0.contiguous().clone();
   Tensor z = at::empty({batch, 4 * hidden}, xp.options());
-  float* hp = h.data_ptr<float>();
-  float* cp = c.data_ptr<float>();
-  float* zp = z.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  // Route of h w_h^T: for batch >= 2, panels of packed weights (the packing, one copy of
-  // w_h, pays for itself within a few steps); else dot products over w_h's rows.
-  bool use_panels = false;
-#ifdef LSTM_EXPORT_AVX2
-  use_panels = batch >= 2 && seq >= 8 && hidden % 4 == 0;
-#endif
-  const Tensor panels =
-      use_panels ? w.view({hidden / 4, 16, hidden}).transpose(1, 2).contiguous() : Tensor();
-  // Work items of about 16 Ki weights (64 KiB), so that both threads get work at hidden 256.
-  const int64_t rows_per_item = use_panels ? 16 : 4;
-  const int64_t items = 4 * hidden / rows_per_item;
-  const int64_t grain = std::max<int64_t>(1, 16384 / (rows_per_item * hidden));
-  for (int64_t t = 0; t < seq; ++t) {
-    const float* bias = xp.data_ptr<float>() + t * batch * 4 * hidden;
-    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-#ifdef LSTM_EXPORT_AVX2
-      if (use_panels) {
-        panel_matmul(hp, panels.data_ptr<float>(), bias, zp, batch, hidden, begin, end);
-        return;
-      }
-#endif
-      recurrent_matmul(hp, wp, bias, zp, batch, hidden, 4 * begin, 4 * end);
-    });
-    float* yt = y.data_ptr<float>() + t * batch * hidden;
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        if (mp != nullptr && !mp[t * batch + b]) {  // padding: (h, c) carried, y = 0
-          std::fill_n(yt + b * hidden, hidden, 0.0f);
-          continue;
-        }
-        cell_update(zp + b * 4 * hidden, cp + b * hidden, hp + b * hidden, yt + b * hidden,
-                    g.data_ptr<float>(), bt.data_ptr<float>(), gc.data_ptr<float>(),
-                    bc.data_ptr<float>(), hidden, eps);
-      }
-    });
+  // Route of h w_h^T: panels of packed weights for batch >= 2, else dot products (see core).
+  const bool use_panels = lstm_export::core::use_panels(seq, batch, hidden);
+  const Tensor panels = use_panels ? at::empty({4 * hidden * hidden}, xp.options()) : Tensor();
+  if (use_panels) {
+    lstm_export::core::pack_panels(w.data_ptr<float>(), hidden, panels.data_ptr<float>());
   }
+  const lstm_export::core::Layer layer{
+      seq,
+      batch,
+      hidden,
+      xp.data_ptr<float>(),
+      w.data_ptr<float>(),
+      use_panels ? panels.data_ptr<float>() : nullptr,
+      g.data_ptr<float>(),
+      bt.data_ptr<float>(),
+      gc.data_ptr<float>(),
+      bc.data_ptr<float>(),
+      eps,
+      mp,
+      y.data_ptr<float>(),
+      h.data_ptr<float>(),
+      c.data_ptr<float>(),
+      z.data_ptr<float>(),
+  };
+  lstm_export::core::run_layer(
+      layer, [](int64_t begin, int64_t end, int64_t grain, const auto& fn) {
+        at::parallel_for(begin, end, grain, fn);
+      });
   return {y, h, c};
 }
 
