@@ -82,20 +82,54 @@ def _artifact_table(entry: dict[str, Any]) -> Table:
     return table
 
 
-def load_table(report: dict[str, Any], clients: int, requests: int, seq: int, batch: int) -> Table:
-    """`serve-bench`'s latency per request kind."""
+def load_table(report: dict[str, Any]) -> Table:
+    """`serve-bench`'s runs side by side, one section per API: all its requests (requests/s,
+    latency and errors, with the ratios against the baseline run in brackets), then its
+    predicts and its stream steps; fits 80 columns."""
+    clients = report["clients"]
+    share = f"{report['stream_fraction']:.0%} stream steps at batch {report['stream_batch']}"
     table = Table(
-        title=f"HTTP on loopback: {clients} clients x {requests} requests, "
-        f"seq {seq}, batch {batch}, {report['requests_per_s']:.0f} requests/s, "
-        f"{report['errors']} errors"
+        title=f"One server on loopback, one API after the other: {clients} "
+        f"client{'s' * (clients != 1)} x {report['requests_per_client']} requests\n"
+        f"seq {report['seq']}, batch {report['batch']}, {share}; "
+        f"(ratio) against {report['baseline']}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 1, 0, 0),
     )
-    for column in ("kind", "count", "p50 ms", "p99 ms", "mean ms"):
-        table.add_column(column, justify="left" if column == "kind" else "right")
-    for kind in ("predict", "stream_step"):
-        row = report[kind]
-        cells = [row.get(k) for k in ("p50_ms", "p99_ms", "mean_ms")]
-        shown = ["-" if v is None else f"{v:.2f}" for v in cells]
-        table.add_row(kind, str(row["count"]), *shown)
+    columns = ("api", "count", "req/s (ratio)", "p50 ms (ratio)", "p99 ms", "mean ms")
+    for column in (*columns, "errors"):
+        table.add_column(column, justify="left" if column == "api" else "right", no_wrap=True)
+
+    def number(value: float | None, digits: int, ratio: float | None = None) -> str:
+        text = "-" if value is None else f"{value:.{digits}f}"
+        return text if ratio is None else f"{text} ({ratio:.2f}x)"
+
+    for position, (api, run) in enumerate(report["runs"].items()):
+        if position:
+            table.add_section()
+        versus, latency = run["vs_baseline"], run["latency"]
+        table.add_row(
+            f"[bold]{escape(api)}[/]",
+            str(latency["count"]),
+            number(run["requests_per_s"], 0, versus["requests_per_s"]),
+            number(latency["p50_ms"], 2, versus["p50"]),
+            number(latency["p99_ms"], 2),
+            number(latency["mean_ms"], 2),
+            f"[bold red]{run['errors']}[/]" if run["errors"] else "0",
+        )
+        for kind, label in (("predict", "predicts"), ("stream_step", "steps")):
+            row = run[kind]
+            table.add_row(
+                f"  {label}",
+                str(row["count"]),
+                "",
+                number(row["p50_ms"], 2, versus[f"{kind}_p50"]),
+                number(row["p99_ms"], 2),
+                number(row["mean_ms"], 2),
+                "",
+            )
     return table
 
 

@@ -124,23 +124,39 @@ def serve(
 def serve_bench(
     folder: Annotated[Path, typer.Argument(help="An export folder.")],
     clients: Annotated[int, typer.Option(min=1, help="Concurrent clients.")] = 8,
-    requests: Annotated[int, typer.Option(min=1, help="Requests per client.")] = 50,
+    requests: Annotated[int, typer.Option(min=1, help="Requests per client, per API.")] = 50,
     seq: Annotated[int, typer.Option(min=1, help="Steps per request.")] = 20,
-    batch: Annotated[int, typer.Option(min=1, help="Sequences per request.")] = 4,
+    batch: Annotated[int, typer.Option(min=1, help="Sequences per predict (stream steps: 1).")] = 4,
     stream_fraction: Annotated[
         float,
         typer.Option(
             min=0.0, max=1.0, help="Share of each client's requests that are stream steps."
         ),
     ] = 0.5,
+    apis: Annotated[
+        str,
+        typer.Option(
+            help="APIs to load, one after the other on one server, the first the baseline: "
+            "v1 (JSON), v2-json, v2-binary (Open Inference Protocol tensors), comma-separated."
+        ),
+    ] = "v1,v2-json,v2-binary",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Start `serve` on a free loopback port, load it, report requests/s and p50/p99 latency.
+    """Start `serve` once on a free loopback port and load it with one workload per API (/v1
+    JSON, /v2 JSON tensors, /v2 binary tensors): requests/s, p50/p99 latency and errors side
+    by side, with ratios against the first.
 
     Exit code 1 when every request failed: a run that measured nothing must not pass in CI.
     """
-    from lstm_export.benchmarks.load import all_failed, first_error_reason, serve_and_load_test
+    from lstm_export.benchmarks.load import (
+        all_failed,
+        checked_apis,
+        error_lines,
+        first_error_reason,
+        serve_and_load_test,
+    )
 
+    chosen = checked_apis([name.strip() for name in apis.split(",")])
     with status("Serving and loading"):
         report = serve_and_load_test(
             folder,
@@ -149,23 +165,21 @@ def serve_bench(
             seq=seq,
             batch=batch,
             stream_fraction=stream_fraction,
+            apis=chosen,
         )
-    reason = first_error_reason(report)
     failed = all_failed(report)
     if as_json:
         print_json(report)
     else:
-        out.print(load_table(report, clients, requests, seq, batch))
+        out.print(load_table(report))
         for note in report["notes"]:
             err.print(f"[bold yellow]note[/]: {escape(note)}", highlight=False, soft_wrap=True)
-        if reason and not failed:
-            err.print(
-                f"{report['errors']} errors; {escape(reason)}", highlight=False, soft_wrap=True
-            )
+    for line in error_lines(report):  # each API's errors, whether or not all failed
+        err.print(escape(line), highlight=False, soft_wrap=True)
     if failed:
         err.print(
             f"[bold red]error[/]: every request failed ({report['errors']} of "
-            f"{report['requests']}); {escape(reason)}",
+            f"{report['requests']}); {escape(first_error_reason(report))}",
             highlight=False,
             soft_wrap=True,
         )
