@@ -146,7 +146,8 @@ def serve_bench(
     JSON, /v2 JSON tensors, /v2 binary tensors): requests/s, p50/p99 latency and errors side
     by side, with ratios against the first.
 
-    Exit code 1 when every request failed: a run that measured nothing must not pass in CI.
+    Exit code 1 when every request failed, or every request to one API: a run that measured
+    nothing must not pass in CI.
     """
     from lstm_export.benchmarks.load import (
         all_failed,
@@ -168,6 +169,8 @@ def serve_bench(
             apis=chosen,
         )
     failed = all_failed(report)
+    # A side of the comparison that measured nothing fails the run too.
+    empty = [api for api, run in report["runs"].items() if all_failed(run)]
     if as_json:
         print_json(report)
     else:
@@ -180,6 +183,14 @@ def serve_bench(
         err.print(
             f"[bold red]error[/]: every request failed ({report['errors']} of "
             f"{report['requests']}); {escape(first_error_reason(report))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    if empty:
+        err.print(
+            f"[bold red]error[/]: every request to {escape(', '.join(empty))} failed; "
+            "a comparison with a side that measured nothing does not pass",
             highlight=False,
             soft_wrap=True,
         )

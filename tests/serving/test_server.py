@@ -1919,3 +1919,25 @@ def test_serve_bench_of_a_batch_first_bidirectional_model_sends_only_what_it_can
         assert run["predict"]["count"] == 4 and run["stream_step"]["count"] == 0, api
     assert report["stream_fraction"] == 0.0
     assert "cannot stream" in report["notes"][0]
+
+
+def test_serve_bench_fails_when_one_api_measured_nothing(call_main, monkeypatch, tmp_path):
+    """A side-by-side with one empty side is no comparison: exit 1, naming the API."""
+    from lstm_export.benchmarks import load
+
+    def run(requests: int, errors: int) -> dict:
+        first = None if not errors else {"status": 415, "error": "send it as JSON"}
+        return {"requests": requests, "errors": errors, "first_error": first}
+
+    runs = {"v1": run(4, 0), "v2-json": run(4, 4), "v2-binary": run(4, 1)}
+    report = {"requests": 12, "errors": 5, "first_error": runs["v2-json"]["first_error"]}
+    report |= {"runs": runs, "notes": []}
+    monkeypatch.setattr(load, "serve_and_load_test", lambda folder, **options: report)
+    code, out, err = call_main("serve-bench", tmp_path, "--json")
+    assert code == 1, (out, err)
+    assert json.loads(out)["runs"]["v2-json"]["errors"] == 4
+    assert "every request to v2-json failed" in err and "v2-binary" not in err.split("error:")[-1]
+    # With every API measuring something, the same report passes.
+    runs["v2-json"] = run(4, 3)
+    code, out, err = call_main("serve-bench", tmp_path, "--json")
+    assert code == 0, (out, err)
