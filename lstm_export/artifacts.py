@@ -22,6 +22,9 @@ MANIFEST_VERSION = 2
 """2: parity against float64 (the tolerance is a rule, rows carry floors)."""
 KERNEL_LIBRARY = "lstm_export_kernels.so"
 """The fused kernel's compiled library, beside model.fused.pt."""
+ORT_KERNEL_LIBRARY = "liblstm_export_ort_ops.so"
+"""The fused kernel as an onnxruntime custom op library (op lstm_export.LayerNormLSTMLayer;
+needs no libtorch)."""
 EXPORT_FILES = (TORCHSCRIPT_FILE, FUSED_TORCHSCRIPT_FILE, ONNX_FILE, KERNEL_LIBRARY)
 """Every artifact an export can write (with MANIFEST_FILE): `--force` replaces only these."""
 PARITY_REPORT_FILE = "parity.json"
