@@ -486,6 +486,17 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(_kernel, fresh_cache):
     assert kernels._intact(library) and library.stat().st_size == len(intact)  # rebuilt
 
 
+def test_the_cache_key_includes_the_core_header(tmp_path, monkeypatch):
+    """The arithmetic lives in the header: a changed header is a new build, not a stale one."""
+    before = kernels._cache_dir()
+    changed = tmp_path / "layer_norm_lstm_core.h"
+    shutil.copy(kernels.CORE_HEADER, changed)
+    with open(changed, "a") as header:
+        header.write("// changed\n")
+    monkeypatch.setattr(kernels, "CORE_HEADER", changed)
+    assert kernels._cache_dir() != before
+
+
 def test_a_cached_library_loads_even_where_the_lock_cannot_be_taken():
     """A read-only shared cache: loading needs no lock, only building does."""
     code = """
