@@ -49,7 +49,8 @@ NPM_SHA256 = "e59788788818fdde1b2e522e766a21ba0f7d8391de55737abf81e32cc801785d"
 NPM_API_VERSION = 29
 """ORT_API_VERSION of the pinned package's headers (onnxruntime 1.29)."""
 MIN_API_VERSION = 17
-"""The oldest headers the binding compiles against: KernelContext_ParallelFor is API 17."""
+"""The oldest headers accepted from $LSTM_EXPORT_ORT_INCLUDE: the binding needs
+KernelContext_ParallelFor (API 17). Only API 29, the npm package's, is tested."""
 HEADERS = (
     "onnxruntime_c_api.h",
     "onnxruntime_error_code.h",
