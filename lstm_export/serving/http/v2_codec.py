@@ -128,7 +128,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
     text = header_length.strip()
-    if not text.isdigit() or len(text) > 19:
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:  # not "²": int() refuses
         raise bad(f"{HEADER_LENGTH} must be a byte count, got {header_length[:40]!r}")
     length = int(text)
     if not 0 < length <= len(body):
@@ -226,7 +226,7 @@ def _json_data(value: object, name: str, shape: tuple[int, ...], dtype: np.dtype
         raise bad(
             f"'data' of input '{name}' must be a list of numbers (nested rectangularly)"
         ) from None
-    if array.dtype.kind not in "iuf" or (array.size and _has_letters(array, value)):
+    if array.dtype.kind not in "iuf" or (array.size and _has_booleans(value)):
         raise bad(f"'data' of input '{name}' must hold only numbers")
     count = math.prod(shape)
     if array.size != count:
@@ -237,11 +237,11 @@ def _json_data(value: object, name: str, shape: tuple[int, ...], dtype: np.dtype
     return array.reshape(shape).astype(dtype)
 
 
-def _has_letters(array: np.ndarray, value: list) -> bool:
-    if array.dtype.kind == "f":  # a float list may hide a boolean; an int list cannot (1 + True)
-        text = orjson.dumps(value)
-        return b"t" in text or b"f" in text
-    return array.dtype.kind == "b"
+def _has_booleans(value: list) -> bool:
+    """Whether numbers read by numpy hid a boolean ([1.5, true] reads as floats, [1, true]
+    as integers): written back out by orjson, numbers hold no letter t or f."""
+    text = orjson.dumps(value)
+    return b"t" in text or b"f" in text
 
 
 def read_inputs(
@@ -336,7 +336,7 @@ def read_outputs(
     request's `binary_data_output` says so) when the request names none."""
     outputs = data.get("outputs")
     names = [spec.name for spec in signature.outputs]
-    if outputs is None:
+    if outputs is None or outputs == []:  # none named: all of them (Triton's Normalize)
         return tuple((name, binary_default) for name in names)
     if not isinstance(outputs, list):
         raise bad(f"Unable to parse 'outputs': expected a list, got {json_type(outputs)}")
