@@ -6,13 +6,18 @@ ever contacted; every server is stopped by the test that started it.
 
 from __future__ import annotations
 
+import http.client
+import json
 import re
 import resource
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 LOOPBACK = "127.0.0.1"
 TIMEOUT = 30  # seconds, per request
@@ -96,3 +101,44 @@ class Server:
 def file_limit(files: int) -> None:
     """In a child before exec: at most `files` open files, soft and hard (ulimit -n)."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+
+
+@dataclass
+class Reply:
+    status: int
+    data: dict
+    headers: dict[str, str]
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection; every answer must be JSON."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection(LOOPBACK, port, timeout=TIMEOUT)
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        *,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        payload = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        if headers is None:
+            headers = {} if payload is None else {"Content-Type": "application/json"}
+        self.conn.request(method, path, body=payload, headers=headers)
+        response = self.conn.getresponse()
+        text = response.read()
+        assert response.getheader("content-type") == "application/json", text[:200]
+        return Reply(response.status, json.loads(text), dict(response.getheaders()))
+
+    def predict(self, x: np.ndarray, state=None) -> Reply:
+        body = {"x": x.tolist()}
+        if state is not None:
+            body |= {"h0": state[0].tolist(), "c0": state[1].tolist()}
+        return self.call("POST", "/v1/predict", body)
+
+    def close(self) -> None:
+        self.conn.close()
