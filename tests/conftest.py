@@ -37,6 +37,24 @@ def cpp_binary() -> Path:
         pytest.skip(f"C++ toolchain missing: {exc}")
 
 
+@pytest.fixture(scope="session")
+def ort_library() -> Path:
+    """The onnxruntime op library (model.fused.onnx's), built or found in the cache once.
+
+    Skips only where it cannot be built here (no compiler, no headers and no npm); CI sets
+    LSTM_EXPORT_REQUIRE_CPP=1 to forbid that.
+    """
+    from lstm_export.errors import UsageError
+    from lstm_export.native.ort_kernel import build_ort_kernel
+
+    try:
+        return build_ort_kernel()
+    except UsageError as exc:
+        if os.environ.get("LSTM_EXPORT_REQUIRE_CPP") == "1":
+            pytest.fail(f"LSTM_EXPORT_REQUIRE_CPP=1 but the onnxruntime op library failed: {exc}")
+        pytest.skip(f"no onnxruntime op library here: {exc}")
+
+
 @pytest.fixture
 def call_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     """Run `cli.main()` (the console-script entry) in-process: (exit code, stdout, stderr)."""

@@ -32,6 +32,7 @@ from lstm_export.errors import UsageError
 from lstm_export.exporters import kernel as kernels
 from lstm_export.exporters.routes import KernelLayer, KernelLSTM
 from lstm_export.exporters.torchscript import script
+from lstm_export.native import build
 from lstm_export.pipeline import export
 from lstm_export.verification.backends import FUSED_BACKEND, torch_backend
 from lstm_export.verification.cases import Case
@@ -320,7 +321,7 @@ def test_verify_without_a_compiler_or_cache_still_checks_the_rest(fused_export, 
     folder = fused_export
     env = {k: v for k, v in os.environ.items() if k != "CXX"}
     env["PATH"] = os.path.dirname(sys.executable)
-    env[kernels.CACHE_ENV] = str(tmp_path / "empty-cache")
+    env[build.CACHE_ENV] = str(tmp_path / "empty-cache")
     done = run_cli("verify", folder, "--json", env=env)
     assert done.returncode == 1, done.stderr
     report = json.loads(done.stdout)
@@ -342,7 +343,7 @@ def test_fused_kernel_is_refused_for_a_plain_model_and_nothing_is_written(tmp_pa
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     """An empty kernel cache and no library loaded by us yet: the next build compiles."""
-    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(kernels, "_loaded", None)
     return tmp_path / "cache"
 
@@ -370,7 +371,7 @@ def test_a_failing_compiler_is_one_line_naming_its_error(tmp_path, fresh_cache, 
 
 def test_a_cache_that_is_a_file_is_one_clear_line(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
-    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "file"))
+    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path / "file"))
     monkeypatch.setattr(kernels, "_loaded", None)
     with pytest.raises(UsageError, match="cannot build the fused kernel in"):
         kernels.build_kernel()
@@ -457,7 +458,7 @@ print(worst)
 
 def test_the_portable_scalar_route_matches_too():
     """What a CPU without AVX2 builds: the kernel's scalar code alone."""
-    env = {**os.environ, kernels.PORTABLE_ENV: "1"}
+    env = {**os.environ, build.PORTABLE_ENV: "1"}
     done = run_python(_PORTABLE, env=env)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) <= TOLERANCE
@@ -477,23 +478,23 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(_kernel, fresh_cache):
     # the rebuild is the one compile here. The op is loaded already: no copy is loaded.
     library = kernels._cache_dir() / kernels.KERNEL_LIBRARY  # same key, the fresh root
     library.parent.mkdir(parents=True)
-    for name in (kernels.KERNEL_LIBRARY, kernels.STAMP):
+    for name in (kernels.KERNEL_LIBRARY, build.STAMP):
         shutil.copy2(_kernel.parent / name, library.parent / name)
-    assert kernels.build_kernel() == library and kernels._intact(library)  # the copy is used
+    assert kernels.build_kernel() == library and build.intact(library)  # the copy is used
     intact = library.read_bytes()
     library.write_bytes(intact[: len(intact) // 3])
     assert kernels.build_kernel() == library
-    assert kernels._intact(library) and library.stat().st_size == len(intact)  # rebuilt
+    assert build.intact(library) and library.stat().st_size == len(intact)  # rebuilt
 
 
 def test_the_cache_key_includes_the_core_header(tmp_path, monkeypatch):
     """The arithmetic lives in the header: a changed header is a new build, not a stale one."""
     before = kernels._cache_dir()
     changed = tmp_path / "layer_norm_lstm_core.h"
-    shutil.copy(kernels.CORE_HEADER, changed)
+    shutil.copy(build.CORE_HEADER, changed)
     with open(changed, "a") as header:
         header.write("// changed\n")
-    monkeypatch.setattr(kernels, "CORE_HEADER", changed)
+    monkeypatch.setattr(build, "CORE_HEADER", changed)
     assert kernels._cache_dir() != before
 
 
@@ -503,12 +504,13 @@ def test_a_cached_library_loads_even_where_the_lock_cannot_be_taken():
 import shutil, sys
 from pathlib import Path
 from lstm_export.exporters import kernel as kernels
+from lstm_export.native import build
 cached = kernels.build_kernel.__globals__["_cache_dir"]()
 copy = Path(sys.argv[1]) / cached.name
 shutil.copytree(cached, copy)
 (copy / ".lock").unlink(missing_ok=True)
 (copy / ".lock").mkdir()  # flock on it would fail
-import os; os.environ[kernels.CACHE_ENV] = sys.argv[1]
+import os; os.environ[build.CACHE_ENV] = sys.argv[1]
 print(kernels.build_kernel())
 """
     with tempfile.TemporaryDirectory() as tmp:
@@ -549,7 +551,7 @@ def _compilers_of_our_source() -> list[str]:
 
 def test_sigterm_during_the_kernel_build_stops_the_compiler_and_leaves_nothing(tmp_path):
     cache = tmp_path / "cache"
-    env = {**os.environ, kernels.CACHE_ENV: str(cache)}
+    env = {**os.environ, build.CACHE_ENV: str(cache)}
     command = [sys.executable, "-m", "lstm_export.cli", "export", "--fused-kernel"]
     # Output to a file, as on a terminal: an orphaned compiler writing to a closed pipe
     # would die of SIGPIPE and hide the bug.

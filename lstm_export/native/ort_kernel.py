@@ -14,10 +14,13 @@ libonnxruntime, no libtorch), which the `onnxruntime` wheel does not ship; they 
    tarball is deleted.
 
 A library built against API N loads into any onnxruntime >= N (the C API only grows). The
-library is cached like the TorchScript kernel (`kernel.build_library`: one compiler call,
+library is cached like the TorchScript kernel (`build.build_library`: one compiler call,
 locked folder, sha256 stamp), keyed by both sources, the headers and their API version and
 the compile command. Nothing here loads it: onnxruntime does, through
-`SessionOptions.register_custom_ops_library(path)`.
+`SessionOptions.register_custom_ops_library(path)` (`OnnxLSTM(..., fused=True)` does that
+with this build, never with an export folder's copy).
+
+No torch here (core layer): the runtime builds the library as the exporters do.
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ import re
 import shutil
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from lstm_export.artifacts import ORT_KERNEL_LIBRARY
 from lstm_export.errors import UsageError
-from lstm_export.exporters import kernel
 from lstm_export.files import locked_folder, sha256
+from lstm_export.native import build
 
-SOURCE = Path(__file__).parent / "csrc" / "ort_layer_norm_lstm.cpp"
+SOURCE = build.CSRC / "ort_layer_norm_lstm.cpp"
 DOMAIN = "lstm_export"
 DOMAIN_VERSION = 1
 OP_TYPE = "LayerNormLSTMLayer"
@@ -67,22 +71,23 @@ _XCFRAMEWORK = "package/Plugins/iOS~/onnxruntime.xcframework/"
 _STAGING = ".onnxruntime-headers-fetch."  # + random: a fetch's folder in the cache
 _MAX_HEADER_BYTES = 4 << 20  # the largest, onnxruntime_c_api.h, is about 400 KB
 _API_VERSION = re.compile(rb"^\s*#define\s+ORT_API_VERSION\s+(\d+)\s*$", re.MULTILINE)
-_HOW_TO_FIX = (
+HOW_TO_FIX = (  # the end of every line about missing headers
     f"set {INCLUDE_ENV} to the include folder of onnxruntime's release archive "
     "(onnxruntime-linux-x64-<version>.tgz from https://github.com/microsoft/onnxruntime/releases)"
 )
 
 
 def compile_flags() -> list[str]:
-    """-O3, with -mavx2 -mfma exactly where the TorchScript kernel gets them (this CPU has
-    them, LSTM_EXPORT_KERNEL_PORTABLE unset); no OpenMP: onnxruntime's pool runs the threads."""
-    return [flag for flag in kernel.compile_flags() if flag != "-fopenmp"]
+    """-O3, with -mavx2 -mfma exactly where the TorchScript kernel gets them
+    (`build.simd_flags`: this CPU has them, LSTM_EXPORT_KERNEL_PORTABLE unset); no OpenMP:
+    onnxruntime's pool runs the threads."""
+    return ["-O3", *build.simd_flags()]
 
 
 def _command(include: Path, output: Path) -> list[str]:
     """The whole compiler call: one source (which includes the core), the headers on -I."""
     return [
-        *kernel.compiler_command(),
+        *build.compiler_command(),
         *compile_flags(),
         "-std=c++17",
         "-shared",
@@ -104,7 +109,7 @@ def api_version(include: Path) -> int:
         raise UsageError(f"cannot read {header}: {exc.strerror or exc}") from None
     found = _API_VERSION.search(text)
     if found is None:
-        raise UsageError(f"{header} does not define ORT_API_VERSION; {_HOW_TO_FIX}")
+        raise UsageError(f"{header} does not define ORT_API_VERSION; {HOW_TO_FIX}")
     return int(found.group(1))
 
 
@@ -117,7 +122,7 @@ def find_headers() -> Path:
         needed = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h")
         missing = [name for name in needed if not (include / name).is_file()]
         if missing:
-            raise UsageError(f"{INCLUDE_ENV}={given} has no {' or '.join(missing)}; {_HOW_TO_FIX}")
+            raise UsageError(f"{INCLUDE_ENV}={given} has no {' or '.join(missing)}; {HOW_TO_FIX}")
         version = api_version(include)
         if version < MIN_API_VERSION:
             raise UsageError(
@@ -129,7 +134,7 @@ def find_headers() -> Path:
 
 
 def _headers_folder() -> Path:
-    return kernel.cache_root() / f"onnxruntime-headers-{NPM_VERSION}"
+    return build.cache_root() / f"onnxruntime-headers-{NPM_VERSION}"
 
 
 def _fetched_headers() -> Path:
@@ -138,12 +143,12 @@ def _fetched_headers() -> Path:
     if _complete(include):
         return include
     # Fetching only serves a build: without a compiler, say so before downloading 150 MB.
-    kernel.require_compiler(kernel.compiler_command(), WHAT)
+    build.require_compiler(build.compiler_command(), WHAT)
     npm = shutil.which("npm")
     if npm is None:
         raise UsageError(
             f"{WHAT} needs onnxruntime's C/C++ API headers and npm is not on PATH to fetch "
-            f"them ({NPM_PACKAGE}@{NPM_VERSION}); install npm, or {_HOW_TO_FIX}"
+            f"them ({NPM_PACKAGE}@{NPM_VERSION}); install npm, or {HOW_TO_FIX}"
         )
     root = include.parent
     try:
@@ -179,19 +184,19 @@ def _fetch_headers(npm: str, include: Path) -> None:
             "--ignore-scripts",
             "--loglevel=error",
         ]
-        returncode, stderr = kernel.run_in_own_group(command)
+        returncode, stderr = build.run_in_own_group(command)
         if returncode != 0:
             raise UsageError(
-                f"npm pack {spec} failed: {_npm_error(stderr, returncode)}; {_HOW_TO_FIX}"
+                f"npm pack {spec} failed: {_npm_error(stderr, returncode)}; {HOW_TO_FIX}"
             )
         tarballs = sorted(staging.glob("*.tgz"))
         if len(tarballs) != 1:
-            raise UsageError(f"npm pack {spec} wrote no tarball into {staging}; {_HOW_TO_FIX}")
+            raise UsageError(f"npm pack {spec} wrote no tarball into {staging}; {HOW_TO_FIX}")
         digest = sha256(tarballs[0])
         if digest != NPM_SHA256:
             raise UsageError(
                 f"npm pack {spec} gave a tarball with sha256 {digest}, not the pinned "
-                f"{NPM_SHA256}; refusing it: {_HOW_TO_FIX}"
+                f"{NPM_SHA256}; refusing it: {HOW_TO_FIX}"
             )
         extracted = staging / "include"
         extract_headers(tarballs[0], extracted)
@@ -199,7 +204,7 @@ def _fetch_headers(npm: str, include: Path) -> None:
         if version != NPM_API_VERSION:
             raise UsageError(
                 f"the headers of {spec} are onnxruntime's C API {version}, not "
-                f"{NPM_API_VERSION}; {_HOW_TO_FIX}"
+                f"{NPM_API_VERSION}; {HOW_TO_FIX}"
             )
         extracted.rename(include)
     finally:
@@ -237,7 +242,7 @@ def extract_headers(tarball: Path, into: Path) -> None:
     if not complete:
         raise UsageError(
             f"{tarball.name} has no {_XCFRAMEWORK}*/Headers/ folder with all of "
-            f"{', '.join(HEADERS)}; {_HOW_TO_FIX}"
+            f"{', '.join(HEADERS)}; {HOW_TO_FIX}"
         )
     into.mkdir()
     for name, data in found[complete[0]].items():
@@ -261,25 +266,41 @@ def _npm_error(stderr: str, returncode: int) -> str:
     return lines[-1] if lines else f"npm exited with code {returncode}"
 
 
-def _library_and_command(include: Path) -> tuple[Path, functools.partial[list[str]]]:
+@dataclass(frozen=True)
+class OrtLibrary:
+    """A built op library: its path in the cache, and the C API version of the headers it
+    was compiled against (it loads into onnxruntime 1.<api_version> and newer)."""
+
+    path: Path
+    api_version: int
+
+
+def _library_and_command(include: Path) -> tuple[OrtLibrary, functools.partial[list[str]]]:
     """Where the op library for these headers, our sources and the compiler lives in the
     cache (built or not), and its compile command (output -> argv)."""
     command = functools.partial(_command, include)
     headers = [include / name for name in HEADERS if (include / name).is_file()]
-    key = kernel.cache_key(
-        (kernel.CORE_HEADER, SOURCE, *headers),
+    version = api_version(include)
+    key = build.cache_key(
+        (build.CORE_HEADER, SOURCE, *headers),
         WHAT,
-        f"ORT_API_VERSION {api_version(include)}",
+        f"ORT_API_VERSION {version}",
         "\0".join(command(Path("OUT"))),
     )
-    return kernel.cache_root() / f"ort-{key}" / ORT_KERNEL_LIBRARY, command
+    return OrtLibrary(build.cache_root() / f"ort-{key}" / ORT_KERNEL_LIBRARY, version), command
 
 
-def build_ort_kernel() -> Path:
+def build_ort_library() -> OrtLibrary:
     """The op library from the cache, compiled first if needed (headers fetched first if
-    needed); its path, for `SessionOptions.register_custom_ops_library`. Never loaded here.
+    needed), for `SessionOptions.register_custom_ops_library`. Never loaded here.
 
     Raises `UsageError` with one line when the headers, npm, the compiler or the build fail.
     """
     library, command = _library_and_command(find_headers())
-    return kernel.build_library(library, command, WHAT)
+    build.build_library(library.path, command, WHAT)
+    return library
+
+
+def build_ort_kernel() -> Path:
+    """`build_ort_library()`'s path."""
+    return build_ort_library().path

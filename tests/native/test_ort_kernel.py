@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import subprocess
 import sys
 import tarfile
@@ -40,7 +39,7 @@ from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.exporters import kernel as kernels
-from lstm_export.exporters import ort_kernel
+from lstm_export.native import build, ort_kernel
 from lstm_export.verification.cases import Case
 from lstm_export.verification.parity import (
     Backend,
@@ -52,15 +51,10 @@ WEIGHTS = ("w_h", "gamma", "beta", "gamma_c", "beta_c")
 OUTPUTS = ("y", "h_n", "c_n")
 
 
-@pytest.fixture(scope="module")
-def library() -> Path:
-    """The op library, built (or found in the cache) once for this module."""
-    try:
-        return ort_kernel.build_ort_kernel()
-    except UsageError as exc:
-        if os.environ.get("LSTM_EXPORT_REQUIRE_CPP") == "1":
-            pytest.fail(f"LSTM_EXPORT_REQUIRE_CPP=1 but the onnxruntime op library failed: {exc}")
-        pytest.skip(f"no onnxruntime op library here: {exc}")
+@pytest.fixture
+def library(ort_library) -> Path:
+    """The op library (conftest's `ort_library`: built or found in the cache once)."""
+    return ort_library
 
 
 def _layer_weights(model) -> dict[str, np.ndarray]:
@@ -383,14 +377,14 @@ def test_a_cached_library_is_reused_and_a_damaged_one_rebuilt(library, tmp_path,
     """The shared build helper: the stamp catches a truncated library, as for the TorchScript
     kernel; once built, the same headers, sources and compiler find the same file."""
     include = ort_kernel.find_headers()
-    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv(ort_kernel.INCLUDE_ENV, str(include))
     built = ort_kernel.build_ort_kernel()
-    assert built.parent.parent == tmp_path / "cache" and kernels._intact(built)
+    assert built.parent.parent == tmp_path / "cache" and build.intact(built)
     first = built.read_bytes()
     assert ort_kernel.build_ort_kernel() == built and built.read_bytes() == first
     built.write_bytes(first[: len(first) // 3])
-    assert ort_kernel.build_ort_kernel() == built and kernels._intact(built)
+    assert ort_kernel.build_ort_kernel() == built and build.intact(built)
     assert built.stat().st_size == len(first)
 
 
@@ -419,7 +413,7 @@ def offline(tmp_path, monkeypatch):
     cxx.chmod(0o755)
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.setenv("CXX", str(cxx))
-    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(ort_kernel.INCLUDE_ENV, raising=False)
     return bin_dir
 
@@ -626,6 +620,8 @@ def test_the_library_is_keyed_by_the_headers_and_their_version(offline, tmp_path
     b = ort_kernel._library_and_command(_header_folder(tmp_path / "b", 30))[0]
     c = ort_kernel._library_and_command(_header_folder(tmp_path / "c", 29, "// changed"))[0]
     again = ort_kernel._library_and_command(tmp_path / "a")[0]
+    assert (a.api_version, b.api_version, c.api_version) == (29, 30, 29)
+    a, b, c, again = (library.path for library in (a, b, c, again))
     assert a == again and len({a, b, c}) == 3
     assert a.name == ORT_KERNEL_LIBRARY and a.parent.parent == tmp_path / "cache"
     command = ort_kernel._library_and_command(tmp_path / "a")[1](Path("OUT"))

@@ -1,0 +1,14 @@
+"""Native code compiled on this machine: the fused LayerNorm-LSTM kernel's C++ sources and
+their builds, without torch.
+
+- `csrc/`: the kernel's arithmetic (`layer_norm_lstm_core.h`, neither torch nor onnxruntime
+  in sight) and its two bindings, TorchScript (`layer_norm_lstm.cpp`, built by
+  `lstm_export.exporters.kernel`, which needs torch's headers) and onnxruntime
+  (`ort_layer_norm_lstm.cpp`, built by `ort_kernel`).
+- `build`: what every build shares: the compiler command, the CPU's SIMD flags, the cache
+  (folder, key, lock, sha256 stamp) and the compiler call in its own process group.
+- `ort_kernel`: onnxruntime's headers (found or fetched) and the onnxruntime op library.
+
+Core layer: the runtime (`OnnxLSTM(..., fused=True)`) builds the onnxruntime library
+through it as the exporters do, and neither imports the other.
+"""
