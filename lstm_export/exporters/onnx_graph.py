@@ -29,6 +29,7 @@ so callers may leave it out (`lstm_export.exporters.onnx_parts.Lengths` says how
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,15 @@ def _plain_layer(
     return g.op1("Reshape", [y, g.const(f"merge_directions_{k}", int64(0, 0, -1))]), h, c
 
 
+def project(g: Graph, name: str, cell: torch.nn.Module, x: str) -> str:
+    """The hoisted input projection of one direction of a LayerNorm layer: input_lin(x_t) +
+    bias for every t at once, one MatMul and one Add over x [seq, batch, in] -> [seq, batch,
+    4H] (the cell's bias is hidden_lin's; input_lin has none)."""
+    w_x = g.const(f"WxT_{name}", _numpy(cell.input_lin.weight).T)
+    bias = g.const(f"b_{name}", _numpy(cell.hidden_lin.bias))
+    return g.op1("Add", [g.op1("MatMul", [x, w_x]), bias])
+
+
 def _scan(
     g: Graph,
     name: str,
@@ -131,10 +141,7 @@ def _scan(
     """
     norms = cell.layer_norm
     eps = float(cell.layer_norm_c.eps)
-    w_x = g.const(f"WxT_{name}", _numpy(cell.input_lin.weight).T)
-    bias = g.const(f"b_{name}", _numpy(cell.hidden_lin.bias))
-    # input_lin(x_t) + bias for every t at once: [seq, batch, 4H].
-    x_proj = g.op1("Add", [g.op1("MatMul", [x, w_x]), bias])
+    x_proj = project(g, name, cell, x)
 
     b = Graph(prefix=f"{name}_")
     h_prev, c_prev, x_proj_t = (b.prefix + n for n in ("h_prev", "c_prev", "x_proj_t"))
@@ -207,33 +214,53 @@ def _scan(
     return y, h_n, c_n
 
 
-def _layer_norm_layer(
-    g: Graph,
-    k: int,
-    cells: list[torch.nn.Module],
-    x: str,
-    h0: str,
-    c0: str,
-    hidden: int,
-    lengths: Lengths | None,
-) -> tuple[str, str, str]:
-    """One LayerNorm layer: the forward Scan, and for D = 2 the reverse one, whose input
-    is each sequence reversed within its own length and whose outputs are put back in
-    time order the same way (pack_padded_sequence's reverse direction)."""
-    if len(cells) == 1:
-        return _scan(g, f"layer{k}", cells[0], x, h0, c0, hidden, lengths)
-    ones = g.const(f"directions_split_{k}", int64(1, 1))
-    (h_f, h_r), (c_f, c_r) = (g.op("Split", [s, ones], n_out=2, axis=0) for s in (h0, c0))
-    y_f, h_f, c_f = _scan(g, f"layer{k}", cells[0], x, h_f, c_f, hidden, lengths)
-    if lengths is None:
-        y_r, h_r, c_r = _scan(g, f"layer{k}_reverse", cells[1], x, h_r, c_r, hidden, None, True)
-    else:
-        within = {"batch_axis": 1, "time_axis": 0}
-        backward = g.op1("ReverseSequence", [x, lengths.lengths], **within)
-        y_r, h_r, c_r = _scan(g, f"layer{k}_reverse", cells[1], backward, h_r, c_r, hidden, lengths)
-        y_r = g.op1("ReverseSequence", [y_r, lengths.lengths], **within)
-    y = g.op1("Concat", [y_f, y_r], axis=2)
-    return y, g.op1("Concat", [h_f, h_r], axis=0), g.op1("Concat", [c_f, c_r], axis=0)
+Direction = Callable[..., tuple[str, str, str]]
+"""One direction of a layer: (g, name, cell, x, h0, c0, hidden, lengths, reverse=False) ->
+(y [seq, batch, H], h_n, c_n [1, batch, H]); x is [seq, batch, in], h0 and c0 [1, batch, H].
+`reverse` (scan from the last step) is asked only of a graph without lengths."""
+Layer = Callable[
+    [Graph, int, list[torch.nn.Module], str, str, str, int, "Lengths | None"], tuple[str, str, str]
+]
+"""One layer: (g, k, cells (forward, and reverse for D = 2), x, h0, c0 [D, batch, H], hidden,
+lengths) -> (y [seq, batch, D * H], h_n, c_n [D, batch, H])."""
+
+
+def per_direction(direction: Direction) -> Layer:
+    """A layer of one `direction` per cell: for D = 2 the reverse one's input is each
+    sequence reversed within its own length, and its outputs are put back in time order the
+    same way (pack_padded_sequence's reverse direction); y is [forward | reverse]."""
+
+    def layer(
+        g: Graph,
+        k: int,
+        cells: list[torch.nn.Module],
+        x: str,
+        h0: str,
+        c0: str,
+        hidden: int,
+        lengths: Lengths | None,
+    ) -> tuple[str, str, str]:
+        if len(cells) == 1:
+            return direction(g, f"layer{k}", cells[0], x, h0, c0, hidden, lengths)
+        ones = g.const(f"directions_split_{k}", int64(1, 1))
+        (h_f, h_r), (c_f, c_r) = (g.op("Split", [s, ones], n_out=2, axis=0) for s in (h0, c0))
+        y_f, h_f, c_f = direction(g, f"layer{k}", cells[0], x, h_f, c_f, hidden, lengths)
+        name, reverse = f"layer{k}_reverse", cells[1]
+        if lengths is None:
+            y_r, h_r, c_r = direction(g, name, reverse, x, h_r, c_r, hidden, None, True)
+        else:
+            within = {"batch_axis": 1, "time_axis": 0}
+            backward = g.op1("ReverseSequence", [x, lengths.lengths], **within)
+            y_r, h_r, c_r = direction(g, name, reverse, backward, h_r, c_r, hidden, lengths)
+            y_r = g.op1("ReverseSequence", [y_r, lengths.lengths], **within)
+        y = g.op1("Concat", [y_f, y_r], axis=2)
+        return y, g.op1("Concat", [h_f, h_r], axis=0), g.op1("Concat", [c_f, c_r], axis=0)
+
+    return layer
+
+
+_layer_norm_layer = per_direction(_scan)
+"""One LayerNorm layer: the forward Scan, and for D = 2 the reverse one."""
 
 
 def build_onnx(model: LSTM, opset: int = OPSET, *, lengths: bool = True) -> onnx.ModelProto:
@@ -244,6 +271,26 @@ def build_onnx(model: LSTM, opset: int = OPSET, *, lengths: bool = True) -> onnx
     `lengths=False` builds the graph without the lengths input (as exports before it were),
     to measure what the padding machinery costs.
     """
+    config = model.config()
+    layer = _layer_norm_layer if config.layer_norm else _plain_layer
+    return build_graph(model, layer, opset, route_of(config), lengths=lengths)
+
+
+def build_graph(
+    model: LSTM,
+    layer: Layer,
+    opset: int,
+    route: str,
+    *,
+    lengths: bool = True,
+    domains: dict[str, int] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> onnx.ModelProto:
+    """model.onnx's frame around `layer`, called once per layer: the inputs (x, h0, c0 and
+    the optional `lengths` with its empty default), each layer's slice of the states, the
+    outputs, the config and `route` in the metadata (with `metadata`), the batch-first
+    Transposes for a batch_first model. `domains` adds operator sets beyond ONNX's own
+    (custom ops), {domain: version}."""
     if opset < OPSET:
         raise ValueError(f"opset must be >= {OPSET} (LayerNormalization), got {opset}")
     config = model.config()
@@ -257,7 +304,6 @@ def build_onnx(model: LSTM, opset: int = OPSET, *, lengths: bool = True) -> onnx
         c_parts = g.op("Split", [C0, sizes], n_out=layers, axis=0)
     else:
         h_parts, c_parts = [H0], [C0]
-    layer = _layer_norm_layer if config.layer_norm else _plain_layer
     x = X
     h_out, c_out = [], []
     for k, cell in enumerate(model.cells):
@@ -291,15 +337,18 @@ def build_onnx(model: LSTM, opset: int = OPSET, *, lengths: bool = True) -> onnx
         ],
         initializer=initializers,
     )
+    opsets = [helper.make_opsetid("", opset)]
+    opsets += [helper.make_opsetid(domain, v) for domain, v in (domains or {}).items()]
     onnx_model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", opset)],
+        opset_imports=opsets,
         producer_name="lstm-export",
         doc_string="Scratch LSTM exported by lstm-export",
     )
     # IR version 8 is what opset 17-era runtimes (and Triton's onnxruntime backend) accept.
     onnx_model.ir_version = 8
-    helper.set_model_props(onnx_model, {CONFIG_KEY: config.to_json(), ROUTE_KEY: route_of(config)})
+    props = {CONFIG_KEY: config.to_json(), ROUTE_KEY: route, **(metadata or {})}
+    helper.set_model_props(onnx_model, props)
     if config.batch_first:
         return batch_first_io(onnx_model)
     return onnx_model

@@ -57,8 +57,8 @@ class Graph:
 
 class Lengths:
     """The padding, computed once for every layer: lengths as [batch] int64 (seq where the
-    caller gave none), the ONNX LSTM's int32 `sequence_lens`, the validity mask and the
-    indices of each sequence's last valid step.
+    caller gave none), the ONNX LSTM's int32 `sequence_lens`, the validity mask (as the Scan
+    route and as the fused kernel take it) and the indices of each sequence's last valid step.
     """
 
     def __init__(self, g: Graph, x: str) -> None:
@@ -89,7 +89,9 @@ class Lengths:
         )
         self._g, self._seq = g, seq
         self._sequence_lens: str | None = None
+        self._range: str | None = None
         self._valid: str | None = None
+        self._mask: str | None = None
         self._last: tuple[str, str] | None = None
 
     @property
@@ -100,17 +102,34 @@ class Lengths:
         return self._sequence_lens
 
     @property
+    def _steps(self) -> str:
+        """[seq] int64: 0, 1, ..., seq - 1."""
+        if self._range is None:
+            g = self._g
+            last = g.op1("Squeeze", [self._seq, g.const("axis0_seq", int64(0))])
+            zero, one = g.const("zero", int64(0)[0]), g.const("one", int64(1)[0])
+            self._range = g.op1("Range", [zero, last, one])
+        return self._range
+
+    @property
     def valid(self) -> str:
         """[seq, batch, 1] bool: step t of sequence b is valid when t < lengths[b]."""
         if self._valid is None:
             g = self._g
-            last = g.op1("Squeeze", [self._seq, g.const("axis0_seq", int64(0))])
-            zero, one = g.const("zero", int64(0)[0]), g.const("one", int64(1)[0])
-            steps = g.op1("Range", [zero, last, one])
-            column = g.op1("Unsqueeze", [steps, g.const("axes12", int64(1, 2))])
+            column = g.op1("Unsqueeze", [self._steps, g.const("axes12", int64(1, 2))])
             row = g.op1("Unsqueeze", [self.lengths, g.const("axes02", int64(0, 2))])
             self._valid = g.op1("Less", [column, row])
         return self._valid
+
+    @property
+    def mask(self) -> str:
+        """[seq, batch] bool, `valid` without its last axis: the fused kernel's mask."""
+        if self._mask is None:
+            g = self._g
+            column = g.op1("Unsqueeze", [self._steps, g.const("mask_axis1", int64(1))])
+            row = g.op1("Unsqueeze", [self.lengths, g.const("mask_axis0", int64(0))])
+            self._mask = g.op1("Less", [column, row])
+        return self._mask
 
     def last_step(self, hidden: int) -> tuple[str, str]:
         """Indices of each sequence's last valid step (lengths - 1) for GatherElements on
