@@ -24,8 +24,18 @@ KERNEL_LIBRARY = "lstm_export_kernels.so"
 """The fused kernel's compiled library, beside model.fused.pt."""
 ORT_KERNEL_LIBRARY = "liblstm_export_ort_ops.so"
 """The fused kernel as an onnxruntime custom op library (op lstm_export.LayerNormLSTMLayer;
-needs no libtorch)."""
-EXPORT_FILES = (TORCHSCRIPT_FILE, FUSED_TORCHSCRIPT_FILE, ONNX_FILE, KERNEL_LIBRARY)
+needs no libtorch), beside model.fused.onnx."""
+FUSED_ONNX_FILE = "model.fused.onnx"
+"""model.onnx's signature, each LayerNorm layer one lstm_export.LayerNormLSTMLayer node (export
+--fused-kernel, where the op library could be built); runs only with ORT_KERNEL_LIBRARY."""
+EXPORT_FILES = (
+    TORCHSCRIPT_FILE,
+    FUSED_TORCHSCRIPT_FILE,
+    ONNX_FILE,
+    FUSED_ONNX_FILE,
+    KERNEL_LIBRARY,
+    ORT_KERNEL_LIBRARY,
+)
 """Every artifact an export can write (with MANIFEST_FILE): `--force` replaces only these."""
 PARITY_REPORT_FILE = "parity.json"
 """The report `export --keep-failed DIR` writes beside artifacts that failed parity."""
@@ -36,6 +46,8 @@ CONFIG_KEY = "lstm_export.config"
 """model.onnx metadata_props key: the config as JSON."""
 ROUTE_KEY = "lstm_export.route"
 """model.onnx metadata_props key: how the graph computes the model (recorded, shown)."""
+OP_LIBRARY_KEY = "lstm_export.op_library"
+"""model.fused.onnx metadata_props key: the file name of the op library it needs."""
 LAYOUT_KEY = "lstm_export.layout"
 """metadata_props key marking a derived graph's axis layout; absent means time-major."""
 TIME_MAJOR = "time_major"

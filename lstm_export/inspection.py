@@ -1,5 +1,7 @@
 """Describe a model.pt, a model.onnx or a whole export folder: config (batch_first and
-bidirectional included), signature, whether it takes `lengths`, opset, sizes.
+bidirectional included), signature, whether it takes `lengths`, opset, sizes; for
+model.fused.onnx also the op library it needs (the graph is read with `onnx`, not run, so
+neither library is built or loaded).
 
 What is described comes from the files themselves. A folder's manifest is shown as what it
 is, a record written at export that nothing here checks (`lstm-export verify` checks its
@@ -14,9 +16,11 @@ import os
 from pathlib import Path
 
 from lstm_export.artifacts import (
+    FUSED_ONNX_FILE,
     FUSED_TORCHSCRIPT_FILE,
     LENGTHS_INPUT,
     ONNX_FILE,
+    OP_LIBRARY_KEY,
     ROUTE_KEY,
     TORCHSCRIPT_FILE,
     check_model_name,
@@ -54,6 +58,7 @@ def inspect_onnx(path: Path) -> dict:
     model = load_onnx(path)  # refused before reading: not a file, empty, over 2 GiB
     meta = {p.key: p.value for p in model.metadata_props}
     config = config_from_metadata(meta, str(path))
+    library = {"op_library": meta[OP_LIBRARY_KEY]} if OP_LIBRARY_KEY in meta else {}
     return {
         "kind": "onnx",
         "path": str(path),
@@ -62,6 +67,7 @@ def inspect_onnx(path: Path) -> dict:
         "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "ir_version": model.ir_version,
         "route": meta.get(ROUTE_KEY, ""),
+        **library,  # model.fused.onnx: the file name of the library it runs with
         "signature": onnx_signature(model),
         "takes_lengths": any(i.name == LENGTHS_INPUT for i in model.graph.input),
         "parameters": sum(math.prod(t.dims) for t in model.graph.initializer),
@@ -75,6 +81,7 @@ def inspect_folder(path: Path) -> dict:
         (TORCHSCRIPT_FILE, inspect_torchscript),
         (ONNX_FILE, inspect_onnx),
         (FUSED_TORCHSCRIPT_FILE, inspect_torchscript),
+        (FUSED_ONNX_FILE, inspect_onnx),
     )
     for name, inspect_file in readers:
         if (path / name).exists() or (path / name).is_symlink():

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lstm_export.artifacts import (
     ATOL,
     FACTOR,
+    FUSED_ONNX_FILE,
     FUSED_TORCHSCRIPT_FILE,
     KERNEL_LIBRARY,
     MANIFEST_FILE,
     ONNX_FILE,
     OPSET,
+    ORT_KERNEL_LIBRARY,
     PARITY_REPORT_FILE,
     TORCHSCRIPT_FILE,
     check_model_name,
@@ -29,6 +31,7 @@ from lstm_export.config import DEFAULT_LIMITS, SizeLimits, check_size
 from lstm_export.errors import UsageError
 from lstm_export.exporters.kernel import build_kernel
 from lstm_export.exporters.manifest import build_manifest
+from lstm_export.exporters.onnx_fused import save_fused_onnx
 from lstm_export.exporters.onnx_graph import save_onnx
 from lstm_export.exporters.torchscript import config_of, forward_signature, save_torchscript
 from lstm_export.files import (
@@ -38,6 +41,7 @@ from lstm_export.files import (
     write_json,
 )
 from lstm_export.model import LSTM
+from lstm_export.native import ort_kernel
 from lstm_export.staging import staged_folder
 from lstm_export.verification.folder import verify_artifacts
 from lstm_export.verification.parity import ParityReport, Tolerance
@@ -50,6 +54,20 @@ class ExportResult:
     out_dir: Path
     manifest: dict
     report: ParityReport
+    warnings: list[str] = field(default_factory=list)
+    """What was not written, and why (each one line; the export itself succeeded)."""
+
+
+def ort_library_warning(error: UsageError) -> str:
+    """The one line an export with the fused kernel says when the onnxruntime op library
+    could not be built: what was left out, why, and how to get it."""
+    why = str(error)
+    if ort_kernel.INCLUDE_ENV not in why:
+        why += f" (onnxruntime's headers come from {ort_kernel.INCLUDE_ENV} or npm)"
+    return (
+        f"{FUSED_ONNX_FILE} and {ORT_KERNEL_LIBRARY} were not written, the rest of the export "
+        f"is complete and verified: {why}"
+    )
 
 
 def _check_float32(model: LSTM) -> None:
@@ -91,7 +109,11 @@ def export(
     Every artifact must agree with the eager model in float64 within
     `max(atol, factor x float32 floor)` on the parity matrix (`lstm_export.verification.parity`).
     `fused_kernel` (LayerNorm models) adds `model.fused.pt`, which runs each layer in
-    the fused kernel, and `lstm_export_kernels.so`, the library it needs, both verified.
+    the fused kernel, and `lstm_export_kernels.so`, the library it needs, both verified;
+    and `model.fused.onnx` with `liblstm_export_ort_ops.so`, the same kernel for
+    onnxruntime, verified too. Where that op library cannot be built (no onnxruntime
+    headers: `LSTM_EXPORT_ORT_INCLUDE`, or npm to fetch them), those two are left out and
+    `ExportResult.warnings` says why; everything else is written and proven as usual.
 
     Raises `UsageError` if `out_dir` exists and `force` is False (or it is not an
     export or empty, see `check_destination`), if another export writes there now, if
@@ -122,17 +144,31 @@ def export(
     with staged_folder(out_dir, replaceable_export if force else None) as staging:
         step("Scripting model.pt")
         scripted = save_torchscript(model, staging / TORCHSCRIPT_FILE)
-        fused_path = None
+        fused_path = fused_onnx = None
+        warnings = []
         if fused_kernel:
             step("Building the fused LayerNorm-LSTM kernel")
             shutil.copyfile(build_kernel(), staging / KERNEL_LIBRARY)
             fused_path = staging / FUSED_TORCHSCRIPT_FILE
             save_torchscript(model, fused_path, fused_kernel=True)
+            step("Building the fused kernel's onnxruntime op library")
+            try:
+                library = ort_kernel.build_ort_library()
+            except UsageError as exc:  # no headers, npm or compiler: the rest goes on
+                warnings.append(ort_library_warning(exc))
+            else:
+                shutil.copyfile(library.path, staging / ORT_KERNEL_LIBRARY)
+                step(f"Building {FUSED_ONNX_FILE}")
+                fused_onnx = (save_fused_onnx(model, staging / FUSED_ONNX_FILE, opset), library)
         step("Building model.onnx")
         onnx_model = save_onnx(model, staging / ONNX_FILE, opset)
         step("Verifying parity: eager vs TorchScript vs onnxruntime")
         report = verify_artifacts(
-            staging / TORCHSCRIPT_FILE, staging / ONNX_FILE, tolerance, fused_path
+            staging / TORCHSCRIPT_FILE,
+            staging / ONNX_FILE,
+            tolerance,
+            fused_path,
+            None if fused_onnx is None else staging / FUSED_ONNX_FILE,
         )
         if not report.passed:
             kept = ""
@@ -146,7 +182,9 @@ def export(
                 f"the export to {out_dir}", f"nothing written to {out_dir}{kept}"
             )
         schema = forward_signature(scripted)
-        manifest = build_manifest(staging, config, onnx_model, schema, report.to_dict(), name)
+        manifest = build_manifest(
+            staging, config, onnx_model, schema, report.to_dict(), name, fused_onnx
+        )
         write_json(staging / MANIFEST_FILE, manifest)
         step(f"Writing {out_dir}")
-    return ExportResult(out_dir, manifest, report)
+    return ExportResult(out_dir, manifest, report, warnings)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import small_model
+from helpers import FUSED_ONNX_CONFIG, small_model
 from lstm_export.model import LSTM
 
 
@@ -53,6 +53,19 @@ def ort_library() -> Path:
         if os.environ.get("LSTM_EXPORT_REQUIRE_CPP") == "1":
             pytest.fail(f"LSTM_EXPORT_REQUIRE_CPP=1 but the onnxruntime op library failed: {exc}")
         pytest.skip(f"no onnxruntime op library here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def fused_onnx_export(ort_library, tmp_path_factory) -> Path:
+    """One `export --fused-kernel` with model.fused.onnx (LayerNorm 5/13/2, random LayerNorm
+    scales and shifts), shared by the tests that only read it: copy it to change it."""
+    from lstm_export.checkpoints import build_model
+    from lstm_export.config import LSTMConfig
+    from lstm_export.pipeline import export
+
+    model = build_model(LSTMConfig(*FUSED_ONNX_CONFIG, layer_norm=True), seed=4)
+    folder = tmp_path_factory.mktemp("fused-onnx") / "m"
+    return export(model, folder, fused_kernel=True).out_dir
 
 
 @pytest.fixture

@@ -33,6 +33,11 @@ class SizesWithoutLayerNorm(nn.Module):
         return x
 
 
+FUSED_ONNX_CONFIG = (5, 13, 2)
+"""The shared fused export's model (conftest's `fused_onnx_export`: input, hidden, layers;
+LayerNorm): hidden 13 is one vector block of 8 and a scalar tail of 5 in the kernel."""
+
+
 def small_model(layer_norm: bool, num_layers: int = 2, seed: int = 0) -> LSTM:
     return build_model(LSTMConfig(5, 8, num_layers, layer_norm), seed=seed)
 

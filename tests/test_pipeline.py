@@ -307,11 +307,13 @@ LAYOUTS = [
 @pytest.mark.slow  # LayerNorm cases compile (or reuse) the fused kernel
 @pytest.mark.parametrize("ln,batch_first,bidirectional", LAYOUTS)
 def test_every_layout_exports_with_every_artifact_proven_on_ragged_batches(
-    ln, batch_first, bidirectional, tmp_path
+    ln, batch_first, bidirectional, tmp_path, request
 ):
     """The issue's matrix, end to end: each layout's export passes the parity engine's ragged
-    cases on model.pt, model.onnx, Triton's batch-major graph and (LayerNorm) model.fused.pt,
-    each against the eager model in float64."""
+    cases on model.pt, model.onnx, Triton's batch-major graph and (LayerNorm) model.fused.pt
+    and model.fused.onnx, each against the eager model in float64."""
+    if ln:
+        request.getfixturevalue("ort_library")  # model.fused.onnx needs it built here
     config = LSTMConfig(4, 6, 2, ln, batch_first=batch_first, bidirectional=bidirectional)
     model = build_model(config, seed=11)
     with torch.no_grad():  # weights of a trained model's scale
@@ -321,6 +323,55 @@ def test_every_layout_exports_with_every_artifact_proven_on_ragged_batches(
     rows = result.report.results
     ragged = {r.backend for r in rows if r.case.endswith("ragged") and r.passed}
     expected = {"eager", "torchscript", "onnxruntime", "onnxruntime batch-first"}
-    assert ragged == expected | ({"torchscript (fused kernel)"} if ln else set())
-    assert result.report.passed
+    fused = {"torchscript (fused kernel)", "onnxruntime (fused kernel)"}
+    assert ragged == expected | (fused if ln else set())
+    assert result.report.passed and not result.warnings
     assert any(r.case.endswith("chunks 64+1+63") for r in rows) is not bidirectional
+
+
+@pytest.mark.slow  # builds (or reuses) the TorchScript kernel
+@pytest.mark.parametrize("cause", ["empty-include-folder", "no-npm"])
+def test_without_the_op_library_the_rest_is_exported_verified_and_one_warning_says_why(
+    cause, tmp_path, monkeypatch, call_main
+):
+    """model.fused.onnx and its library are left out, with one warning line naming them, why
+    and LSTM_EXPORT_ORT_INCLUDE; exit 0; everything else is written, listed and verified."""
+    from lstm_export.artifacts import FUSED_ONNX_FILE, ORT_KERNEL_LIBRARY
+    from lstm_export.native import ort_kernel
+    from lstm_export.verification.folder import NO_FUSED_ONNX, verify
+
+    if cause == "empty-include-folder":
+        (tmp_path / "empty").mkdir()
+        monkeypatch.setenv(ort_kernel.INCLUDE_ENV, str(tmp_path / "empty"))
+        why = "has no onnxruntime_c_api.h"
+    else:  # the headers are not cached and npm cannot fetch them
+
+        def no_npm():
+            raise UsageError(f"npm is not on PATH; install npm, or {ort_kernel.HOW_TO_FIX}")
+
+        monkeypatch.setattr(ort_kernel, "find_headers", no_npm)
+        why = "npm is not on PATH"
+    out = tmp_path / "m"
+    code, stdout, stderr = call_main(
+        "export", "--layer-norm", "--hidden-size", "8", "--fused-kernel", "--out", out
+    )
+    assert code == 0, stderr
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert f"{FUSED_ONNX_FILE} and {ORT_KERNEL_LIBRARY} were not written" in warnings[0]
+    assert why in warnings[0] and ort_kernel.INCLUDE_ENV in warnings[0]
+    assert "Parity passed" in stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "lstm_export_kernels.so",
+        "manifest.json",
+        "model.fused.pt",
+        "model.onnx",
+        "model.pt",
+    ]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["artifacts"]) == sorted(n for n in names if n != "manifest.json")
+    monkeypatch.undo()  # verify with the op library buildable again: nothing to run it on
+    report = verify(out)
+    assert report.passed and NO_FUSED_ONNX in report.remarks
+    assert "onnxruntime (fused kernel)" not in {r.backend for r in report.results}

@@ -94,8 +94,9 @@ def export(
         bool | None,
         typer.Option(
             "--fused-kernel/--no-fused-kernel",
-            help="LayerNorm models: also write model.fused.pt, which runs each layer in our "
-            "C++ kernel, and lstm_export_kernels.so it needs (compiled on first use).",
+            help="LayerNorm models: also write model.fused.pt and model.fused.onnx, which run "
+            "each layer in our C++ kernel, and the libraries they need (compiled on first use; "
+            "model.fused.onnx needs onnxruntime's headers: LSTM_EXPORT_ORT_INCLUDE, or npm).",
         ),
     ] = None,
     atol: Atol = None,
@@ -187,6 +188,8 @@ def export(
                 raise ParityError(f"{exc}{hint}", exc.report) from None
     for note in notes:  # after the export: a refusal stays one line
         err.print(f"[bold yellow]note[/]: {escape(note)}", highlight=False, soft_wrap=True)
+    for warning in result.warnings:  # what was left out, and why; the export succeeded (exit 0)
+        err.print(f"[bold yellow]warning[/]: {escape(warning)}", highlight=False, soft_wrap=True)
     if as_json:
         print_json(result.manifest)
         return

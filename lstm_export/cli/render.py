@@ -75,7 +75,7 @@ def _artifact_table(entry: dict[str, Any]) -> Table:
                         f"{direction[:-1]} {tensor}", escape(f"[{shape}] {spec['dtype']}")
                     )
             continue
-        if key == "config":  # one key=value each, batch_first and bidirectional in sight
+        if key in ("config", "opset"):  # one key=value each: batch_first, a custom domain
             value = " ".join(f"{name}={setting}" for name, setting in value.items())
         text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
         table.add_row(key, escape(str(text)))

@@ -13,16 +13,20 @@ from pathlib import Path
 import onnx
 
 from lstm_export.artifacts import (
+    FUSED_ONNX_FILE,
     FUSED_TORCHSCRIPT_FILE,
     KERNEL_LIBRARY,
     MANIFEST_VERSION,
     ONNX_FILE,
+    ORT_KERNEL_LIBRARY,
     TORCHSCRIPT_FILE,
 )
 from lstm_export.config import LSTMConfig
-from lstm_export.exporters import kernel, onnx_graph, routes
+from lstm_export.exporters import kernel, onnx_fused, onnx_graph, routes
 from lstm_export.exporters.onnx_graph import onnx_signature
 from lstm_export.files import file_entry
+from lstm_export.native import ort_kernel
+from lstm_export.native.ort_kernel import OrtLibrary
 
 
 def _versions() -> dict[str, str]:
@@ -52,6 +56,34 @@ def fused_kernel_entries(folder: Path, config: LSTMConfig, torchscript_schema: s
     }
 
 
+def _onnx_entry(folder: Path, name: str, onnx_model: onnx.ModelProto, route: str) -> dict:
+    return {
+        **file_entry(folder / name),
+        "opset": next(o.version for o in onnx_model.opset_import if o.domain == ""),
+        "ir_version": onnx_model.ir_version,
+        "route": route,
+    }
+
+
+def fused_onnx_entries(folder: Path, fused_onnx: onnx.ModelProto, library: OrtLibrary) -> dict:
+    """Manifest entries of `model.fused.onnx` and the onnxruntime op library it needs."""
+    api = library.api_version
+    flags = " ".join(ort_kernel.compile_flags())
+    return {
+        FUSED_ONNX_FILE: {
+            **_onnx_entry(folder, FUSED_ONNX_FILE, fused_onnx, onnx_fused.ROUTE),
+            "requires": ORT_KERNEL_LIBRARY,
+        },
+        ORT_KERNEL_LIBRARY: {
+            **file_entry(folder / ORT_KERNEL_LIBRARY),
+            "route": f"{ort_kernel.DOMAIN}.{ort_kernel.OP_TYPE} (onnxruntime custom op), "
+            f"built here with {flags} against onnxruntime's C API {api}",
+            "onnxruntime": f">= 1.{api}",
+            "platform": f"{platform.system()} {platform.machine()}",
+        },
+    }
+
+
 def build_manifest(
     folder: Path,
     config: LSTMConfig,
@@ -59,12 +91,16 @@ def build_manifest(
     torchscript_schema: str,
     parity: dict,
     name: str,
+    fused_onnx: tuple[onnx.ModelProto, OrtLibrary] | None = None,
 ) -> dict:
     """Everything a deployer needs to trust the folder without re-running the export;
-    `parity` is the report of the proof (`ParityReport.to_dict()`), done before this step."""
+    `parity` is the report of the proof (`ParityReport.to_dict()`), done before this step.
+    `fused_onnx`: model.fused.onnx as written and the op library copied beside it."""
     fused = {}
     if (folder / FUSED_TORCHSCRIPT_FILE).is_file():
         fused = fused_kernel_entries(folder, config, torchscript_schema)
+    if fused_onnx is not None:
+        fused |= fused_onnx_entries(folder, *fused_onnx)
     return {
         "manifest_version": MANIFEST_VERSION,
         "name": name,
@@ -75,12 +111,7 @@ def build_manifest(
                 "forward": torchscript_schema,
                 "route": routes.route_of(config),
             },
-            ONNX_FILE: {
-                **file_entry(folder / ONNX_FILE),
-                "opset": next(o.version for o in onnx_model.opset_import if o.domain == ""),
-                "ir_version": onnx_model.ir_version,
-                "route": onnx_graph.route_of(config),
-            },
+            ONNX_FILE: _onnx_entry(folder, ONNX_FILE, onnx_model, onnx_graph.route_of(config)),
             **fused,
         },
         "signature": onnx_signature(onnx_model),

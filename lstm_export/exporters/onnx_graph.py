@@ -25,6 +25,10 @@ numbers as interleaving them per step.
 
 `lengths` (int64 [batch]) is an input with an initializer of shape [0] as its default,
 so callers may leave it out (`lstm_export.exporters.onnx_parts.Lengths` says how).
+
+`build_graph` is this frame around any layer builder (`per_direction` makes one from a
+builder of one direction): `onnx_fused` builds `model.fused.onnx` on it, with the same
+inputs, padding machinery, reversal and batch-first Transposes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Run an exported `model.onnx` with onnxruntime, without importing torch.
+"""Run an exported `model.onnx` (or, with `fused=True`, `model.fused.onnx` and our own build
+of its op library) with onnxruntime, without importing torch.
 
 Inputs are checked here, before onnxruntime sees them, so a caller gets one
 clear sentence (a `UsageError`) instead of an onnxruntime stack trace.
@@ -10,11 +11,9 @@ serialize instead of corrupting it.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -23,22 +22,29 @@ from numpy.typing import ArrayLike
 from lstm_export.artifacts import (
     BATCH_FIRST,
     CONFIG_KEY,
+    FUSED_ONNX_FILE,
     LAYOUT_KEY,
     LENGTHS_INPUT,
     ONNX_FILE,
     ONNX_INPUTS,
     ONNX_OUTPUTS,
+    OP_LIBRARY_KEY,
+    ORT_KERNEL_LIBRARY,
     TIME_MAJOR,
 )
-from lstm_export.config import config_from_metadata, positive_int
+from lstm_export.config import config_from_metadata
 from lstm_export.errors import UsageError, first_line
-from lstm_export.files import check_regular_file, read_bytes
+from lstm_export.native import ort_kernel
+from lstm_export.runtime.sessions import (
+    load_onnx,
+    onnx_file,
+    read_onnx,
+    register_op_library,
+    session_options,
+)
 
-if TYPE_CHECKING:
-    import onnx
-
-MAX_ONNX_BYTES = (1 << 31) - 1
-"""A .onnx file is one protobuf message, and protobuf cannot hold one of 2 GiB or more."""
+__all__ = ["BIDIRECTIONAL_STREAM", "OnnxLSTM", "Stream", "load_onnx", "session_options"]
+"""What other modules take from here (load_onnx and session_options live in `sessions`)."""
 
 Array = np.ndarray
 State = tuple[Array, Array]
@@ -50,84 +56,6 @@ BIDIRECTIONAL_STREAM = (
 )
 """Why `OnnxLSTM.stream` refuses a bidirectional model."""
 
-OPTIMIZATION_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-
-
-def onnx_file(path: Path | str) -> Path:
-    """`path`, or `path/model.onnx` when `path` is a folder; refused only if nothing is there
-    (what is there, a FIFO or an empty file, is judged by `read_onnx`, which says why)."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            path = path / ONNX_FILE
-        os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        raise UsageError(
-            f"expected an export folder or a .onnx file, but {path} does not exist"
-        ) from None
-    except OSError as exc:  # a name too long, no permission
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return path
-
-
-def read_onnx(path: Path) -> bytes:
-    """The bytes of a .onnx file, refused before anything is read unless it is a regular,
-    non-empty file protobuf can hold: /dev/zero, a FIFO or a sparse 3 GB file is one line,
-    not a hang or gigabytes read for nothing."""
-    info = check_regular_file(path, "ONNX model")
-    if info.st_size > MAX_ONNX_BYTES:
-        raise UsageError(
-            f"ONNX model {path} is {info.st_size:,} bytes; an ONNX model is one protobuf "
-            f"message, which holds at most {MAX_ONNX_BYTES:,} bytes (2 GiB)"
-        )
-    data = read_bytes(path, "ONNX model", MAX_ONNX_BYTES)  # checked again on the open file
-    if not data:  # emptied since
-        raise UsageError(f"ONNX model {path} is empty (0 bytes)")
-    return data
-
-
-def load_onnx(path: Path) -> onnx.ModelProto:
-    """`read_onnx`, parsed; external data is never followed (an export has none)."""
-    import onnx
-
-    data = read_onnx(path)
-    try:
-        return onnx.load_from_string(data)
-    except Exception as exc:  # protobuf's DecodeError and friends
-        first = first_line(exc)
-        raise UsageError(f"{path} is not an ONNX file: {first}") from None
-
-
-def session_options(
-    threads: int | None = None,
-    optimization: ort.GraphOptimizationLevel | str = "all",
-) -> ort.SessionOptions:
-    """SessionOptions from the knobs users need: intra-op threads and graph optimization level.
-
-    `optimization` is an `ort.GraphOptimizationLevel` or one of "disable", "basic",
-    "extended", "all".
-    """
-    if isinstance(optimization, str):
-        if optimization not in OPTIMIZATION_LEVELS:
-            raise UsageError(
-                f"optimization must be one of {sorted(OPTIMIZATION_LEVELS)}, got {optimization!r}"
-            )
-        optimization = OPTIMIZATION_LEVELS[optimization]
-    options = ort.SessionOptions()
-    options.graph_optimization_level = optimization
-    # Errors only: onnxruntime warns at every load that `lengths`, an initializer that is
-    # also an input, "will not be treated as constant", which is what makes it optional.
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = positive_int("threads", threads)
-        options.inter_op_num_threads = 1
-    return options
-
 
 class OnnxLSTM:
     """An onnxruntime session over an exported LSTM, with the model's own signature.
@@ -135,6 +63,11 @@ class OnnxLSTM:
     `threads`, `providers` and `optimization` are passed on to onnxruntime; for
     anything else build your own `options` (an `ort.SessionOptions`), which then
     replaces `threads` and `optimization`.
+
+    `fused=True` runs `model.fused.onnx` (a folder's, or the file given), whose layers are
+    the fused kernel's op: our own build of its library is registered on the options first
+    (`register_op_library`), never the copy beside the graph. Without it, a graph that
+    needs the library is refused with a line saying so.
     """
 
     def __init__(
@@ -145,8 +78,10 @@ class OnnxLSTM:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         optimization: ort.GraphOptimizationLevel | str = "all",
         options: ort.SessionOptions | None = None,
+        fused: bool = False,
     ) -> None:
-        self.path = onnx_file(path)
+        self.fused = fused
+        self.path = onnx_file(path, FUSED_ONNX_FILE if fused else ONNX_FILE)
         if options is None:
             options = session_options(threads, optimization)
         providers = list(providers)
@@ -157,14 +92,27 @@ class OnnxLSTM:
                 f"providers must be some of this onnxruntime's {available}, got {providers}"
             )
         data = read_onnx(self.path)
+        if fused:
+            register_op_library(options)
         try:
             self.session = ort.InferenceSession(data, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             first = first_line(exc)
+            op = f"{ort_kernel.DOMAIN}:{ort_kernel.OP_TYPE}"
+            if not fused and op in first:  # onnxruntime: "... is not a registered function/op"
+                raise UsageError(
+                    f"{self.path} runs the fused kernel's op {op}, which onnxruntime knows "
+                    f"only from {ORT_KERNEL_LIBRARY}: load it with fused=True"
+                ) from None
             raise UsageError(f"{self.path} is not a loadable ONNX model: {first}") from None
         del data
         meta = self.session.get_modelmeta().custom_metadata_map
         self.config = config_from_metadata(meta, str(self.path))
+        if fused and meta.get(OP_LIBRARY_KEY) != ORT_KERNEL_LIBRARY:
+            raise UsageError(
+                f"{self.path} is not a graph of the fused kernel (its metadata names no "
+                f"{OP_LIBRARY_KEY}); fused=True takes an export's {FUSED_ONNX_FILE}"
+            )
         inputs = self.session.get_inputs()
         # An input with a default (lengths) is an overridable initializer, listed apart.
         optional = self.session.get_overridable_initializers()

@@ -37,6 +37,7 @@ __all__ = [
     "CPP_BACKEND",
     "FUSED_BACKEND",
     "FUSED_CPP_BACKEND",
+    "FUSED_ONNX_BACKEND",
     "ONNX_BACKEND",
     "TORCHSCRIPT_BACKEND",
     "batch_first_backend",
@@ -48,6 +49,7 @@ __all__ = [
 TORCHSCRIPT_BACKEND = "torchscript"
 FUSED_BACKEND = "torchscript (fused kernel)"
 ONNX_BACKEND = "onnxruntime"
+FUSED_ONNX_BACKEND = "onnxruntime (fused kernel)"
 BATCH_FIRST_BACKEND = "onnxruntime batch-first"
 CPP_BACKEND = "libtorch C++"
 FUSED_CPP_BACKEND = "libtorch C++ (fused kernel)"
@@ -56,7 +58,8 @@ Array = np.ndarray
 
 
 def onnx_backend(name: str, runtime: OnnxLSTM) -> Backend:
-    """`model.onnx` under onnxruntime; streamed cases go through `OnnxLSTM.stream`."""
+    """`model.onnx` (or `model.fused.onnx`, given an `OnnxLSTM(..., fused=True)`) under
+    onnxruntime; streamed cases go through `OnnxLSTM.stream`."""
 
     time_axis = 1 if runtime.config.batch_first else 0
 

@@ -3,8 +3,10 @@
 The artifacts are loaded back from disk and run by the parity engine (`verification.parity`)
 as its backends (`verification.backends`): TorchScript (`model.pt`, and `model.fused.pt` when
 there is one), onnxruntime on `model.onnx` (streamed through `OnnxLSTM.stream`, as users
-stream), and onnxruntime on the batch-first variant Triton serves. The reference is the eager
-model, rebuilt from `model.pt`'s weights, in float64.
+stream) and on `model.fused.onnx` when there is one (`OnnxLSTM(..., fused=True)`, with our own
+build of its op library), and onnxruntime on the batch-first variant Triton serves. The
+reference is the eager model, rebuilt from `model.pt`'s weights, in float64. The kernel
+libraries in a folder are native code: they are checked by sha256, never loaded.
 
 The manifest is a claim, checked like one: its hashes against the files, its config against
 the artifacts' own (model.pt's config.json and attributes, model.onnx's metadata, the
@@ -25,10 +27,12 @@ import torch
 from lstm_export.artifacts import (
     ATOL,
     FACTOR,
+    FUSED_ONNX_FILE,
     FUSED_TORCHSCRIPT_FILE,
     KERNEL_LIBRARY,
     MANIFEST_FILE,
     ONNX_FILE,
+    ORT_KERNEL_LIBRARY,
     TORCHSCRIPT_FILE,
     check_model_name,
 )
@@ -36,10 +40,12 @@ from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.exporters.batch_first import batch_first_onnx
 from lstm_export.files import check_export_folder, read_manifest, sha256
+from lstm_export.native.ort_kernel import INCLUDE_ENV
 from lstm_export.runtime.onnx import OnnxLSTM, load_onnx
 from lstm_export.verification.backends import (
     BATCH_FIRST_BACKEND,
     FUSED_BACKEND,
+    FUSED_ONNX_BACKEND,
     ONNX_BACKEND,
     TORCHSCRIPT_BACKEND,
     batch_first_backend,
@@ -49,6 +55,12 @@ from lstm_export.verification.backends import (
 from lstm_export.verification.cases import default_cases
 from lstm_export.verification.parity import ParityReport, Reference, Tolerance, check_parity
 
+NO_FUSED_ONNX = (
+    f"{FUSED_TORCHSCRIPT_FILE} has no {FUSED_ONNX_FILE} beside it: the export predates it, or "
+    f"could not build {ORT_KERNEL_LIBRARY} (no compiler, or none of onnxruntime's headers: set "
+    f"{INCLUDE_ENV}, or install npm, and export again); the rest was checked"
+)
+"""verify's remark on a fused export without model.fused.onnx (not a failure)."""
 NAME_MAX = 255
 """The longest file name (in bytes) of common filesystems; a longer manifest entry is not ours."""
 
@@ -63,10 +75,11 @@ def verify_artifacts(
     onnx_path: Path,
     tolerance: Tolerance | None = None,
     fused_path: Path | None = None,
+    fused_onnx_path: Path | None = None,
 ) -> ParityReport:
-    """Parity of saved `model.pt`, `model.onnx` (and `model.fused.pt`, if given) with the
-    eager model on the .pt's weights, in float64."""
-    return _check_artifacts(torchscript_path, onnx_path, tolerance, fused_path)[0]
+    """Parity of saved `model.pt`, `model.onnx` (and `model.fused.pt`, `model.fused.onnx`,
+    if given) with the eager model on the .pt's weights, in float64."""
+    return _check_artifacts(torchscript_path, onnx_path, tolerance, fused_path, fused_onnx_path)[0]
 
 
 def _check_artifacts(
@@ -74,6 +87,7 @@ def _check_artifacts(
     onnx_path: Path,
     tolerance: Tolerance | None,
     fused_path: Path | None,
+    fused_onnx_path: Path | None = None,
 ) -> tuple[ParityReport, dict[str, LSTMConfig]]:
     """`verify_artifacts`'s report, and the config each artifact holds (for the manifest's
     claim to be checked against, without loading them twice)."""
@@ -108,6 +122,19 @@ def _check_artifacts(
                 )
                 return report, configs
             backends.append(torch_backend(FUSED_BACKEND, fused))
+    if fused_onnx_path is not None:
+        try:  # our own build of the op library, never the folder's copy
+            fused_onnx = OnnxLSTM(fused_onnx_path, fused=True)
+        except UsageError as exc:  # e.g. no headers for the library: check the rest anyway
+            report.problems.append(f"{fused_onnx_path.name} was not checked: {exc}")
+        else:
+            configs[fused_onnx_path.name] = fused_onnx.config
+            if fused_onnx.config != config or not fused_onnx.has_lengths:
+                report.problems.append(
+                    f"{fused_onnx_path.name} is not the model in {torchscript_path.name}"
+                )
+                return report, configs
+            backends.append(onnx_backend(FUSED_ONNX_BACKEND, fused_onnx))
     ragged = takes_lengths(scripted) and runtime.has_lengths  # False: exported before lengths
     cases = default_cases(config, lengths=ragged)
     reference = Reference.from_scripted(scripted, config)
@@ -136,16 +163,19 @@ def verify(out_dir: Path | str, *, atol: float = ATOL, factor: float = FACTOR) -
         problems = [f"{MANIFEST_FILE} is missing"]
     else:
         problems = check_manifest(out_dir, manifest)
-    fused = out_dir / FUSED_TORCHSCRIPT_FILE
+    fused, fused_onnx = out_dir / FUSED_TORCHSCRIPT_FILE, out_dir / FUSED_ONNX_FILE
     report, configs = _check_artifacts(
         out_dir / TORCHSCRIPT_FILE,
         out_dir / ONNX_FILE,
         tolerance,
         fused if fused.is_file() else None,
+        fused_onnx if fused_onnx.is_file() else None,
     )
     if manifest is not None:
         problems += check_claims(manifest, configs)
     report.problems[:0] = problems
+    if fused.is_file() and not os.path.lexists(fused_onnx):
+        report.remarks.append(NO_FUSED_ONNX)
     if manifest is not None:
         report.remarks += recorded_remarks(manifest, tolerance, report.passed)
     return report
@@ -271,8 +301,8 @@ def hash_problems(out_dir: Path, recorded: dict[str, dict], names: list[str]) ->
 
 def check_manifest(out_dir: Path, manifest: dict) -> list[str]:
     """Hash every artifact the manifest lists; model.pt and model.onnx must be among them
-    (and model.fused.pt with its kernel library, or a kernel library alone, when the folder
-    has one).
+    (and model.fused.pt with its kernel library, model.fused.onnx with its op library, or a
+    library alone, when the folder has one).
 
     A manifest that cannot be read as one we wrote (see `artifact_table`) is refused as bad
     input. What it reads and finds wrong (an artifact unlisted, missing, not a regular file
@@ -280,11 +310,15 @@ def check_manifest(out_dir: Path, manifest: dict) -> list[str]:
     """
     recorded = artifact_table(out_dir, manifest)
     # A kernel library in the folder is native code a deployment loads: it must be vouched
-    # for whenever it is there, and model.fused.pt never comes without it.
+    # for whenever it is there, and model.fused.pt (model.fused.onnx) never comes without it.
     required = [TORCHSCRIPT_FILE, ONNX_FILE]
-    if (out_dir / FUSED_TORCHSCRIPT_FILE).exists():
-        required += [FUSED_TORCHSCRIPT_FILE, KERNEL_LIBRARY]
-    elif (out_dir / KERNEL_LIBRARY).exists():
-        required.append(KERNEL_LIBRARY)
+    for model, library in (
+        (FUSED_TORCHSCRIPT_FILE, KERNEL_LIBRARY),
+        (FUSED_ONNX_FILE, ORT_KERNEL_LIBRARY),
+    ):
+        if (out_dir / model).exists():
+            required += [model, library]
+        elif (out_dir / library).exists():
+            required.append(library)
     listed = list(recorded)
     return hash_problems(out_dir, recorded, [*[n for n in required if n not in listed], *listed])

@@ -798,6 +798,26 @@ def test_inspect_onnx_json(small_export):
     assert info["parameters"] >= weights
 
 
+@pytest.mark.slow  # the shared fused export builds both kernel libraries
+def test_inspect_shows_model_fused_onnx_and_the_library_it_needs(fused_onnx_export):
+    result = invoke("inspect", fused_onnx_export, "--json")
+    assert result.exit_code == 0, (result.output, result.exception)
+    files = json.loads(result.stdout)["files"]
+    assert set(files) == {"model.pt", "model.onnx", "model.fused.pt", "model.fused.onnx"}
+    fused = files["model.fused.onnx"]
+    assert (
+        fused["op_library"] == "liblstm_export_ort_ops.so"
+        and "op_library" not in files["model.onnx"]
+    )
+    assert fused["opset"] == {"ai.onnx": 17, "lstm_export": 1}
+    assert fused["config"] == files["model.onnx"]["config"] and fused["takes_lengths"] is True
+    assert fused["signature"] == files["model.onnx"]["signature"]
+    shown = CliRunner().invoke(cli.app, ["inspect", str(fused_onnx_export)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, (shown.output, shown.exception)
+    assert "model.fused.onnx (onnx)" in shown.stdout
+    assert "ai.onnx=17 lstm_export=1" in shown.stdout and "op_library" in shown.stdout
+
+
 def test_inspect_torchscript_json(small_export):
     result = invoke("inspect", small_export / "model.pt", "--json")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import resource
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from helpers import NOT_AN_ONNX_FILE, run_python, small_model
+from lstm_export.artifacts import FUSED_ONNX_FILE, ORT_KERNEL_LIBRARY
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
@@ -496,3 +498,94 @@ def test_tritons_variant_is_refused_as_an_export_graph(tmp_path, batch_first):
     onnx.save(batch_first_onnx(build_onnx(model)), str(tmp_path / "model.onnx"))
     with pytest.raises(UsageError, match="is the batch_first variant \\(for Triton\\)"):
         OnnxLSTM(tmp_path)
+
+
+# --- model.fused.onnx: OnnxLSTM(..., fused=True) (issue 15) -------------------------------
+
+
+@pytest.mark.slow  # the shared fused export builds both kernel libraries
+def test_fused_runs_model_fused_onnx_whole_streamed_and_ragged(fused_onnx_export):
+    """Against model.onnx of the same export (proven on the matrix by the export): the same
+    numbers whole and ragged; a stream of chunks gives the whole run's."""
+    fused = OnnxLSTM(fused_onnx_export, fused=True, threads=2)
+    plain = OnnxLSTM(fused_onnx_export, threads=2)
+    assert fused.path.name == FUSED_ONNX_FILE and fused.fused and not plain.fused
+    assert fused.config == plain.config and fused.has_lengths
+    assert fused.signature() == plain.signature()
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((11, 3, 5), dtype=np.float32)
+    state = tuple(rng.standard_normal((2, 2, 3, 13), dtype=np.float32))
+    for lengths in (None, np.array([11, 1, 6])):
+        for s in (None, state):
+            y, (h, c) = fused.run(x, s, lengths)
+            want_y, (want_h, want_c) = plain.run(x, s, lengths)
+            for got, want in zip((y, h, c), (want_y, want_h, want_c), strict=True):
+                np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+            if lengths is not None:
+                assert not y[6:, 2].any() and not y[1:, 1].any()  # zero past each length
+    whole, (h, c) = fused.run(x, state)
+    stream = fused.stream(state)
+    chunks = [stream.step(x[start:stop]) for start, stop in ((0, 4), (4, 5), (5, 11))]
+    np.testing.assert_allclose(np.concatenate(chunks), whole, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(stream.state[0], h, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(stream.state[1], c, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_fused_takes_our_build_never_the_folders_copy(fused_onnx_export, tmp_path):
+    folder = Path(shutil.copytree(fused_onnx_export, tmp_path / "m"))
+    (folder / ORT_KERNEL_LIBRARY).write_bytes(b"not a shared library")
+    runtime = OnnxLSTM(folder, fused=True)  # had the copy been registered, this would fail
+    y, _ = runtime.run(np.zeros((3, 2, 5), np.float32))
+    assert y.shape == (3, 2, 13)
+    (folder / ORT_KERNEL_LIBRARY).unlink()
+    assert OnnxLSTM(folder, fused=True).run(np.zeros((3, 2, 5), np.float32))[0].shape == y.shape
+
+
+@pytest.mark.slow
+def test_one_options_object_serves_two_fused_sessions(fused_onnx_export):
+    """onnxruntime refuses a second registration on the same options: it is done once."""
+    options = session_options(threads=1)
+    first = OnnxLSTM(fused_onnx_export, fused=True, options=options)
+    second = OnnxLSTM(fused_onnx_export, fused=True, options=options)
+    x = np.ones((2, 1, 5), np.float32)
+    np.testing.assert_array_equal(first.run(x)[0], second.run(x)[0])
+
+
+@pytest.mark.slow
+def test_fused_and_plain_refuse_each_others_graph_in_one_line(fused_onnx_export, tmp_path):
+    with pytest.raises(UsageError, match="load it with fused=True") as info:
+        OnnxLSTM(fused_onnx_export / FUSED_ONNX_FILE)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UsageError, match="is not a graph of the fused kernel"):
+        OnnxLSTM(fused_onnx_export / "model.onnx", fused=True)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(fused_onnx_export / "model.onnx", plain)
+    with pytest.raises(UsageError, match=r"model\.fused\.onnx does not exist .*--fused-kernel"):
+        OnnxLSTM(plain, fused=True)
+
+
+@pytest.mark.slow
+def test_fused_runs_without_torch(fused_onnx_export):
+    code = (
+        "import sys, numpy as np\n"
+        "from lstm_export.runtime.onnx import OnnxLSTM\n"
+        "y, _ = OnnxLSTM(sys.argv[1], fused=True).run(np.ones((4, 2, 5), np.float32))\n"
+        "assert y.shape == (4, 2, 13), y.shape\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = run_python(code, fused_onnx_export, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_fused_without_a_buildable_library_is_one_line(tmp_path, monkeypatch):
+    """No headers (an empty LSTM_EXPORT_ORT_INCLUDE): refused before any graph is run."""
+    from lstm_export.exporters.onnx_fused import build_fused_onnx
+    from lstm_export.native import ort_kernel
+
+    onnx.save(build_fused_onnx(small_model(True, 1)), str(tmp_path / FUSED_ONNX_FILE))
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv(ort_kernel.INCLUDE_ENV, str(tmp_path / "empty"))
+    with pytest.raises(UsageError, match=f"{ort_kernel.INCLUDE_ENV}=.* has no onnxruntime_c_api.h"):
+        OnnxLSTM(tmp_path, fused=True)

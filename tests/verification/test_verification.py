@@ -15,6 +15,7 @@ import torch
 
 import parity_corpus as corpus
 from helpers import small_model, sparse_2500m
+from lstm_export.artifacts import FUSED_ONNX_FILE, ORT_KERNEL_LIBRARY
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.exporters.batch_first import batch_first_onnx
@@ -497,3 +498,93 @@ def test_a_new_export_runs_the_ragged_cases(good_export):
     ragged = {c.label for c in default_cases() if c.ragged}
     assert ragged and ragged <= {r.case for r in report.results if r.passed}
     assert not any("predate" in note for note in report.notes())
+
+
+# --- model.fused.onnx and its op library (issue 15) -------------------------------------
+
+
+def _problems(folder: Path, call_main) -> tuple[int, list[str], set[str]]:
+    """`verify --json` in process: exit code, problems, backends whose rows all passed."""
+    code, out, _ = call_main("verify", folder, "--json")
+    report = json.loads(out)
+    rows: dict[str, bool] = {}
+    for row in report["results"]:
+        rows[row["backend"]] = rows.get(row["backend"], True) and row["passed"]
+    return code, report["problems"], {backend for backend, ok in rows.items() if ok}
+
+
+@pytest.mark.slow  # builds both kernel libraries (cached after the first run)
+def test_verify_runs_model_fused_onnx_without_a_remark(fused_onnx_export):
+    report = verify(fused_onnx_export)
+    assert report.passed and "onnxruntime (fused kernel)" in {r.backend for r in report.results}
+    assert verification.NO_FUSED_ONNX not in report.remarks
+
+
+@pytest.mark.slow
+def test_a_tampered_model_fused_onnx_fails_verify(fused_onnx_export, tmp_path, call_main):
+    folder = Path(shutil.copytree(fused_onnx_export, tmp_path / "m"))
+    graph = onnx.load(str(folder / FUSED_ONNX_FILE))
+    graph.doc_string = "changed after export"
+    onnx.save(graph, str(folder / FUSED_ONNX_FILE))
+    code, problems, _ = _problems(folder, call_main)
+    assert code == 1
+    assert problems == [
+        f"{FUSED_ONNX_FILE} does not match the manifest's sha256 (changed since export)"
+    ]
+
+
+@pytest.mark.slow
+def test_a_tampered_op_library_fails_verify_which_never_loads_it(
+    fused_onnx_export, tmp_path, call_main
+):
+    folder = Path(shutil.copytree(fused_onnx_export, tmp_path / "m"))
+    (folder / ORT_KERNEL_LIBRARY).write_bytes(b"\x7fELF planted")
+    code, problems, passed = _problems(folder, call_main)
+    assert code == 1
+    assert problems == [
+        f"{ORT_KERNEL_LIBRARY} does not match the manifest's sha256 (changed since export)"
+    ]
+    # Had verify registered the folder's copy, model.fused.onnx could not have run at all.
+    assert "onnxruntime (fused kernel)" in passed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unlisted", [FUSED_ONNX_FILE, ORT_KERNEL_LIBRARY])
+def test_model_fused_onnx_and_its_library_must_be_listed(fused_onnx_export, tmp_path, unlisted):
+    folder = Path(shutil.copytree(fused_onnx_export, tmp_path / "m"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["artifacts"][unlisted]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    problems = verify(folder).problems
+    assert f"{unlisted} is not listed in the manifest, so nothing vouches for it" in problems
+    if unlisted == FUSED_ONNX_FILE:  # a library alone in a folder must be vouched for too
+        (folder / FUSED_ONNX_FILE).unlink()
+        problems = verify(folder).problems
+        assert problems == []
+        del manifest["artifacts"][ORT_KERNEL_LIBRARY]
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        problems = verify(folder).problems
+        assert (
+            f"{ORT_KERNEL_LIBRARY} is not listed in the manifest, so nothing vouches for it"
+            in problems
+        )
+
+
+@pytest.mark.slow
+def test_verify_without_the_op_library_checks_the_rest(fused_onnx_export, tmp_path, monkeypatch):
+    """No headers here (an empty LSTM_EXPORT_ORT_INCLUDE): model.fused.onnx is a problem
+    (exit 1) and every other backend still runs."""
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("LSTM_EXPORT_ORT_INCLUDE", str(tmp_path / "empty"))
+    report = verify(fused_onnx_export)
+    assert not report.passed and len(report.problems) == 1
+    assert report.problems[0].startswith(f"{FUSED_ONNX_FILE} was not checked: ")
+    assert "LSTM_EXPORT_ORT_INCLUDE" in report.problems[0]
+    backends = {r.backend for r in report.results if r.passed}
+    assert backends == {
+        "eager",
+        "torchscript",
+        "onnxruntime",
+        "onnxruntime batch-first",
+        "torchscript (fused kernel)",
+    }
