@@ -375,3 +375,15 @@ def test_without_the_op_library_the_rest_is_exported_verified_and_one_warning_sa
     report = verify(out)
     assert report.passed and NO_FUSED_ONNX in report.remarks
     assert "onnxruntime (fused kernel)" not in {r.backend for r in report.results}
+
+
+@pytest.mark.slow  # the shared fused export builds both kernel libraries
+def test_force_replaces_a_fused_export_whole(fused_onnx_export, tmp_path):
+    """model.fused.onnx and its library are an export's own files: --force replaces a folder
+    holding them, and an export without them leaves none behind."""
+    import shutil
+
+    out = shutil.copytree(fused_onnx_export, tmp_path / "m")
+    result = export(small_model(True, 1), out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.pt"]
+    assert result.report.passed and not result.warnings
