@@ -43,8 +43,15 @@ from lstm_export.runtime.sessions import (
     session_options,
 )
 
-__all__ = ["BIDIRECTIONAL_STREAM", "OnnxLSTM", "Stream", "load_onnx", "session_options"]
-"""What other modules take from here (load_onnx and session_options live in `sessions`)."""
+__all__ = [
+    "BIDIRECTIONAL_STREAM",
+    "OnnxLSTM",
+    "Stream",
+    "load_onnx",
+    "read_onnx",
+    "session_options",
+]
+"""What other modules take from here (the last three live in `sessions`)."""
 
 Array = np.ndarray
 State = tuple[Array, Array]
