@@ -699,6 +699,33 @@ def test_concurrent_chunks_to_one_stream_run_one_at_a_time(server, exported):
 
 
 @pytest.mark.slow
+def test_a_chunk_whose_answer_cannot_fit_the_budget_leaves_its_stream_as_it_was(exported, tmp_path):
+    """A stream's answer is reserved before its state moves: a chunk whose answer could not
+    fit --max-bytes-in-flight is a 413 before it runs, and the stream goes on as if it never
+    came (a 413 sent after the state moved would leave the client unaware of it)."""
+    limits = {"max_body_bytes": 90_000, "max_bytes_in_flight": 100_000, "max_batch": 1}
+    limits |= {"max_seq_len": 4096, "max_elements": 8192}
+    server = Server(exported.folder, tmp_path / "budget.log", **limits)
+    try:
+        client = Client(server.port)
+        stream = client.call("POST", "/v1/streams", {"batch": 1}).data["url"]
+        first, second = (np.random.default_rng(s).standard_normal((3, 1, 5)) for s in (1, 2))
+        first, second = first.astype(np.float32), second.astype(np.float32)
+        assert client.call("POST", stream + "/step", {"x": first.tolist()}).status == 200
+        big = np.zeros((3000, 1, 5)).tolist()  # a short body (zeros), a long answer
+        refused = Client(server.port).call("POST", stream + "/step", {"x": big})
+        assert refused.status == 413, refused.data
+        assert "bytes in flight" in refused.data["error"]
+        going_on = client.call("POST", stream + "/step", {"x": second.tolist()})
+        y_whole, h, c = eager(exported.model, np.concatenate([first, second]))
+        y, hn, cn = arrays(going_on, "y", "hn", "cn")
+        assert_close((y, hn, cn), (y_whole[3:], h, c))
+        assert client.call("GET", stream).data["steps"] == 6
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+@pytest.mark.slow
 def test_idle_streams_expire_and_open_streams_are_capped(exported, tmp_path):
     server = Server(exported.folder, tmp_path / "ttl.log", max_streams=2, stream_ttl=0.6)
     client = Client(server.port)

@@ -292,8 +292,9 @@ def as_bytes(data: object) -> bytes:
 def triton_model_metadata(config) -> dict:
     """What Triton answers on GET /v2/models/NAME for a ModelConfig, by Triton's rule: a model
     that batches (max_batch_size > 0) shows -1 for the batch dim before the config's dims; the
-    datatype is the config's data_type without TYPE_; the platform is the backend's name;
-    versions are the repository's version folders (`1`)."""
+    datatype is the config's data_type without TYPE_; the platform is the config's, which
+    Triton's core fills in as onnxruntime_onnx for backend onnxruntime when the config has
+    none (model_config_utils.cc); versions are the repository's version folders (`1`)."""
     assert config.max_batch_size > 0
 
     def tensor(t) -> dict:
@@ -303,7 +304,7 @@ def triton_model_metadata(config) -> dict:
     return {
         "name": config.name,
         "versions": ["1"],
-        "platform": config.backend,
+        "platform": config.platform or {"onnxruntime": "onnxruntime_onnx"}[config.backend],
         "inputs": [tensor(t) for t in config.input],
         "outputs": [tensor(t) for t in config.output],
     }
@@ -341,7 +342,7 @@ def test_model_metadata_is_what_config_pbtxt_declares(request, deployment, expos
         {"name": name, "datatype": "FP32", "shape": [-1, LAYERS, HIDDEN]} for name in ("hn", "cn")
     ]
     assert expected["outputs"] == [y, *(states if expose_state else [])]
-    assert expected["name"] == deployed.name and expected["platform"] == "onnxruntime"
+    assert expected["name"] == deployed.name and expected["platform"] == "onnxruntime_onnx"
 
     client = deployed.client()
     assert client.get_model_metadata(deployed.name) == expected
@@ -861,7 +862,7 @@ BAD = [
         403, "Origin: http://page.example", doc(s, st), {"Origin": "http://page.example"})),
     ("malformed-json", lambda s, st: bad_json(400, "not valid JSON", b'{"inputs": [')),
     ("not-an-object", lambda s, st: bad_json(400, "must be a JSON object, got a list", b"[]")),
-    ("unknown-key", lambda s, st: bad_json(400, "unknown key(s) ['input']", {"input": []})),
+    ("misspelt-inputs", lambda s, st: bad_json(400, "Unable to parse 'inputs'", {"input": []})),
     ("id-not-a-string", lambda s, st: bad_json(400, "Unable to parse 'id'", doc(s, st, id=7))),
     ("no-inputs", lambda s, st: bad_json(
         400, "expected 1 inputs but got 0", doc(s, st) | {"inputs": []})),
@@ -1097,6 +1098,100 @@ def test_a_bidirectional_export_serves_stateless_requests_only(tmp_path):
 
 
 # --------------------------------------------------------------------------- 9. TTL and cap
+
+
+def sequence_request(sid, x: np.ndarray, **flags) -> dict:
+    """A JSON infer request of x on sequence `sid`, asking for y as JSON."""
+    parameters = {"sequence_id": sid, **flags}
+    return {"inputs": [x_tensor(x)], "outputs": [{"name": "y"}], "parameters": parameters}
+
+
+@pytest.mark.slow
+def test_requests_of_a_sequence_run_in_the_order_they_arrived(time_major_export, tmp_path):
+    """A continuation whose body takes long to read (gzip inflating to 7 MB of JSON) sent
+    before a short end of the same sequence: the end must wait for it, though its own body
+    is read first (a request is parsed before its sequence is known)."""
+    model, folder = time_major_export
+    deployed = start(folder, tmp_path / "order.log", model, max_body_bytes=8 << 20)
+    try:
+        port, sid = deployed.server.port, 4242
+        first, slow_x, last = rand(81, 1, 3, INPUT_SIZE), rand(82, 1, 2, INPUT_SIZE), FIRST
+        expected = deployed.reference.expect(np.concatenate([first, slow_x, last], axis=1))
+        opened = send(
+            port,
+            "POST",
+            "/v2/models/lstm/infer",
+            as_bytes(sequence_request(sid, first, sequence_start=True)),
+        )
+        assert opened.status == 200, opened.body
+        padded = json.dumps(sequence_request(sid, slow_x)).replace(", ", "," + " " * 7_000_000, 1)
+        slow_body = gzip.compress(padded.encode())
+        answers: dict[str, Raw] = {}
+
+        def post(which: str, body: bytes, headers: dict) -> None:
+            answers[which] = send(port, "POST", "/v2/models/lstm/infer", body, headers)
+
+        slow = threading.Thread(target=post, args=("slow", slow_body, {"Content-Encoding": "gzip"}))
+        slow.start()
+        time.sleep(0.005)  # its small body is all sent by now; its parsing is not done
+        post("end", as_bytes(sequence_request(sid, last, sequence_end=True)), {})
+        slow.join(TIMEOUT)
+        assert answers["slow"].status == 200, answers["slow"].body
+        assert answers["end"].status == 200, answers["end"].body
+        got = {
+            "y": np.concatenate(
+                [
+                    np.asarray(answers[k].json()["outputs"][0]["data"], np.float32).reshape(
+                        1, -1, HIDDEN
+                    )
+                    for k in ("slow", "end")
+                ],
+                axis=1,
+            )
+        }
+        tail = {"y": expected.want["y"][:, 3:]}
+        Expected(tail, expected.allowed).check(got, names=("y",))
+    finally:
+        stop(deployed)
+
+
+@pytest.mark.slow
+def test_an_answer_over_the_budget_is_refused_before_the_sequence_moves(
+    time_major_export, tmp_path
+):
+    """The answer's bytes are reserved before a sequence's state changes: a start whose
+    answer could not fit in --max-bytes-in-flight is a 413 that opens nothing, and a
+    continuation refused so leaves the sequence where it was."""
+    model, folder = time_major_export
+    limits = {"max_body_bytes": 90_000, "max_bytes_in_flight": 100_000}
+    limits |= {"max_seq_len": 4096, "max_elements": 8192}
+    deployed = start(folder, tmp_path / "budget.log", model, **limits)
+    try:
+        port, sid = deployed.server.port, "budget"
+        big = np.zeros((1, 3000, INPUT_SIZE), np.float32)  # a short body, a long answer
+        path = "/v2/models/lstm/infer"
+        refused_start = send(
+            port, "POST", path, as_bytes(sequence_request(sid, big, sequence_start=True))
+        )
+        assert refused_start.status == 413, refused_start.body
+        assert "bytes in flight" in refused_start.json()["error"]
+        after = send(port, "POST", path, as_bytes(sequence_request(sid, FIRST)))
+        assert after.status == 400 and START_ERROR in after.json()["error"]
+        # An open sequence: a refused continuation, then the next chunk as if it never came.
+        expected = deployed.reference.expect(np.concatenate([FIRST, NEXT], axis=1))
+        opened = send(
+            port, "POST", path, as_bytes(sequence_request(sid, FIRST, sequence_start=True))
+        )
+        assert opened.status == 200, opened.body
+        again = send(port, "POST", path, as_bytes(sequence_request(sid, big, sequence_end=True)))
+        assert again.status == 413, again.body
+        going_on = send(port, "POST", path, as_bytes(sequence_request(sid, NEXT)))
+        assert going_on.status == 200, going_on.body
+        y = np.asarray(going_on.json()["outputs"][0]["data"], np.float32).reshape(1, -1, HIDDEN)
+        tail = {"y": expected.want["y"][:, FIRST.shape[1] :]}
+        Expected(tail, expected.allowed).check({"y": y}, names=("y",))
+    finally:
+        stop(deployed)
 
 
 @pytest.mark.slow

@@ -257,3 +257,31 @@ def test_a_json_answer_has_no_header_length_and_no_empty_id():
     assert "id" not in answer
     # JSON numbers that read back as the very same float32 values
     np.testing.assert_array_equal(np.asarray(answer["outputs"][0]["data"], np.float32), y.ravel())
+
+
+def test_keys_beyond_the_protocols_are_ignored_as_triton_ignores_them():
+    header, binary = request()
+    body = json.loads(header) | {"model_name": "m", "extra": {"anything": [1, True]}}
+    parsed = read_request(json.dumps(body).encode(), binary, SIGNATURE, no_limits)
+    np.testing.assert_array_equal(parsed.inputs["x"], X)
+
+
+@pytest.mark.parametrize(
+    ("accept", "chosen"),
+    [
+        ("gzip, deflate", "gzip"),
+        ("deflate, gzip", "deflate"),
+        ("br, deflate;q=0.5", "deflate"),
+        ("gzip;q=0, deflate", "deflate"),
+        ("GZIP", "gzip"),
+        ("br, identity", None),
+        ("gzip;q=0", None),
+        (None, None),
+    ],
+)
+def test_the_first_accepted_encoding_we_have_is_used(accept, chosen):
+    body = b'{"outputs": []}' * 10
+    packed, encoding = compress(body, accept)
+    assert encoding == chosen
+    unpacked = {"gzip": gzip.decompress, "deflate": zlib.decompress, None: bytes}[chosen]
+    assert unpacked(packed) == body

@@ -19,7 +19,10 @@ from lstm_export.serving.http.limits import ServerLimits
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lstm_export.serving.http",
-        description="Serve an export over HTTP, JSON in and out; SIGINT or SIGTERM stops it.",
+        description=(
+            "Serve an export over HTTP: the /v1 JSON API and the Open Inference Protocol "
+            "(/v2, as Triton speaks it); SIGINT or SIGTERM stops it."
+        ),
     )
     parser.add_argument("folder", help="An export folder or a .onnx file.")
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on.")

@@ -1,18 +1,20 @@
-"""The ASGI app: routes, request bodies, and every error as `{"error": "one sentence"}`.
+"""The ASGI app: the /v1 and /v2 routes, and every error as `{"error": "one sentence"}`.
 
-Statuses: 400 bad input, 404 unknown stream or route (no slash redirects), 405 wrong method,
-409 what the served model cannot do (a stream of a bidirectional model), 413 over a size
-limit, 415 a body not sent as `application/json`, 429 too many streams,
-403 a POST or DELETE carrying an `Origin` header (sent by a web page), 500 a bug (the log
-has the traceback). Errors become answers in starlette's exception handlers (`HTTPError`
-with its status, `UsageError` as 400), and web pages are refused by a middleware before
-any route runs.
+Statuses: 400 bad input, 404 unknown stream, model or route (no slash redirects), 405 wrong
+method, 409 what the served model cannot do (a stream of a bidirectional model), 413 over a
+size limit, 415 a body in a content type the route does not take (/v1: `application/json`;
+/v2 infer: that, `application/octet-stream` or none), 429 too many streams and sequences,
+503 an answer that does not fit the bytes in flight now, 403 a POST or DELETE carrying an
+`Origin` header (sent by a web page), 500 a bug (the log has the traceback). Errors become
+answers in starlette's exception handlers (`HTTPError` with its status, `UsageError` as
+400), and web pages are refused by a middleware before any route runs.
 
-The body limit is enforced before any JSON is parsed: first on Content-Length, then by
-counting bytes as the body arrives. Bodies must be UTF-8 JSON sent as `application/json`,
-which a web page cannot send cross-origin without a CORS preflight (never granted here); an
-empty POST needs no preflight, so a POST or DELETE carrying `Origin` is refused too: other
-sites cannot drive the server.
+The body limit is enforced before any body is parsed: first on Content-Length, then by
+counting bytes as the body arrives. /v1 bodies must be UTF-8 JSON sent as
+`application/json`, which a web page cannot send cross-origin without a CORS preflight
+(never granted here); an empty POST needs no preflight, and /v2 takes bodies without a
+Content-Type (as tritonclient sends them), so a POST or DELETE carrying `Origin` is refused
+too: other sites cannot drive the server.
 """
 
 from __future__ import annotations

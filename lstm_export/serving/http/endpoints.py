@@ -7,19 +7,45 @@ An endpoint reads its request, asks the service, writes its answer; errors are r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from lstm_export.serving.http.codec import BINARY, JSON, encode, error_body, is_json_type
-from lstm_export.serving.http.limits import HTTPError
+from lstm_export.serving.http.limits import COMMITTED, HTTPError
 from lstm_export.serving.http.service import Service
 
 
 def json_response(status: int, data: Any, headers: dict[str, str] | None = None) -> Response:
     return Response(encode(data), status, headers=headers, media_type=JSON)
+
+
+class CommittedResponse(Response):
+    """The answer to a stateful step, whose bytes were reserved (`Load.reserve`) before the
+    step changed a stream's or sequence's state: marked so that the connection protocol
+    sends it and never replaces it with a 413 or 503 (which would leave the client unaware
+    that its state moved), and the reservation handed back once it is sent."""
+
+    def __init__(
+        self, content: bytes, headers: dict[str, str], release: Callable[[], None]
+    ) -> None:
+        super().__init__(content, 200, headers=headers)
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def marked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, COMMITTED: True}
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, marked)
+        finally:
+            self.release()
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -107,8 +133,8 @@ class Endpoints:
 
     async def step(self, request: Request) -> Response:
         body = await self.body(request)
-        answer = await self.service.step(request.path_params["stream_id"], body)
-        return Response(answer, 200, media_type=JSON)
+        answer, release = await self.service.step(request.path_params["stream_id"], body)
+        return CommittedResponse(answer, {"Content-Type": JSON}, release)
 
     async def stream_resource(self, request: Request) -> Response:
         """GET: the stream's batch, steps and idle time; DELETE: close it."""

@@ -21,6 +21,11 @@ MiB = 1024 * 1024
 HEAD_LIMIT = 16 * 1024  # request line + headers: h11's own bound on an incomplete head
 SMALL_ANSWER = 64 * 1024  # answers this small (errors, /healthz) are counted, never refused
 TRIM_AFTER = 16 * MiB  # bytes in flight after which memory is handed back once they are gone
+JSON_NUMBER_BYTES = 16  # the most one float32 takes in an answer's JSON: -1.1754944e-38,
+COMMITTED = "lstm_export.committed"
+"""A key on an answer's ASGI start message: its bytes were reserved before a stateful step
+changed a stream's or sequence's state, so the connection protocol must send it, never
+replace it with a 413 or 503 (the step cannot be undone)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,22 @@ class Load:
 
     def give(self, size: int) -> None:
         self.bytes -= size
+
+    def reserve(self, size: int, what: str) -> int:
+        """Take `size` bytes for an answer before the work that makes it changes any state:
+        a 413 if it could never fit, a 503 (Retry-After) if it does not fit now. Small
+        answers are never refused, so nothing is reserved for them (0)."""
+        if size <= SMALL_ANSWER:
+            return 0
+        if size > self.max_bytes:
+            raise HTTPError(
+                413,
+                f"{what} could take up to {size} bytes, more than this server's limit of "
+                f"{self.max_bytes} bytes in flight; send fewer steps or a smaller batch",
+            )
+        if not self.take(size):
+            raise HTTPError(503, self.busy_message(size, what), {"Retry-After": "1"})
+        return size
 
     def busy_message(self, size: int, what: str) -> str:
         return (

@@ -31,6 +31,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from lstm_export.serving.http.codec import JSON, error_body
 from lstm_export.serving.http.limits import (
+    COMMITTED,
     HEAD_LIMIT,
     SMALL_ANSWER,
     Load,
@@ -320,7 +321,10 @@ class LimitedH11Protocol(H11Protocol):
                 size = len(message.get("body", b""))
                 if start is not None:
                     head, start = start, None
-                    if size > SMALL_ANSWER and not self.load.take(size):
+                    committed = head.pop(COMMITTED, False)  # its bytes were reserved
+                    if committed:
+                        self.load.add(size)
+                    elif size > SMALL_ANSWER and not self.load.take(size):
                         self.notice("budget", self.load.busy_message(size, "an answer"))
                         status = 413 if size > self.load.max_bytes else 503
                         text = self.load.busy_message(size, "this answer")
@@ -334,7 +338,7 @@ class LimitedH11Protocol(H11Protocol):
                         await send(json_start(status, body, RETRY if status == 503 else []))
                         await send({"type": "http.response.body", "body": body})
                         return
-                    if size <= SMALL_ANSWER:
+                    if size <= SMALL_ANSWER and not committed:
                         self.load.add(size)
                     self.answer_bytes += size
                     if self.over_cap:  # /healthz past the cap: then closed

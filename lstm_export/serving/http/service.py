@@ -24,7 +24,14 @@ from lstm_export.errors import UsageError
 from lstm_export.files import read_manifest, sha256
 from lstm_export.runtime.onnx import BIDIRECTIONAL_STREAM, OnnxLSTM, Stream
 from lstm_export.serving.http.codec import decode_object, encode, to_array, to_lengths
-from lstm_export.serving.http.limits import TRIM_AFTER, HTTPError, Load, ServerLimits, trim_memory
+from lstm_export.serving.http.limits import (
+    JSON_NUMBER_BYTES,
+    TRIM_AFTER,
+    HTTPError,
+    Load,
+    ServerLimits,
+    trim_memory,
+)
 from lstm_export.serving.http.notices import Notices, log
 from lstm_export.serving.http.streams import StreamEntry, StreamStore
 
@@ -221,12 +228,24 @@ class Service:
             state = self.runtime.check_state(state, batch)
         return self.runtime.stream(state)
 
-    def step_work(self, entry: StreamEntry, body: bytes) -> dict[str, Any]:
+    def step_input(self, body: bytes) -> np.ndarray:
+        """A chunk's x, read and checked against the limits (the stream checks the rest)."""
         data = decode_object(body, ("x",), required=("x",))
-        x = self.checked_x(data["x"])
+        return self.checked_x(data["x"])
+
+    def step_work(self, entry: StreamEntry, x: np.ndarray) -> dict[str, Any]:
         y = entry.stream.step(x)
         h, c = entry.stream.state
         return {"y": y, "hn": h, "cn": c, "steps": entry.stream.steps}
+
+    def answer_bound(self, steps: int, batch: int, outputs: int = 1) -> int:
+        """The most bytes a JSON answer of y for `steps` x `batch` (and hn, cn when `outputs`
+        is 3) can take, to reserve before a stateful step runs."""
+        cfg = self.runtime.config
+        numbers = steps * batch * cfg.output_size
+        if outputs == 3:
+            numbers += 2 * cfg.state_layers * batch * cfg.hidden_size
+        return JSON_NUMBER_BYTES * numbers + 1024
 
     # ---- what the endpoints ask for
 
@@ -250,19 +269,31 @@ class Service:
             "ttl_seconds": self.limits.stream_ttl,
         }
 
-    async def step(self, stream_id: str, body: bytes) -> bytes:
-        """Run a chunk on a stream, after the chunks that arrived before it (FIFO)."""
+    async def step(self, stream_id: str, body: bytes) -> tuple[bytes, Callable[[], None]]:
+        """Run a chunk on a stream, after the chunks that arrived before it (FIFO): its answer,
+        and what hands back the bytes reserved for it (call it once the answer is sent).
+
+        The answer's bytes are reserved before the stream's state moves (413 or 503 before,
+        never after: a client told its chunk failed must find the stream as it was)."""
         entry = self.store.get(stream_id)
         entry.busy += 1
         try:
             async with entry.lock:  # FIFO: chunks run in the order they arrived
                 if entry.closed:
                     raise HTTPError(404, f"stream {entry.id!r} was deleted")
-                result = await self.call(self.step_work, entry, body)
+                x = await self.call(self.step_input, body)
+                bound = self.answer_bound(*self.seq_batch(*x.shape[:2]), 3) if x.ndim == 3 else 0
+                reserved = self.load.reserve(bound, "this chunk's answer")
+                try:
+                    result = await self.call(self.step_work, entry, x)
+                    answer = await self.call(encode, result)
+                except BaseException:
+                    self.load.give(reserved)
+                    raise
         finally:
             entry.busy -= 1
             entry.last_used = self.store.clock()
-        return await self.call(encode, result)
+        return answer, lambda: self.load.give(reserved)
 
     def describe_stream(self, stream_id: str) -> dict[str, Any]:
         """The stream's batch, steps and idle time."""

@@ -59,8 +59,7 @@ class StreamStore:
 
     def close(self, entry: StreamEntry) -> None:
         entry.closed = True
-        if self._streams.get(entry.id) is entry:
-            del self._streams[entry.id]
+        self.detach(entry)
 
     def create(self, stream: Stream, key: Hashable | None = None) -> StreamEntry:
         """A new entry under `key` (default: a new random id), replacing none: the caller
@@ -88,6 +87,18 @@ class StreamStore:
             entry = None
         return entry
 
+    def detach(self, entry: StreamEntry) -> None:
+        """Forget `entry`'s key, but not the entry: requests already queued on it still run
+        on it, and the key can start a new entry at once (a /v2 sequence's end, as Triton's
+        sequence batcher forgets a correlation id once its END request is queued)."""
+        if self._streams.get(entry.id) is entry:
+            del self._streams[entry.id]
+
+    def reattach(self, entry: StreamEntry) -> None:
+        """Put a detached entry back under its key (the key must be free)."""
+        assert entry.id not in self._streams
+        self._streams[entry.id] = entry
+
     def get(self, stream_id: str) -> StreamEntry:
         entry = self.find(stream_id)
         if entry is None:
@@ -102,3 +113,43 @@ class StreamStore:
         entry = self.get(stream_id)
         self.close(entry)
         return entry
+
+
+class ArrivalOrder:
+    """Tickets in the order requests arrived, and each request's turn once every earlier one
+    has finished its part: so that requests parsed in parallel (a large body takes longer)
+    still queue on their sequence in the order they arrived. Event loop thread only."""
+
+    def __init__(self) -> None:
+        self.issued = 0
+        self.head = 0  # the earliest ticket not yet finished
+        self.finished: set[int] = set()
+        self.waiting: dict[int, asyncio.Future[None]] = {}
+
+    def take(self) -> int:
+        ticket = self.issued
+        self.issued += 1
+        return ticket
+
+    async def turn(self, ticket: int) -> None:
+        """Return once every ticket before `ticket` is finished."""
+        if self.head == ticket:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[ticket] = future
+        try:
+            await future
+        finally:
+            self.waiting.pop(ticket, None)
+
+    def finish(self, ticket: int) -> None:
+        """`ticket` is done with its turn (or needs none); a second call is a no-op."""
+        if ticket < self.head or ticket in self.finished:
+            return
+        self.finished.add(ticket)
+        while self.head in self.finished:
+            self.finished.discard(self.head)
+            self.head += 1
+        future = self.waiting.get(self.head)
+        if future is not None and not future.done():
+            future.set_result(None)

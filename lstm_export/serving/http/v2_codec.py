@@ -29,7 +29,6 @@ DATATYPES = {"FP32": np.dtype("<f4")}
 MAX_SEQUENCE_ID_LENGTH = 256
 """A string sequence id longer than this is refused: ids are kept while a sequence lives."""
 UINT64_MAX = (1 << 64) - 1
-REQUEST_KEYS = ("id", "inputs", "outputs", "parameters")
 FLAG_PARAMETERS = ("sequence_start", "sequence_end", "binary_data_output")
 UINT_PARAMETERS = ("priority", "timeout")  # read and checked as Triton does, then unused
 
@@ -112,13 +111,15 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
 
 
 def compress(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
-    """The answer compressed as the client asked (Accept-Encoding exactly gzip or deflate,
-    as tritonclient sends it), and the Content-Encoding to say so; else as it is."""
-    asked = (accept_encoding or "").strip().lower()
-    if asked == "gzip":
-        return gzip.compress(body, compresslevel=1), "gzip"
-    if asked == "deflate":
-        return zlib.compress(body, 1), "deflate"
+    """The answer compressed as the client accepts (the first of gzip and deflate its
+    Accept-Encoding lists without q=0), and the Content-Encoding to say so; else as it is."""
+    for item in (accept_encoding or "").lower().split(","):
+        coding, _, params = item.partition(";")
+        refused = params.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+        if coding.strip() == "gzip" and not refused:
+            return gzip.compress(body, compresslevel=1), "gzip"
+        if coding.strip() == "deflate" and not refused:
+            return zlib.compress(body, 1), "deflate"
     return body, None
 
 
@@ -140,17 +141,14 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
 
 
 def parse_header(header: bytes) -> dict[str, Any]:
-    """The JSON header as an object; 400 naming what is wrong with it."""
+    """The JSON header as an object; 400 naming what is wrong with it. Keys other than
+    the protocol's (id, inputs, outputs, parameters) are ignored, as Triton ignores them."""
     try:
         data = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
         raise bad(f"the inference request header is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise bad(f"the inference request must be a JSON object, got {json_type(data)}")
-    unknown = sorted(set(data) - set(REQUEST_KEYS))
-    if unknown:
-        shown = [name[:40] for name in unknown[:3]]
-        raise bad(f"unknown key(s) {shown} in the inference request; expected {list(REQUEST_KEYS)}")
     return data
 
 

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from lstm_export.serving.http.endpoints import json_response, read_body
+from lstm_export.serving.http.endpoints import CommittedResponse, json_response, read_body
 from lstm_export.serving.http.v2_codec import HEADER_LENGTH
 from lstm_export.serving.http.v2_service import OpenInference
 
@@ -51,13 +51,16 @@ class V2Endpoints:
         limit = self.inference.service.limits.max_body_bytes
         body = await read_body(request, limit, binary=True)
         headers = request.headers
-        answer, answer_headers = await self.inference.infer(
+        answer, answer_headers, reserved = await self.inference.infer(
             body,
             headers.get(HEADER_LENGTH),
             headers.get("content-encoding"),
             headers.get("accept-encoding"),
         )
-        return Response(answer, 200, headers=answer_headers)
+        if not reserved:
+            return Response(answer, 200, headers=answer_headers)
+        load = self.inference.service.load
+        return CommittedResponse(answer, answer_headers, lambda: load.give(reserved))
 
     def routes(self) -> list[Route]:
         model = "/v2/models/{model}"

@@ -17,11 +17,13 @@ one thing `serve` takes that Triton's sequence batcher refuses.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
 
 import lstm_export
+from lstm_export.artifacts import check_model_name
 from lstm_export.errors import UsageError
 from lstm_export.exporters.batch_first import (
     INPUT,
@@ -31,12 +33,11 @@ from lstm_export.exporters.batch_first import (
     batch_first_onnx,
 )
 from lstm_export.runtime.onnx import BIDIRECTIONAL_STREAM, OnnxLSTM, load_onnx
-from lstm_export.serving.http.limits import HTTPError
+from lstm_export.serving.http.limits import JSON_NUMBER_BYTES, HTTPError
 from lstm_export.serving.http.service import Service
-from lstm_export.serving.http.streams import StreamEntry
+from lstm_export.serving.http.streams import ArrivalOrder, StreamEntry
 from lstm_export.serving.http.v2_codec import (
     InferRequest,
-    SequenceControl,
     Signature,
     TensorSpec,
     compress,
@@ -45,7 +46,7 @@ from lstm_export.serving.http.v2_codec import (
     read_request,
     split_body,
 )
-from lstm_export.serving.triton.model_config import BACKEND, TritonTensor, model_signature
+from lstm_export.serving.triton.model_config import PLATFORM, TritonTensor, model_signature
 
 SERVER_NAME = "lstm-export"
 EXTENSIONS = ("binary_tensor_data", "sequence")
@@ -67,14 +68,23 @@ def protocol_signature(runtime: OnnxLSTM, name: str, expose_state: bool) -> Sign
     return Signature(name, tuple(map(protocol_spec, inputs)), tuple(map(protocol_spec, outputs)))
 
 
+def default_name(name: str) -> str:
+    """The export's name as the /v2 model's, if Triton would take it (as `triton` does)."""
+    try:
+        return check_model_name(name, "the model's name under /v2 (the export's)")
+    except UsageError as exc:
+        raise UsageError(f"{exc}; pass --name to name it as `lstm-export triton` does") from None
+
+
 class OpenInference:
     """The /v2 endpoints' logic over a `Service`: one model, version 1."""
 
     def __init__(self, service: Service, name: str | None = None, expose_state: bool = False):
         self.service = service
         self.runtime = service.runtime
-        self.name = name or service.info["name"]
+        self.name = name or default_name(service.info["name"])
         self.signature = protocol_signature(self.runtime, self.name, expose_state)
+        self.arrivals = ArrivalOrder()
 
     # ---- metadata
 
@@ -104,7 +114,7 @@ class OpenInference:
         return {
             "name": self.name,
             "versions": [VERSION],
-            "platform": BACKEND,
+            "platform": PLATFORM,  # Triton fills it in from backend onnxruntime
             "inputs": [spec.to_dict() for spec in self.signature.inputs],
             "outputs": [spec.to_dict() for spec in self.signature.outputs],
         }
@@ -122,9 +132,42 @@ class OpenInference:
         self.service.check_size(seq, batch)
 
     def read(self, body: bytes, header_length: str | None, encoding: str | None) -> InferRequest:
+        """The request read and checked whole, x as the runtime will run it (finite numbers,
+        its shape), so that nothing is refused once a sequence's state may have moved."""
         body = decompress(body, encoding, self.service.limits.max_body_bytes)
         header, binary = split_body(body, header_length)
-        return read_request(header, binary, self.signature, self.check_shape)
+        request = read_request(header, binary, self.signature, self.check_shape)
+        try:
+            self.runtime.check(self.to_model(request.inputs[INPUT]))
+        except UsageError as exc:
+            raise HTTPError(400, str(exc)) from None
+        if request.sequence is not None:
+            self.check_sequence_request(request.inputs[INPUT])
+        return request
+
+    def check_sequence_request(self, x: np.ndarray) -> None:
+        if self.runtime.config.bidirectional:
+            raise HTTPError(400, f"sequences are refused: {BIDIRECTIONAL_STREAM}")
+        if x.shape[0] != 1:
+            raise HTTPError(
+                400,
+                f"inference request to model '{self.name}' must specify batch-size 1 due to "
+                "requirements of sequence batcher",
+            )
+
+    def answer_bound(self, request: InferRequest) -> int:
+        """The most bytes the answer to `request` can take (JSON numbers at their longest),
+        reserved before a sequence's state moves."""
+        x = request.inputs[INPUT]
+        cfg, batch = self.runtime.config, x.shape[0]
+        numbers = {
+            OUTPUT: batch * x.shape[1] * cfg.output_size,
+            **dict.fromkeys(STATE_OUTPUTS, batch * cfg.state_layers * cfg.hidden_size),
+        }
+        bound = 2048 + 6 * len(request.id)  # the JSON header, the id escaped at worst
+        for name, binary in request.outputs:
+            bound += numbers[name] * (4 if binary else JSON_NUMBER_BYTES)
+        return bound
 
     def to_model(self, x: np.ndarray) -> np.ndarray:
         """Batch-first x in the model's own layout (a view)."""
@@ -145,48 +188,61 @@ class OpenInference:
         y = entry.stream.step(self.to_model(x), restart=start)
         return self.from_model(y, entry.stream.state)
 
-    async def run_in_sequence(self, sequence: SequenceControl, x: np.ndarray) -> dict:
-        """Run x as the next request of its sequence, after the requests of that sequence
-        that arrived before it (FIFO); a failed request changes no sequence's state."""
-        if self.runtime.config.bidirectional:
-            raise HTTPError(400, f"sequences are refused: {BIDIRECTIONAL_STREAM}")
-        if x.shape[0] != 1:
+    async def run_in_sequence(self, request: InferRequest, ticket: int) -> tuple[dict, int]:
+        """Run the request as the next of its sequence, after the requests of that sequence
+        that arrived before it (`ticket`, taken on arrival): its outputs, and the bytes
+        reserved for its answer. Nothing about the sequence changes before that reservation
+        holds, and a request that fails leaves its sequence as it was (a first request
+        leaves none)."""
+        sequence, x = request.sequence, request.inputs[INPUT]
+        assert sequence is not None
+        store, load = self.service.store, self.service.load
+        await self.arrivals.turn(ticket)  # every earlier arrival is queued where it goes
+        key = (SEQUENCE, sequence.id)
+        entry = store.find(key)
+        if entry is None and not sequence.start:
             raise HTTPError(
                 400,
-                f"inference request to model '{self.name}' must specify batch-size 1 due to "
-                "requirements of sequence batcher",
+                f"inference request for sequence {str(sequence.id)[:100]} to model "
+                f"'{self.name}' must specify the START flag on the first request of the "
+                "sequence",
             )
-        store = self.service.store
-        key = (SEQUENCE, sequence.id)
-        while True:
-            entry = store.find(key)
+        reserved = load.reserve(self.answer_bound(request), "this request's answer")
+        try:
             fresh = entry is None
             if entry is None:
-                if not sequence.start:
-                    raise HTTPError(
-                        400,
-                        f"inference request for sequence {str(sequence.id)[:100]} to model "
-                        f"'{self.name}' must specify the START flag on the first request of "
-                        "the sequence",
-                    )
-                entry = store.create(self.runtime.stream(), key)
+                entry = store.create(self.runtime.stream(), key)  # 429 at the cap
+            if sequence.end:  # later arrivals under this id start a new sequence
+                store.detach(entry)
             entry.busy += 1
             try:
-                async with entry.lock:
-                    if entry.closed:  # ended or expired while this request waited
-                        continue
-                    try:
-                        outputs = await self.service.call(self.run_step, entry, x, sequence.start)
-                    except BaseException:
-                        if fresh:  # a sequence whose first request failed never began
-                            store.close(entry)
-                        raise
-                    if sequence.end:
+                acquired = asyncio.ensure_future(entry.lock.acquire())  # queued in order now
+                self.arrivals.finish(ticket)
+                try:
+                    await acquired
+                except asyncio.CancelledError:
+                    if acquired.done() and not acquired.cancelled():
+                        entry.lock.release()
+                    raise
+                try:
+                    outputs = await self.service.call(self.run_step, entry, x, sequence.start)
+                except BaseException:
+                    if fresh:  # a sequence whose first request failed never began
                         store.close(entry)
-                    return outputs
+                    elif sequence.end and store.find(key) is None:
+                        store.reattach(entry)  # its end failed: the sequence goes on
+                    raise
+                finally:
+                    entry.lock.release()
+                if sequence.end:
+                    store.close(entry)
+                return outputs, reserved
             finally:
                 entry.busy -= 1
                 entry.last_used = store.clock()
+        except BaseException:
+            load.give(reserved)
+            raise
 
     def answer(
         self, request: InferRequest, outputs: dict, accept_encoding: str | None
@@ -204,17 +260,25 @@ class OpenInference:
         header_length: str | None,
         encoding: str | None,
         accept_encoding: str | None = None,
-    ) -> tuple[bytes, dict[str, str]]:
+    ) -> tuple[bytes, dict[str, str], int]:
         """The answer (body, headers) to an infer request's body and its headers
-        (Inference-Header-Content-Length, Content-Encoding, Accept-Encoding)."""
+        (Inference-Header-Content-Length, Content-Encoding, Accept-Encoding), and the bytes
+        reserved for it (a sequence's answer: hand them back once it is sent)."""
         service = self.service
-        request = await service.call(self.read, body, header_length, encoding)
-        x = request.inputs[INPUT]
+        ticket = self.arrivals.take()  # its place among the requests that arrived
         try:
+            request = await service.call(self.read, body, header_length, encoding)
+            reserved = 0
             if request.sequence is None:
-                outputs = await service.call(self.run_whole, x)
+                self.arrivals.finish(ticket)  # a stateless request waits for no one
+                outputs = await service.call(self.run_whole, request.inputs[INPUT])
             else:
-                outputs = await self.run_in_sequence(request.sequence, x)
-        except UsageError as exc:  # the runtime's word on an input it refuses
-            raise HTTPError(400, str(exc)) from None
-        return await service.call(self.answer, request, outputs, accept_encoding)
+                outputs, reserved = await self.run_in_sequence(request, ticket)
+        finally:
+            self.arrivals.finish(ticket)
+        try:
+            body, headers = await service.call(self.answer, request, outputs, accept_encoding)
+        except BaseException:
+            service.load.give(reserved)
+            raise
+        return body, headers, reserved

@@ -28,7 +28,9 @@ from lstm_export.files import read_text
 
 CONFIG_FILE = "config.pbtxt"
 BACKEND = "onnxruntime"
-PLATFORM = "onnxruntime_onnx"  # the legacy spelling of the same backend, accepted on reading
+PLATFORM = "onnxruntime_onnx"
+"""The platform Triton fills in for backend onnxruntime (its model metadata shows it); also
+the legacy spelling of the same backend, accepted on reading."""
 TRITONCLIENT_REQUIREMENT = "tritonclient[grpc]>=2.68"
 MAX_IDLE_SECONDS = 5.0
 ONNX_TO_TRITON = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.INT64: "TYPE_INT64"}
