@@ -12,6 +12,7 @@ and no 500.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import gzip
 import http.client
@@ -1296,3 +1297,61 @@ def test_the_answer_is_compressed_when_asked(stateful, encoding):
     got = {"y": np.asarray(y["data"], np.float32).reshape(y["shape"])}
     stateful.reference.expect(x).check(got, ("y",))
     assert math.prod(y["shape"]) == 4 * HIDDEN
+
+
+# --------------------------------------------------------------------------- failures mid-queue
+
+
+def test_a_sequence_whose_step_fails_is_left_as_it_was(time_major_export, monkeypatch):
+    """In process, the step itself made to fail (the one failure no check before the queue
+    can catch): a first request that fails opens nothing, and a request queued behind it is
+    told to start; a failed end leaves the sequence open and going on from where it was."""
+    from lstm_export.serving.http import create_app
+    from lstm_export.serving.http.limits import HTTPError
+
+    model, folder = time_major_export
+    app = create_app(folder)
+    inference = app.state.inference
+    run_step = inference.run_step
+    failing = {"left": 0}
+
+    def flaky_step(entry, x, start):
+        if failing["left"]:
+            failing["left"] -= 1
+            time.sleep(0.2)  # long enough for the next request to queue behind it
+            raise RuntimeError("the step failed")
+        return run_step(entry, x, start)
+
+    monkeypatch.setattr(inference, "run_step", flaky_step)
+
+    def body(x: np.ndarray, **flags) -> bytes:
+        return as_bytes(sequence_request("flaky", x, **flags))
+
+    async def both(first: bytes, second: bytes) -> list:
+        one = asyncio.ensure_future(inference.infer(first, None, None))
+        await asyncio.sleep(0.05)
+        two = asyncio.ensure_future(inference.infer(second, None, None))
+        return await asyncio.gather(one, two, return_exceptions=True)
+
+    loop = asyncio.new_event_loop()
+    try:
+        failing["left"] = 1
+        opened, queued = loop.run_until_complete(both(body(FIRST, sequence_start=True), body(NEXT)))
+        assert isinstance(opened, RuntimeError), opened
+        assert isinstance(queued, HTTPError) and queued.status == 400, queued
+        assert START_ERROR in queued.message
+        assert len(inference.service.store) == 0  # nothing opened
+        # An open sequence whose end fails goes on from where it was.
+        expected = Reference(model).expect(np.concatenate([FIRST, NEXT], axis=1))
+        loop.run_until_complete(inference.infer(body(FIRST, sequence_start=True), None, None))
+        failing["left"] = 1
+        with pytest.raises(RuntimeError):
+            loop.run_until_complete(inference.infer(body(BAD_X, sequence_end=True), None, None))
+        answer, _, _ = loop.run_until_complete(inference.infer(body(NEXT), None, None))
+        y = np.asarray(json.loads(answer)["outputs"][0]["data"], np.float32)
+        tail = {"y": expected.want["y"][:, FIRST.shape[1] :]}
+        Expected(tail, expected.allowed).check({"y": y.reshape(1, -1, HIDDEN)}, names=("y",))
+        assert inference.service.load.bytes == 0  # every reservation handed back
+    finally:
+        inference.service.pool.shutdown()
+        loop.close()

@@ -38,6 +38,7 @@ from lstm_export.serving.http.service import Service
 from lstm_export.serving.http.streams import ArrivalOrder, StreamEntry
 from lstm_export.serving.http.v2_codec import (
     InferRequest,
+    SequenceControl,
     Signature,
     TensorSpec,
     compress,
@@ -188,6 +189,13 @@ class OpenInference:
         y = entry.stream.step(self.to_model(x), restart=start)
         return self.from_model(y, entry.stream.state)
 
+    def not_started(self, sequence: SequenceControl) -> HTTPError:
+        return HTTPError(
+            400,
+            f"inference request for sequence {str(sequence.id)[:100]} to model '{self.name}' "
+            "must specify the START flag on the first request of the sequence",
+        )
+
     async def run_in_sequence(self, request: InferRequest, ticket: int) -> tuple[dict, int]:
         """Run the request as the next of its sequence, after the requests of that sequence
         that arrived before it (`ticket`, taken on arrival): its outputs, and the bytes
@@ -201,12 +209,7 @@ class OpenInference:
         key = (SEQUENCE, sequence.id)
         entry = store.find(key)
         if entry is None and not sequence.start:
-            raise HTTPError(
-                400,
-                f"inference request for sequence {str(sequence.id)[:100]} to model "
-                f"'{self.name}' must specify the START flag on the first request of the "
-                "sequence",
-            )
+            raise self.not_started(sequence)
         reserved = load.reserve(self.answer_bound(request), "this request's answer")
         try:
             fresh = entry is None
@@ -225,11 +228,19 @@ class OpenInference:
                         entry.lock.release()
                     raise
                 try:
+                    if entry.closed and not sequence.start:  # its first request failed
+                        raise self.not_started(sequence)
+                    if entry.closed:  # a start queued behind a first request that failed
+                        raise HTTPError(
+                            409,
+                            f"sequence {str(sequence.id)[:100]} was closed while this request "
+                            "waited (the request that opened it failed); send it again",
+                        )
                     outputs = await self.service.call(self.run_step, entry, x, sequence.start)
                 except BaseException:
                     if fresh:  # a sequence whose first request failed never began
                         store.close(entry)
-                    elif sequence.end and store.find(key) is None:
+                    elif sequence.end and not entry.closed and store.find(key) is None:
                         store.reattach(entry)  # its end failed: the sequence goes on
                     raise
                 finally:
