@@ -14,10 +14,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from helpers import small_model
+from lstm_export.pipeline import export
+from lstm_export.runtime.onnx import OnnxLSTM
 
 LOOPBACK = "127.0.0.1"
 TIMEOUT = 30  # seconds, per request
@@ -35,6 +42,22 @@ LIMITS = {
     "max_bytes_in_flight": 64 * 1024 * 1024,
     "shutdown_timeout": 1.0,
 }
+
+
+@dataclass
+class Exported:
+    """A small LayerNorm model, its export folder, and that folder's onnxruntime runtime."""
+
+    model: torch.nn.Module
+    folder: Path
+    runtime: OnnxLSTM
+
+
+def small_export(folder: Path) -> Exported:
+    """The model most server tests serve: 2 layers, input 5, hidden 8, seed 3."""
+    model = small_model(True, 2, seed=3)
+    out = export(model, folder).out_dir
+    return Exported(model, out, OnnxLSTM(out, threads=1))
 
 
 class Server:
@@ -142,3 +165,14 @@ class Client:
 
     def close(self) -> None:
         self.conn.close()
+
+
+@contextmanager
+def running_server(folder: Path, log_path: Path, **options: object) -> Iterator[Server]:
+    """A Server for the block, then stopped: it must exit 0."""
+    running = Server(folder, log_path, **options)
+    try:
+        yield running
+    finally:
+        code = running.stop()
+        assert code == 0, running.log()

@@ -10,16 +10,13 @@ import http.client
 import io
 import json
 import threading
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from rich.console import Console
 
-from helpers import run_cli, small_model
+from helpers import run_cli
 from lstm_export.benchmarks import v2_requests
 from lstm_export.benchmarks.load import all_failed, error_lines, first_error_reason, load_test
 from lstm_export.checkpoints import build_model
@@ -27,30 +24,18 @@ from lstm_export.cli.render import load_table
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.pipeline import export
-from lstm_export.runtime.onnx import OnnxLSTM
-from server_process import LOOPBACK, TIMEOUT, Client, Server
-
-
-@dataclass
-class Exported:
-    model: torch.nn.Module
-    folder: Path
-    runtime: OnnxLSTM
+from server_process import LOOPBACK, TIMEOUT, Client, Exported, Server, running_server, small_export
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Exported:
-    model = small_model(True, 2, seed=3)
-    folder = export(model, tmp_path_factory.mktemp("bench") / "lstm").out_dir
-    return Exported(model, folder, OnnxLSTM(folder, threads=1))
+    return small_export(tmp_path_factory.mktemp("bench") / "lstm")
 
 
 @pytest.fixture(scope="module")
 def server(exported, tmp_path_factory):
-    running = Server(exported.folder, tmp_path_factory.mktemp("log") / "server.log")
-    yield running
-    code = running.stop()
-    assert code == 0, running.log()
+    with running_server(exported.folder, tmp_path_factory.mktemp("log") / "server.log") as running:
+        yield running
 
 
 # --------------------------------------------------------------------------- serve-bench

@@ -31,28 +31,29 @@ import onnx
 import pytest
 import torch
 
-from helpers import run_python, small_model
+from helpers import run_python
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.pipeline import export
-from lstm_export.runtime.onnx import OnnxLSTM
 from lstm_export.serving.http import ServerLimits, cpu_count, create_app, serve
-from server_process import LIMITS, LOOPBACK, TIMEOUT, Client, Reply, Server, file_limit
-
-
-@dataclass
-class Exported:
-    model: torch.nn.Module
-    folder: Path
-    runtime: OnnxLSTM
+from server_process import (
+    LIMITS,
+    LOOPBACK,
+    TIMEOUT,
+    Client,
+    Exported,
+    Reply,
+    Server,
+    file_limit,
+    running_server,
+    small_export,
+)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Exported:
-    model = small_model(True, 2, seed=3)
-    folder = export(model, tmp_path_factory.mktemp("serve") / "lstm").out_dir
-    return Exported(model, folder, OnnxLSTM(folder, threads=1))
+    return small_export(tmp_path_factory.mktemp("serve") / "lstm")
 
 
 def eager(model, x, state=None):
@@ -64,10 +65,8 @@ def eager(model, x, state=None):
 
 @pytest.fixture(scope="module")
 def server(exported, tmp_path_factory):
-    running = Server(exported.folder, tmp_path_factory.mktemp("log") / "server.log")
-    yield running
-    code = running.stop()
-    assert code == 0, running.log()
+    with running_server(exported.folder, tmp_path_factory.mktemp("log") / "server.log") as running:
+        yield running
 
 
 @pytest.fixture
