@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from helpers import FUSED_ONNX_CONFIG
+from helpers import FUSED_ONNX_CONFIG, run_python
 from lstm_export.artifacts import (
     ATOL,
     CONFIG_KEY,
@@ -218,3 +218,32 @@ def test_nan_and_inf_propagate_as_in_eager(ort_library, bidirectional):
             finite = ~np.isnan(want64)
             assert np.isnan(want64).any() and finite.any()
             assert np.abs(ours[finite] - want64[finite]).max() <= ATOL
+
+
+_DEPLOYED = """
+import sys
+import numpy as np
+import onnxruntime as ort
+folder = sys.argv[1]
+options = ort.SessionOptions()
+options.register_custom_ops_library(folder + "/liblstm_export_ort_ops.so")  # the shipped copy
+options.log_severity_level = 3
+cpu = ["CPUExecutionProvider"]
+fused = ort.InferenceSession(folder + "/model.fused.onnx", options, providers=cpu)
+plain = ort.InferenceSession(folder + "/model.onnx", providers=cpu)
+x = np.random.default_rng(0).standard_normal((11, 3, 5)).astype(np.float32)
+state = np.zeros((2, 3, 13), np.float32)
+feed = {"x": x, "h0": state, "c0": state, "lengths": np.array([11, 1, 6])}
+got, want = fused.run(None, feed), plain.run(None, feed)
+print(max(float(np.abs(a - b).max()) for a, b in zip(got, want)))
+print("lstm_export" in sys.modules)
+"""
+
+
+@pytest.mark.slow
+def test_the_shipped_library_runs_model_fused_onnx_in_a_fresh_interpreter(fused_onnx_export):
+    """The export folder alone, as a deployment uses it: raw onnxruntime, no lstm_export."""
+    done = run_python(_DEPLOYED, fused_onnx_export)
+    assert done.returncode == 0, done.stderr
+    error, imported = done.stdout.split()
+    assert float(error) <= ATOL and imported == "False"
