@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from helpers import run_cli, small_model
+from lstm_export.artifacts import FUSED_ONNX_FILE, ORT_KERNEL_LIBRARY
 from lstm_export.benchmarks import DEFAULT_SHAPES
-from lstm_export.benchmarks.anchors import ANCHORS
+from lstm_export.benchmarks.anchors import ANCHORS, ORT_LSTM_OP
 from lstm_export.benchmarks.latency import (
     LIBTORCH_CPP,
     LIBTORCH_CPP_FUSED,
@@ -22,7 +23,7 @@ from lstm_export.benchmarks.latency import (
 )
 from lstm_export.errors import UsageError
 from lstm_export.pipeline import export
-from lstm_export.verification.backends import FUSED_BACKEND
+from lstm_export.verification.backends import FUSED_BACKEND, FUSED_ONNX_BACKEND
 
 DATA = Path(__file__).parent.parent / "data"
 PYTHON_BACKENDS = {"eager", "torchscript (scratch cell)", "torchscript", "onnxruntime", *ANCHORS}
@@ -75,6 +76,51 @@ def test_bench_times_the_fused_kernel_in_python_and_cpp_when_exported(tmp_path, 
         rows[FUSED_BACKEND].median_ms / rows["nn.LSTM"].median_ms
     )
     assert rows[LIBTORCH_CPP_FUSED].median_ms > 0
+
+
+def test_bench_times_model_fused_onnx_against_the_lstm_op_of_each_shape(
+    fused_onnx_export, tmp_path
+):
+    """With model.fused.onnx in the folder, one row per shape holds its ratio to onnxruntime's
+    LSTM op timed in the same run; our build of the library runs it, not the folder's copy."""
+    folder = shutil.copytree(fused_onnx_export, tmp_path / "m")
+    (folder / ORT_KERNEL_LIBRARY).write_bytes(b"not a library")  # never loaded
+    report = quick_bench(folder, "3x2,4x3:ragged", cpp=False)
+    assert report.notes == []
+    for shape in ("3x2", "4x3:ragged"):
+        rows = {t.backend: t for t in report.timings if t.shape == shape}
+        fused, op = rows[FUSED_ONNX_BACKEND], rows[ORT_LSTM_OP]
+        assert fused.median_ms > 0 and fused.target == f"<= 1.2x {ORT_LSTM_OP}"
+        assert fused.target_ratio == pytest.approx(fused.median_ms / op.median_ms)
+        assert fused.meets_target == (fused.target_ratio <= 1.2)
+        assert rows["onnxruntime"].target == f"<= 1.5x {ORT_LSTM_OP}"
+
+
+def test_a_layer_norm_export_without_model_fused_onnx_benches_as_before_with_a_note(tmp_path):
+    folder = export(small_model(True, 1), tmp_path / "m").out_dir
+    report = quick_bench(folder, "3x2", cpp=False)
+    assert FUSED_ONNX_BACKEND not in {t.backend for t in report.timings}
+    assert {t.backend for t in report.timings} >= PYTHON_BACKENDS
+    assert len(report.notes) == 1 and f"has no {FUSED_ONNX_FILE}" in report.notes[0]
+    plain = export(small_model(False, 1), tmp_path / "p").out_dir  # no fused kernel to have
+    assert quick_bench(plain, "3x2", repeats=1, cpp=False).notes == []
+
+
+def test_model_fused_onnx_is_left_out_with_a_note_where_its_library_cannot_be_built(
+    fused_onnx_export, monkeypatch
+):
+    from lstm_export.native import ort_kernel
+
+    def no_library() -> None:
+        raise UsageError("no onnxruntime headers here (a test)")
+
+    monkeypatch.setattr(ort_kernel, "build_ort_kernel", no_library)
+    report = quick_bench(fused_onnx_export, "3x2", repeats=1, cpp=False)
+    assert FUSED_ONNX_BACKEND not in {t.backend for t in report.timings}
+    assert {t.backend for t in report.timings} >= PYTHON_BACKENDS | {FUSED_BACKEND}
+    assert report.notes == [
+        f"{FUSED_ONNX_FILE} was not timed: no onnxruntime headers here (a test)"
+    ]
 
 
 @pytest.mark.slow  # a child process that exports and benchmarks
