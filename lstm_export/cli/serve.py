@@ -86,6 +86,14 @@ def serve(
             help="List hn and cn among /v2's outputs, as triton --expose-state does.",
         ),
     ] = False,
+    fused_kernel: Annotated[
+        bool,
+        typer.Option(
+            "--fused-kernel",
+            help="Serve model.fused.onnx (export --fused-kernel; the fused kernel's op, "
+            "our own build of its library) instead of model.onnx.",
+        ),
+    ] = False,
 ) -> None:
     """Serve an export over HTTP: our /v1 JSON API and the Open Inference Protocol (/v2, as
     Triton speaks it) side by side (needs the serve extra); Ctrl+C stops it."""
@@ -117,6 +125,7 @@ def serve(
         access_log=access_log,
         name=name,
         expose_state=expose_state,
+        fused_kernel=fused_kernel,
     )
 
 

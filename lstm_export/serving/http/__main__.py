@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--expose-state", action="store_true", help="List hn and cn among /v2's outputs."
     )
+    parser.add_argument(
+        "--fused-kernel",
+        action="store_true",
+        help="Serve model.fused.onnx (the fused kernel's op, our own build of its library).",
+    )
     return parser
 
 
@@ -66,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             access_log=args.access_log,
             name=args.name,
             expose_state=args.expose_state,
+            fused_kernel=args.fused_kernel,
         )
     except LSTMExportError as exc:
         print(f"error: {exc}", file=sys.stderr)

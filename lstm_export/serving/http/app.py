@@ -109,6 +109,7 @@ def create_app(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     name: str | None = None,
     expose_state: bool = False,
+    fused_kernel: bool = False,
 ) -> Starlette:
     """The ASGI app over an export folder or .onnx file: the /v1 API and the Open Inference
     Protocol's /v2 (model `name`, default the export's; hn/cn among its outputs with
@@ -119,6 +120,10 @@ def create_app(
     (default: CPU count, at least 2), at most 4 x the CPU count. Pass `runtime` to share an
     already-loaded `OnnxLSTM` (then `export_dir` is ignored). onnxruntime's memory arena is
     off in the session built here: it would keep the peak of every burst for good.
+
+    `fused_kernel` serves the export's `model.fused.onnx` (`OnnxLSTM(fused=True)`: our own
+    build of its op library, never the folder's copy) for /v1 and /v2 alike; a folder
+    without it, or a machine where the library cannot be built, is a `UsageError`.
     """
     limits = limits or ServerLimits()
     cpus = cpu_count()
@@ -131,7 +136,7 @@ def create_app(
     if runtime is None:
         options = session_options(threads, optimization)
         options.enable_cpu_mem_arena = False
-        runtime = OnnxLSTM(export_dir, options=options, providers=providers)
+        runtime = OnnxLSTM(export_dir, options=options, providers=providers, fused=fused_kernel)
     if name is not None:
         check_model_name(name)
     service = Service(runtime, limits, workers or max(2, cpus))

@@ -111,13 +111,15 @@ def serve(
     on_ready: Callable[[str], None] | None = None,
     name: str | None = None,
     expose_state: bool = False,
+    fused_kernel: bool = False,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully and return (exit code 0).
 
     Everything that can fail for a user reason (export folder, port, options, too low a file
     limit for `max_connections`) fails with `UsageError` before the server starts. `on_ready`
     gets the URL once the port is listening (default: one line on stderr); port 0 picks a
-    free port. `name` and `expose_state` shape the /v2 API (see `create_app`). Sets glibc's
+    free port. `name` and `expose_state` shape the /v2 API, and `fused_kernel` serves
+    model.fused.onnx (see `create_app`). Sets glibc's
     mmap threshold for the process (see `tune_malloc`).
     """
     if log_level not in LOG_LEVELS:
@@ -132,6 +134,7 @@ def serve(
         optimization=optimization,
         name=name,
         expose_state=expose_state,
+        fused_kernel=fused_kernel,
     )
     tune_malloc()
     sock = _listen(host, port, backlog)
@@ -162,7 +165,10 @@ def serve(
     if on_ready is not None:
         on_ready(url)
     else:
-        print(f"lstm-export: serving {name!r} on {url} (Ctrl+C to stop)", file=sys.stderr)
+        served = app.state.service.runtime.path.name
+        print(
+            f"lstm-export: serving {name!r} ({served}) on {url} (Ctrl+C to stop)", file=sys.stderr
+        )
         sys.stderr.flush()
 
     # uvicorn handles SIGINT/SIGTERM itself, then re-raises the signal once it has shut down

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lstm_export.artifacts import LENGTHS_INPUT, MANIFEST_FILE, ONNX_FILE
+from lstm_export.artifacts import FUSED_ONNX_FILE, LENGTHS_INPUT, MANIFEST_FILE, ONNX_FILE
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.files import read_manifest, sha256
@@ -50,14 +50,16 @@ def describe_model(runtime: OnnxLSTM, limits: ServerLimits) -> dict[str, Any]:
     """What GET /v1/model answers: config, signature, artifacts' sha256, limits, and what
     requests the model takes (x's layout, `lengths`, streams).
 
-    With a manifest.json beside model.onnx, its artifacts and signature are reported, and
-    the served file must match it (config and sha256): a tampered export does not start.
+    With a manifest.json beside model.onnx (or model.fused.onnx, when that is served), its
+    artifacts and signature are reported, and the served file must match it (config and
+    sha256): a tampered export does not start.
     """
     path = runtime.path
     digest = sha256(path)
     manifest_path = path.parent / MANIFEST_FILE
     # Bounded: a regular file under the size limit, JSON of limited depth; None when absent.
-    manifest = read_manifest(path.parent) if path.name == ONNX_FILE else None
+    served_by_export = path.name in (ONNX_FILE, FUSED_ONNX_FILE)
+    manifest = read_manifest(path.parent) if served_by_export else None
     if manifest is not None:
         try:
             recorded = manifest["artifacts"][path.name]["sha256"]
