@@ -26,12 +26,22 @@ def triton(
     atol: Atol = None,
     factor: Factor = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the validation summary.")] = False,
+    fused_kernel: Annotated[
+        bool,
+        typer.Option(
+            "--fused-kernel",
+            help="Serve model.fused.onnx (export --fused-kernel) and ship its op library; "
+            "Triton then needs that library, model.onnx runs anywhere.",
+        ),
+    ] = False,
 ) -> None:
     """Write a Triton model repository (onnxruntime backend, sequence batcher keeping h/c).
 
     <repo>/<name>/config.pbtxt and 1/model.onnx (batch-first), validated with
     tritonclient's ModelConfig against the graph. A bidirectional model is refused: a
-    stream cannot run backwards from an end it has not seen.
+    stream cannot run backwards from an end it has not seen. With --fused-kernel, 1/model.onnx
+    is model.fused.onnx's batch-first graph and liblstm_export_ort_ops.so ships beside
+    config.pbtxt, which names it (model_operations).
     """
     with status("Writing the Triton model"):
         from lstm_export.serving.triton import validate_triton_repo, write_triton_repo
@@ -43,13 +53,16 @@ def triton(
             max_batch_size=max_batch_size,
             force=force,
             expose_state=expose_state,
+            fused_kernel=fused_kernel,
             **tolerance(atol, factor),
         )
         summary = validate_triton_repo(model_dir)
     if as_json:
         print_json(summary)
         return
+    graph = "model.fused.onnx's batch-first graph" if fused_kernel else "batch-first"
+    library = " and its op library" if fused_kernel else ""
     out.print(
-        f"[bold green]Wrote[/] {escape(str(model_dir))}: config.pbtxt and "
-        f"1/model.onnx (batch-first), validated against tritonclient's ModelConfig"
+        f"[bold green]Wrote[/] {escape(str(model_dir))}: config.pbtxt, "
+        f"1/model.onnx ({graph}){library}, validated against tritonclient's ModelConfig"
     )

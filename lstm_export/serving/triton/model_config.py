@@ -7,6 +7,7 @@ schema Triton itself loads, not by our own reading of the text.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -88,8 +89,14 @@ def config_pbtxt(
     max_batch_size: int = 64,
     max_idle_seconds: float = MAX_IDLE_SECONDS,
     expose_state: bool = False,
+    op_library: str | None = None,
 ) -> str:
-    """The Triton config of a batch-first graph; `expose_state` also lists hn/cn as outputs."""
+    """The Triton config of a batch-first graph; `expose_state` also lists hn/cn as outputs.
+
+    `op_library`, for the batch-first graph of model.fused.onnx: the path of the fused
+    kernel's op library, as `model_operations { op_library_filename }` (Triton's onnxruntime
+    backend registers it on the session options as it is given: an absolute path, since a
+    relative one would be taken from Triton's working directory)."""
     meta = metadata(model_proto)
     if meta.get(LAYOUT_KEY) != BATCH_FIRST or CONFIG_KEY not in meta:
         raise UsageError("config_pbtxt needs the batch-first graph of batch_first_onnx(...)")
@@ -149,6 +156,13 @@ def config_pbtxt(
         "  ]",
         "}",
     ]
+    if op_library is not None:
+        quoted = json.dumps(op_library, ensure_ascii=False)  # a protobuf text string
+        lines += [
+            "# The fused kernel's op library, beside config.pbtxt: if this folder is moved",
+            "# (a container's /models), give its new absolute path here.",
+            f"model_operations {{ op_library_filename: {quoted} }}",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -9,16 +9,26 @@ collected, so one run lists them all.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from lstm_export.artifacts import BATCH_FIRST, CONFIG_KEY, LAYOUT_KEY, ONNX_FILE
+from lstm_export.artifacts import (
+    BATCH_FIRST,
+    CONFIG_KEY,
+    LAYOUT_KEY,
+    ONNX_FILE,
+    OP_LIBRARY_KEY,
+    ORT_KERNEL_LIBRARY,
+)
 from lstm_export.config import config_from_metadata
 from lstm_export.errors import UsageError, first_line
 from lstm_export.exporters.batch_first import STATE_PAIRS, VERSION, dims, metadata
+from lstm_export.files import sha256
 from lstm_export.runtime.onnx import load_onnx
 from lstm_export.serving.triton.model_config import (
     BACKEND,
@@ -188,7 +198,51 @@ def _version_dirs(model_dir: Path) -> list[Path]:
     )
 
 
-def validate_model_folder(model_dir: Path, expected_name: str) -> dict:
+def _op_library_problems(
+    model_dir: Path, config: Any, needs_library: bool, library_sha256: str | None
+) -> list[str]:
+    """The op libraries config.pbtxt names (`model_operations`): each an absolute path whose
+    file name is the fused kernel's library, present in the model folder as a regular file
+    (a link could point anywhere), of the export manifest's sha256 when it is given; and
+    one named exactly when a graph needs it."""
+    named = list(config.model_operations.op_library_filename)
+    if not named:
+        if needs_library:
+            return [
+                f"the graph runs the fused kernel's op, but config.pbtxt names no "
+                f"model_operations {{ op_library_filename }} ({ORT_KERNEL_LIBRARY})"
+            ]
+        return []
+    if not needs_library:
+        return [f"config.pbtxt names op libraries {named}, but no graph needs one"]
+    problems = []
+    for name in named:
+        if not os.path.isabs(name):
+            problems.append(
+                f"op_library_filename {name!r} is not an absolute path (Triton loads it as "
+                "given, from its own working directory)"
+            )
+        if Path(name).name != ORT_KERNEL_LIBRARY:
+            problems.append(f"op_library_filename {name!r} is not {ORT_KERNEL_LIBRARY}")
+            continue
+        local = model_dir / ORT_KERNEL_LIBRARY
+        try:
+            info = os.lstat(local)
+        except FileNotFoundError:
+            problems.append(f"{ORT_KERNEL_LIBRARY} is not in the model folder {model_dir}")
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            problems.append(f"{local} is not a regular file")
+        elif library_sha256 is not None and sha256(local) != library_sha256:
+            problems.append(
+                f"{local} is not the export's library (its sha256 differs from the manifest's)"
+            )
+    return problems
+
+
+def validate_model_folder(
+    model_dir: Path, expected_name: str, *, library_sha256: str | None = None
+) -> dict:
     """`validate_triton_repo` on a folder whose name may differ from the model's: the writer
     validates its staging folder under the name it will have once moved into place."""
     pb2 = model_config_module()
@@ -202,6 +256,7 @@ def validate_model_folder(model_dir: Path, expected_name: str) -> dict:
 
     onnx_files = []
     graph_config: dict | None = None
+    needs_library = False
     for version in versions:
         onnx_path = version / filename
         if not (onnx_path.exists() or onnx_path.is_symlink()):  # a FIFO: load_onnx says so
@@ -216,6 +271,7 @@ def validate_model_folder(model_dir: Path, expected_name: str) -> dict:
             check.problems.append(f"{version.name}/{filename} is not a valid ONNX model: {first}")
             continue
         meta = metadata(model)
+        needs_library |= meta.get(OP_LIBRARY_KEY) == ORT_KERNEL_LIBRARY
         if meta.get(LAYOUT_KEY) != BATCH_FIRST:
             check.problems.append(
                 f"{version.name}/{filename} is not the batch-first graph "
@@ -232,6 +288,7 @@ def validate_model_folder(model_dir: Path, expected_name: str) -> dict:
         check.graph(config, model, where)
     batching = config.sequence_batching
     check.states(batching)
+    check.problems += _op_library_problems(model_dir, config, needs_library, library_sha256)
 
     if check.problems:
         raise UsageError(
@@ -258,6 +315,7 @@ def validate_model_folder(model_dir: Path, expected_name: str) -> dict:
         ],
         "max_sequence_idle_microseconds": batching.max_sequence_idle_microseconds,
         "model_config": graph_config,
+        "op_libraries": list(config.model_operations.op_library_filename),
     }
 
 
@@ -265,7 +323,7 @@ def _entry(entry: Any, pb2: Any) -> dict:
     return {"data_type": pb2.DataType.Name(entry.data_type), "dims": list(entry.dims)}
 
 
-def validate_triton_repo(model_dir: Path | str) -> dict:
+def validate_triton_repo(model_dir: Path | str, *, library_sha256: str | None = None) -> dict:
     """Check `<repo>/<name>` (config.pbtxt and each version's model.onnx) as Triton would.
 
     Parses config.pbtxt into tritonclient's `ModelConfig` and checks it against the
@@ -273,10 +331,13 @@ def validate_triton_repo(model_dir: Path | str) -> dict:
     input or a state input, each input/output/state of the graph's data type with the
     graph's dims less the batch dim (-1 where the graph's dim is symbolic), the state
     pairs h0<-hn and c0<-cn each starting from zeros, and a batch-first graph that
-    passes onnx.checker's full check. Returns a summary; raises UsageError listing
-    every mismatch.
+    passes onnx.checker's full check. A graph of the fused kernel (model.fused.onnx's) needs
+    `model_operations { op_library_filename }` naming the absolute path of
+    liblstm_export_ort_ops.so, which must be a regular file in the model folder (of
+    `library_sha256`, the export manifest's, when given). Returns a summary; raises
+    UsageError listing every mismatch.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UsageError(f"expected a Triton model folder (<repo>/<name>), got {model_dir}")
-    return validate_model_folder(model_dir, model_dir.name)
+    return validate_model_folder(model_dir, model_dir.name, library_sha256=library_sha256)
