@@ -16,8 +16,9 @@ sources, the torch version, the compiler and the flags, and loaded into this pro
 once cached, no compiler is needed. Our tools only ever load a library built here from
 the packaged source, never one found in an export folder: that copy is for deployment
 (C++ programs `dlopen` it). The build itself (cache folder, lock, compile, stamp, the
-AVX2/FMA decision) is `lstm_export.native.build`'s, shared with the onnxruntime library;
-only torch's headers and libraries on the command line are this module's.
+route: AVX-512, AVX2/FMA or portable) is `lstm_export.native.build`'s, shared with the
+onnxruntime library; only torch's headers and libraries on the command line are this
+module's.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ WHAT = "the fused kernel"
 
 
 def compile_flags() -> list[str]:
-    """-O3 and OpenMP (for at::parallel_for); AVX2 + FMA only where this CPU has them
-    (`build.simd_flags`, the same decision as the onnxruntime library's)."""
+    """-O3 and OpenMP (for at::parallel_for); the SIMD flags of this CPU's route
+    (`build.simd_flags`: AVX-512, AVX2/FMA or none, the same decision as the onnxruntime
+    library's)."""
     return ["-O3", "-fopenmp", *build.simd_flags()]
 
 

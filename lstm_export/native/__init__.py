@@ -5,7 +5,8 @@ their builds, without torch.
   in sight) and its two bindings, TorchScript (`layer_norm_lstm.cpp`, built by
   `lstm_export.exporters.kernel`, which needs torch's headers) and onnxruntime
   (`ort_layer_norm_lstm.cpp`, built by `ort_kernel`).
-- `build`: what every build shares: the compiler command, the CPU's SIMD flags, the cache
+- `build`: what every build shares: the compiler command, the route (AVX-512, AVX2/FMA or
+  portable, from /proc/cpuinfo and LSTM_EXPORT_KERNEL_ISA) and its flags, the cache
   (folder, key, lock, sha256 stamp) and the compiler call in its own process group.
 - `ort_kernel`: onnxruntime's headers (found or fetched) and the onnxruntime op library.
 

@@ -10,7 +10,8 @@ shared cache works.
 
 No torch here: the TorchScript kernel (`lstm_export.exporters.kernel`, which adds torch's
 headers and libraries to its command) and the onnxruntime op library (`ort_kernel`) are
-both built through `build_library`, and both get their AVX2/FMA flags from `simd_flags`.
+both built through `build_library`, and both get their SIMD flags (AVX-512, AVX2/FMA or
+none) from `simd_flags`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,20 @@ CORE_HEADER = CSRC / "layer_norm_lstm_core.h"
 CACHE_ENV = "LSTM_EXPORT_KERNEL_CACHE"
 PORTABLE_ENV = "LSTM_EXPORT_KERNEL_PORTABLE"
 """Set to 1 to build the portable scalar route only, as on a CPU without AVX2."""
+ISA_ENV = "LSTM_EXPORT_KERNEL_ISA"
+"""The widest instruction set the kernel may use: `avx512`, `avx2` or `portable` (e.g.
+`avx2` to build and test the AVX2 route on an AVX-512 machine); never wider than the CPU's.
+Unset: the CPU's widest."""
+ISAS = ("portable", "avx2", "avx512")
+"""The kernel's routes, narrowest first."""
+ISA_FLAGS = {
+    "portable": [],
+    "avx2": ["-mavx2", "-mfma"],
+    "avx512": ["-mavx2", "-mfma", "-mavx512f"],
+}
+"""The compiler flags of each route (AVX-512 adds to AVX2: the core's 8-lane code serves
+its tails)."""
+_ISA_CPU_FLAGS = {"portable": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx2", "fma", "avx512f"}}
 STAMP = "sha256"
 """Beside a cached library: its sha256 as written by the build."""
 CPUINFO = Path("/proc/cpuinfo")
@@ -56,14 +71,34 @@ def cpu_features(cpuinfo: Path | None = None) -> frozenset[str]:
     return frozenset()
 
 
-def simd_flags() -> list[str]:
-    """-mavx2 -mfma where this CPU has both (an x86-64 whose /proc/cpuinfo lists avx2 and
-    fma, which is what torch's own AVX2 capability requires) and LSTM_EXPORT_KERNEL_PORTABLE
-    is not 1; else nothing, and the kernel takes its scalar route: slower, but it runs
-    anywhere. Where the flags cannot be read (not Linux), the portable route."""
+def isa() -> str:
+    """The route the kernel is built for, decided here once for both libraries:
+
+    - `avx512` where /proc/cpuinfo lists avx512f (and avx2, fma): 16-lane code, which runs
+      only on CPUs with AVX-512F;
+    - else `avx2` where it lists avx2 and fma (what torch's own AVX2 capability requires);
+    - else `portable`, the scalar route: slower, but it runs anywhere. Also where the flags
+      cannot be read (not Linux, not x86-64) and where LSTM_EXPORT_KERNEL_PORTABLE=1.
+
+    LSTM_EXPORT_KERNEL_ISA (avx512, avx2, portable) caps it: the narrower of it and the CPU's.
+    """
+    wanted = os.environ.get(ISA_ENV, "").strip().lower() or ISAS[-1]
+    if wanted not in ISAS:
+        raise UsageError(f"{ISA_ENV}={wanted!r} is not one of {', '.join(ISAS)}")
     if os.environ.get(PORTABLE_ENV) == "1" or platform.machine() not in _X86_64:
-        return []
-    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= cpu_features() else []
+        return "portable"
+    features = cpu_features()
+    for name in reversed(ISAS[: ISAS.index(wanted) + 1]):
+        if _ISA_CPU_FLAGS[name] <= features:
+            return name
+    return "portable"
+
+
+def simd_flags() -> list[str]:
+    """The compiler flags of `isa()`: -mavx2 -mfma, plus -mavx512f for the AVX-512 route;
+    none for the portable one. Part of both libraries' compile commands, hence of their
+    cache keys and of the manifest's record of how a library was built."""
+    return list(ISA_FLAGS[isa()])
 
 
 def _compiler() -> str:

@@ -78,9 +78,11 @@ HOW_TO_FIX = (  # the end of every line about missing headers
 
 
 def compile_flags() -> list[str]:
-    """-O3, with -mavx2 -mfma exactly where the TorchScript kernel gets them
-    (`build.simd_flags`: this CPU has them, LSTM_EXPORT_KERNEL_PORTABLE unset); no OpenMP:
-    onnxruntime's pool runs the threads."""
+    """-O3, with the SIMD flags of the TorchScript kernel's route (`build.simd_flags`:
+    -mavx512f on top of -mavx2 -mfma where this CPU has AVX-512F, -mavx2 -mfma where it has
+    AVX2/FMA, capped by LSTM_EXPORT_KERNEL_ISA and LSTM_EXPORT_KERNEL_PORTABLE); no OpenMP:
+    onnxruntime's pool runs the threads. A library built with -mavx512f runs only on CPUs
+    with AVX-512F."""
     return ["-O3", *build.simd_flags()]
 
 

@@ -434,20 +434,23 @@ def test_cli_verify_loads_the_kernel_from_source_in_a_fresh_process(fused_export
     assert FUSED_BACKEND in done.stdout and "Parity passed" in done.stdout
 
 
-_PORTABLE = """
+_ROUTE = """
+import sys
 import torch
 from lstm_export.exporters import kernel as kernels
+from lstm_export.native import build
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.exporters.routes import KernelLayer, KernelLSTM
 from lstm_export.exporters.torchscript import script
-assert "-mavx2" not in kernels.compile_flags()
+assert build.isa() == sys.argv[1]
+assert [f for f in kernels.compile_flags() if f.startswith("-m")] == build.ISA_FLAGS[sys.argv[1]]
 kernels.build_kernel()
 worst = 0.0
-for sizes in ((5, 13, 2), (3, 16, 1)):
+for sizes in ((5, 13, 2), (3, 16, 1), (4, 33, 1), (3, 256, 1)):
     model = build_model(LSTMConfig(*sizes, layer_norm=True), seed=1).eval()
     fused = script(KernelLSTM(model))
-    for seq, batch in ((1, 1), (17, 3)):
+    for seq, batch in ((1, 1), (17, 3), (9, 17)):
         x = torch.randn(seq, batch, sizes[0])
         with torch.inference_mode():
             (y, (h, c)), (y2, (h2, c2)) = fused(x), model(x)
@@ -456,10 +459,18 @@ print(worst)
 """
 
 
-def test_the_portable_scalar_route_matches_too():
-    """What a CPU without AVX2 builds: the kernel's scalar code alone."""
-    env = {**os.environ, build.PORTABLE_ENV: "1"}
-    done = run_python(_PORTABLE, env=env)
+@pytest.mark.parametrize("route", ["portable", "avx2"])
+def test_the_portable_and_the_avx2_route_match_too(route):
+    """What a CPU without AVX2 builds (the kernel's scalar code alone), and the AVX2 route
+    where this CPU would take AVX-512 (LSTM_EXPORT_KERNEL_ISA=avx2): each its own library,
+    in a process of its own (torch loads one per process)."""
+    env = {**os.environ, build.ISA_ENV: route}
+    env.pop(build.PORTABLE_ENV, None)
+    if route == "portable":
+        env[build.PORTABLE_ENV] = "1"
+    elif "avx2" not in build.cpu_features() or "fma" not in build.cpu_features():
+        pytest.skip("this CPU has no AVX2/FMA")
+    done = run_python(_ROUTE, route, env=env)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) <= TOLERANCE
 

@@ -279,6 +279,76 @@ def test_the_op_gives_the_torchscript_ops_numbers(library, hidden):
             assert np.array_equal(a, want.numpy()) and np.array_equal(b, want.numpy())
 
 
+# Both vector routes on this machine: LSTM_EXPORT_KERNEL_ISA caps the route a build takes, so
+# an AVX-512 CPU builds and tests the AVX2 route too (each its own cached library).
+_ROUTE_HIDDEN = [1, 3, 9, 13, 20, 33, 256]
+_ROUTE_CASES = [Case(9, b, b % 2 == 1) for b in range(1, 18)] + [
+    Case(9, b, b % 2 == 0, ragged=True) for b in range(2, 18)
+]
+_ROUTE_CASES += [Case(1, 5, True), Case(12, 3, False, chunks=(8, 4))]
+
+
+@pytest.fixture(scope="module", params=["avx512", "avx2"])
+def route_library(request) -> tuple[str, Path]:
+    """(route, the op library built for it). Skipped where this CPU cannot run the route;
+    a failed build fails under LSTM_EXPORT_REQUIRE_CPP=1 (CI), else skips."""
+    import os
+
+    isa = request.param
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(build.ISA_ENV, isa)
+        patch.delenv(build.PORTABLE_ENV, raising=False)
+        if build.isa() != isa:
+            pytest.skip(f"this CPU cannot run the {isa} route (/proc/cpuinfo)")
+        try:
+            built = ort_kernel.build_ort_kernel()
+        except UsageError as exc:
+            if os.environ.get("LSTM_EXPORT_REQUIRE_CPP") == "1":
+                pytest.fail(f"LSTM_EXPORT_REQUIRE_CPP=1 but the {isa} op library failed: {exc}")
+            pytest.skip(f"no {isa} op library here: {exc}")
+    return isa, built
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hidden", _ROUTE_HIDDEN)
+def test_each_vector_route_matches_the_eager_layer_in_float64(route_library, hidden):
+    """The AVX-512 and the AVX2 route, each to the parity rule: hidden sizes with vector tails
+    (1 to 33) and the default 256, batch 1 to 17 (dot products at batch 1, panels with every
+    remainder of the row blocks), with and without state, ragged (masked), one step, streamed."""
+    _, library = route_library
+    model = _model(hidden, seed=11)
+    report = check_parity(Reference(model), [_ort_backend(library, model)], _ROUTE_CASES)
+    assert report.passed, report.summary()
+    rows = [r for r in report.results if r.backend == "onnxruntime (fused op)"]
+    assert len(rows) == len(_ROUTE_CASES) and not report.problems
+
+
+@pytest.mark.slow
+def test_each_route_is_its_own_library_with_its_own_code(route_library):
+    """The route is part of the compile command, hence of the cache key; the AVX-512 library
+    holds 16-lane (zmm) code and the AVX2 one none."""
+    import os
+    import shutil
+
+    isa, library = route_library
+    assert library.parent.name.startswith("ort-")
+    if shutil.which("objdump") is None:
+        if os.environ.get("LSTM_EXPORT_REQUIRE_CPP") == "1":
+            pytest.fail("LSTM_EXPORT_REQUIRE_CPP=1 but objdump (binutils) is missing")
+        pytest.skip("needs objdump (binutils)")
+    code = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(library)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert ("zmm" in code) == (isa == "avx512") and "vfmadd" in code
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(build.ISA_ENV, "portable")
+        portable, _ = ort_kernel._library_and_command(ort_kernel.find_headers())
+    assert portable.path != library
+
+
 @pytest.mark.slow
 def test_the_mask_input(library):
     """All valid is the unmasked op bit for bit, and so is the mask passed as the empty name;

@@ -9,8 +9,8 @@
 // It is the last argument with a default, so a model.fused.pt saved before it existed (a
 // call with nine arguments) still loads and runs.
 // This file is the TorchScript binding: the checks, the tensors, at::parallel_for. The
-// equations and their arithmetic (AVX2/FMA and scalar routes) are in layer_norm_lstm_core.h,
-// shared with the onnxruntime binding (ort_layer_norm_lstm.cpp).
+// equations and their arithmetic (AVX-512, AVX2/FMA and scalar routes) are in
+// layer_norm_lstm_core.h, shared with the onnxruntime binding (ort_layer_norm_lstm.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
