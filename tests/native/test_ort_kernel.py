@@ -23,6 +23,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -347,6 +348,28 @@ def test_each_route_is_its_own_library_with_its_own_code(route_library):
         patch.setenv(build.ISA_ENV, "portable")
         portable, _ = ort_kernel._library_and_command(ort_kernel.find_headers())
     assert portable.path != library
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hidden", [20, 256])
+def test_w_h_fed_at_run_time_gives_the_initializers_bits(library, hidden):
+    """An initializer w_h is packed into panels once, when the session is made; fed as a graph
+    input it is packed per call: the same numbers either way (batch 5, seq 9: panels)."""
+    weights = _layer_weights(_model(hidden, seed=6))
+    proto = onnx.load_from_string(_graph(weights))
+    w_h = next(t for t in proto.graph.initializer if t.name == "w_h")
+    proto.graph.initializer.remove(w_h)
+    proto.graph.input.append(helper.make_tensor_value_info("w_h", TensorProto.FLOAT, None))
+    rng = np.random.default_rng(3)
+    feeds = {
+        "x_proj": rng.standard_normal((9, 5, 4 * hidden), dtype=np.float32),
+        "h0": rng.standard_normal((5, hidden), dtype=np.float32),
+        "c0": rng.standard_normal((5, hidden), dtype=np.float32),
+    }
+    packed_once = _session(library, _graph(weights)).run(None, feeds)
+    fed = _session(library, proto.SerializeToString()).run(None, {**feeds, "w_h": weights["w_h"]})
+    for a, b in zip(packed_once, fed, strict=True):
+        assert np.array_equal(a, b)
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -131,6 +132,11 @@ class PoolParallelFor {
 
 struct LayerNormLSTMKernel {
   double eps;
+  // w_h packed into panels once, when the session holds it as a constant initializer (as
+  // model.fused.onnx does) and the core takes panels at its hidden size; else empty, and
+  // each call that takes panels packs its own copy.
+  std::vector<float> packed_w_h;
+  int64_t packed_hidden = 0;
 
   // What CustomOpBase<..., WithStatus=true> calls: every error a status.
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const noexcept {
@@ -186,10 +192,13 @@ struct LayerNormLSTMKernel {
     std::copy_n(c0, batch * hidden, c);
     std::vector<float> z(static_cast<size_t>(batch * 4 * hidden));
     const bool use_panels = lstm_export::core::use_panels(seq, batch, hidden);
-    std::vector<float> panels(use_panels ? static_cast<size_t>(4 * hidden * hidden) : 0);
-    if (use_panels) lstm_export::core::pack_panels(w_h, hidden, panels.data());
+    const bool prepacked = use_panels && packed_hidden == hidden;
+    std::vector<float> panels(use_panels && !prepacked ? static_cast<size_t>(4 * hidden * hidden)
+                                                       : 0);
+    if (use_panels && !prepacked) lstm_export::core::pack_panels(w_h, hidden, panels.data());
+    const float* panel_data = prepacked ? packed_w_h.data() : panels.data();
     const lstm_export::core::Layer layer{
-        seq,     batch,  hidden, x_proj, w_h, use_panels ? panels.data() : nullptr,
+        seq,     batch,  hidden, x_proj, w_h, use_panels ? panel_data : nullptr,
         gamma,   beta,   gamma_c, beta_c, eps, valid, y, h, c, z.data(),
     };
     lstm_export::core::run_layer(layer, PoolParallelFor(ctx));
@@ -208,10 +217,38 @@ struct LayerNormLSTMOp
         throw BadInput(std::string(kOpName) + ": needs the float attribute eps (" + e.what() +
                        ")");
       }
-      *kernel = new LayerNormLSTMKernel{static_cast<double>(eps)};
+      auto made = std::make_unique<LayerNormLSTMKernel>();
+      made->eps = static_cast<double>(eps);
+      prepack(info, *made);
+      *kernel = made.release();
       return nullptr;
     } catch (...) {
       return status_of_current_exception();
+    }
+  }
+
+  // w_h (input 3) packed into the kernel when it is a constant initializer of a shape the
+  // panels take ([4H, H], H % 4 == 0); anything else (not constant, another shape or type,
+  // an older runtime's error) leaves it to Compute, which checks and packs per call.
+  static void prepack(const OrtKernelInfo* info, LayerNormLSTMKernel& kernel) noexcept {
+    try {
+      int is_constant = 0;
+      const Ort::ConstValue w = Ort::ConstKernelInfo(info).GetTensorConstantInput(3, &is_constant);
+      if (!is_constant || w == nullptr || !w.IsTensor()) return;
+      const auto type_and_shape = w.GetTensorTypeAndShapeInfo();
+      const auto shape = type_and_shape.GetShape();
+      if (type_and_shape.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
+          shape.size() != 2 || shape[1] < 1 || shape[0] != 4 * shape[1]) {
+        return;
+      }
+      const int64_t hidden = shape[1];
+      if (!lstm_export::core::use_panels(8, 2, hidden)) return;  // no panels at this size
+      kernel.packed_w_h.resize(static_cast<size_t>(4 * hidden * hidden));
+      lstm_export::core::pack_panels(w.GetTensorData<float>(), hidden, kernel.packed_w_h.data());
+      kernel.packed_hidden = hidden;
+    } catch (...) {
+      kernel.packed_w_h.clear();
+      kernel.packed_hidden = 0;
     }
   }
 
