@@ -30,6 +30,7 @@ from lstm_export.exporters.batch_first import (
 )
 from lstm_export.runtime import cpp as cpp_runtime  # looked up per call: tests replace run
 from lstm_export.runtime.onnx import OnnxLSTM, load_onnx, read_onnx
+from lstm_export.runtime.sessions import register_op_library
 from lstm_export.verification.parity import Backend, Outputs, State, torch_backend
 
 __all__ = [
@@ -51,6 +52,7 @@ FUSED_BACKEND = "torchscript (fused kernel)"
 ONNX_BACKEND = "onnxruntime"
 FUSED_ONNX_BACKEND = "onnxruntime (fused kernel)"
 BATCH_FIRST_BACKEND = "onnxruntime batch-first"
+FUSED_BATCH_FIRST_BACKEND = f"{BATCH_FIRST_BACKEND} (fused kernel)"
 CPP_BACKEND = "libtorch C++"
 FUSED_CPP_BACKEND = "libtorch C++ (fused kernel)"
 
@@ -81,9 +83,15 @@ def onnx_backend(name: str, runtime: OnnxLSTM) -> Backend:
     return Backend(name, run, run_chunks)
 
 
-def _session(model: Path | str | onnx.ModelProto, source: str) -> ort.InferenceSession:
+def _session(
+    model: Path | str | onnx.ModelProto, source: str, fused: bool = False
+) -> ort.InferenceSession:
+    """A session over `model`; `fused`: with our own build of the op library registered
+    (the graph of model.fused.onnx), never a folder's copy."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if fused:
+        register_op_library(options)
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else read_onnx(model)
     try:
         return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
@@ -93,7 +101,7 @@ def _session(model: Path | str | onnx.ModelProto, source: str) -> ort.InferenceS
 
 
 def batch_first_backend(
-    model: Path | str | onnx.ModelProto, name: str = BATCH_FIRST_BACKEND
+    model: Path | str | onnx.ModelProto, name: str = BATCH_FIRST_BACKEND, *, fused: bool = False
 ) -> Backend:
     """A parity `Backend` over Triton's batch-major graph: numpy in the model's layout.
 
@@ -101,6 +109,7 @@ def batch_first_backend(
     Triton model folder (`<repo>/<name>`, whose `1/model.onnx` is used). The states (and
     x and y, for a time-major model) are transposed to batch-major, run by onnxruntime,
     and transposed back, so it drops into `check_parity` beside the other backends.
+    `fused`: the graph is model.fused.onnx's, run with our build of the op library.
     """
     if isinstance(model, onnx.ModelProto):
         source, meta = "the ONNX model", metadata(model)
@@ -116,7 +125,7 @@ def batch_first_backend(
     if meta.get(LAYOUT_KEY) != BATCH_FIRST or CONFIG_KEY not in meta:
         raise UsageError(f"{source} is not a batch-first graph (no {LAYOUT_KEY}={BATCH_FIRST})")
     config = config_from_metadata(meta, source)
-    session = _session(model, source)
+    session = _session(model, source, fused)
     # An input with a default (lengths) is listed as an overridable initializer.
     inputs = [*session.get_inputs(), *session.get_overridable_initializers()]
     takes_lengths = LENGTHS_INPUT in {i.name for i in inputs}

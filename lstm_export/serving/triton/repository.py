@@ -13,9 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 
 from lstm_export.artifacts import (
     ATOL,
@@ -28,21 +26,15 @@ from lstm_export.artifacts import (
     TORCHSCRIPT_FILE,
     check_model_name,
 )
-from lstm_export.config import LSTMConfig, config_from_metadata, positive_int
+from lstm_export.config import positive_int
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.exporters.batch_first import (
-    INPUT,
-    OUTPUT,
-    STATE_INPUTS,
-    STATE_OUTPUTS,
     VERSION,
     batch_first_onnx,
     check_export_graph,
-    metadata,
 )
 from lstm_export.files import check_export_folder, read_bytes, read_manifest, write_file
-from lstm_export.runtime.onnx import load_onnx, session_options
-from lstm_export.runtime.sessions import register_op_library
+from lstm_export.runtime.onnx import load_onnx
 from lstm_export.serving.triton.model_config import (
     CONFIG_FILE,
     MAX_IDLE_SECONDS,
@@ -52,52 +44,20 @@ from lstm_export.serving.triton.model_config import (
 )
 from lstm_export.serving.triton.validate import validate_model_folder
 from lstm_export.staging import staged_folder
-from lstm_export.verification.backends import BATCH_FIRST_BACKEND, batch_first_backend
+from lstm_export.verification.backends import (
+    BATCH_FIRST_BACKEND,
+    FUSED_BATCH_FIRST_BACKEND,
+    batch_first_backend,
+)
 from lstm_export.verification.cases import default_cases
 from lstm_export.verification.parity import (
-    Backend,
     ParityReport,
     Reference,
     Tolerance,
     check_parity,
 )
 
-FUSED_BATCH_FIRST_BACKEND = f"{BATCH_FIRST_BACKEND} (fused kernel)"
 MAX_LIBRARY_BYTES = 1 << 30
-
-
-def fused_batch_first_backend(batch_first: onnx.ModelProto) -> Backend:
-    """The batch-first graph of model.fused.onnx as a parity backend, run with our own build
-    of the op library registered (never an export's or a repository's copy): numpy in the
-    model's layout, transposed to and from the graph's batch-major tensors, as
-    `batch_first_backend` does for model.onnx's."""
-    config: LSTMConfig = config_from_metadata(metadata(batch_first), "the batch-first graph")
-    options = session_options()
-    register_op_library(options)
-    session = ort.InferenceSession(
-        batch_first.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    takes_lengths = LENGTHS_INPUT in {v.name for v in batch_first.graph.input}
-
-    def swap(t: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.asarray(t, dtype=np.float32).transpose(1, 0, 2))
-
-    def run(x: np.ndarray, state: Any, lengths: np.ndarray | None) -> Any:
-        x = np.asarray(x, dtype=np.float32) if config.batch_first else swap(x)
-        if state is None:
-            zeros = np.zeros((x.shape[0], config.state_layers, config.hidden_size), np.float32)
-            h0 = c0 = zeros
-        else:
-            h0, c0 = (swap(s) for s in state)
-        feed = dict(zip((INPUT, *STATE_INPUTS), (x, h0, c0), strict=True))
-        if lengths is not None:
-            if not takes_lengths:
-                raise UsageError(f"the batch-first graph has no {LENGTHS_INPUT} input")
-            feed[LENGTHS_INPUT] = np.asarray(lengths, dtype=np.int64)
-        y, hn, cn = session.run([OUTPUT, *STATE_OUTPUTS], feed)
-        return (y if config.batch_first else swap(y)), swap(hn), swap(cn)
-
-    return Backend(FUSED_BATCH_FIRST_BACKEND, run)
 
 
 def check_batch_first(
@@ -131,7 +91,8 @@ def check_batch_first(
     reference = Reference.from_scripted(module, config)
     # An export from before lengths has no such input: its ragged cases are left out.
     cases = default_cases(config, LENGTHS_INPUT in {v.name for v in batch_first.graph.input})
-    backend = fused_batch_first_backend(batch_first) if fused else batch_first_backend(batch_first)
+    name = FUSED_BATCH_FIRST_BACKEND if fused else BATCH_FIRST_BACKEND
+    backend = batch_first_backend(batch_first, name, fused=fused)
     report = check_parity(reference, [backend], cases, tolerance=tolerance)
     return report.raise_if_failed(f"the batch-first graph of {source}")
 
