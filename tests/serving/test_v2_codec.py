@@ -14,14 +14,13 @@ import zlib
 import numpy as np
 import pytest
 
+from lstm_export.serving.http.content_coding import compress, decompress
 from lstm_export.serving.http.limits import HTTPError
 from lstm_export.serving.http.v2_codec import (
     HEADER_LENGTH,
     SequenceControl,
     Signature,
     TensorSpec,
-    compress,
-    decompress,
     encode_response,
     read_request,
     sequence_control,

@@ -33,6 +33,7 @@ from lstm_export.exporters.batch_first import (
     batch_first_onnx,
 )
 from lstm_export.runtime.onnx import BIDIRECTIONAL_STREAM, OnnxLSTM, load_onnx
+from lstm_export.serving.http.content_coding import compress, decompress
 from lstm_export.serving.http.limits import JSON_NUMBER_BYTES, HTTPError
 from lstm_export.serving.http.service import Service
 from lstm_export.serving.http.streams import ArrivalOrder, StreamEntry
@@ -41,8 +42,6 @@ from lstm_export.serving.http.v2_codec import (
     SequenceControl,
     Signature,
     TensorSpec,
-    compress,
-    decompress,
     encode_response,
     read_request,
     split_body,
