@@ -132,17 +132,15 @@ class OpenInference:
         self.service.check_size(seq, batch)
 
     def read(self, body: bytes, header_length: str | None, encoding: str | None) -> InferRequest:
-        """The request read and checked whole, x as the runtime will run it (finite numbers,
-        its shape), so that nothing is refused once a sequence's state may have moved."""
+        """The request read and checked whole; a sequence's x also as the runtime will run it
+        (finite numbers, its shape), so that nothing is refused once its state may move."""
         body = decompress(body, encoding, self.service.limits.max_body_bytes)
         header, binary = split_body(body, header_length)
         request = read_request(header, binary, self.signature, self.check_shape)
-        try:
-            self.runtime.check(self.to_model(request.inputs[INPUT]))
-        except UsageError as exc:
-            raise HTTPError(400, str(exc)) from None
-        if request.sequence is not None:
-            self.check_sequence_request(request.inputs[INPUT])
+        if request.sequence is not None:  # a stateless request is checked as it runs
+            x = request.inputs[INPUT]
+            self.runtime.check(self.to_model(x))  # UsageError: a 400, before the queue
+            self.check_sequence_request(x)
         return request
 
     def check_sequence_request(self, x: np.ndarray) -> None:
