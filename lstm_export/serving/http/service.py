@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from lstm_export.artifacts import FUSED_ONNX_FILE, LENGTHS_INPUT, MANIFEST_FILE, ONNX_FILE
+from lstm_export.artifacts import (
+    FUSED_ONNX_FILE,
+    LENGTHS_INPUT,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    ONNX_OUTPUTS,
+)
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.files import read_manifest, sha256
@@ -240,14 +246,12 @@ class Service:
         h, c = entry.stream.state
         return {"y": y, "hn": h, "cn": c, "steps": entry.stream.steps}
 
-    def answer_bound(self, steps: int, batch: int, outputs: int = 1) -> int:
-        """The most bytes a JSON answer of y for `steps` x `batch` (and hn, cn when `outputs`
-        is 3) can take, to reserve before a stateful step runs."""
+    def output_numbers(self, steps: int, batch: int) -> dict[str, int]:
+        """How many numbers each output (y, hn, cn) of `steps` x `batch` holds: what an
+        answer's bytes are reserved by before a stateful step runs (/v1 and /v2)."""
         cfg = self.runtime.config
-        numbers = steps * batch * cfg.output_size
-        if outputs == 3:
-            numbers += 2 * cfg.state_layers * batch * cfg.hidden_size
-        return JSON_NUMBER_BYTES * numbers + 1024
+        state = cfg.state_layers * batch * cfg.hidden_size
+        return dict(zip(ONNX_OUTPUTS, (steps * batch * cfg.output_size, state, state), strict=True))
 
     # ---- what the endpoints ask for
 
@@ -284,7 +288,10 @@ class Service:
                 if entry.closed:
                     raise HTTPError(404, f"stream {entry.id!r} was deleted")
                 x = await self.call(self.step_input, body)
-                bound = self.answer_bound(*self.seq_batch(*x.shape[:2]), 3) if x.ndim == 3 else 0
+                bound = 0
+                if x.ndim == 3:  # y, hn and cn as JSON (else the stream refuses x)
+                    numbers = self.output_numbers(*self.seq_batch(*x.shape[:2]))
+                    bound = JSON_NUMBER_BYTES * sum(numbers.values()) + 1024
                 reserved = self.load.reserve(bound, "this chunk's answer")
                 try:
                     result = await self.call(self.step_work, entry, x)

@@ -156,12 +156,8 @@ class OpenInference:
     def answer_bound(self, request: InferRequest) -> int:
         """The most bytes the answer to `request` can take (JSON numbers at their longest),
         reserved before a sequence's state moves."""
-        x = request.inputs[INPUT]
-        cfg, batch = self.runtime.config, x.shape[0]
-        numbers = {
-            OUTPUT: batch * x.shape[1] * cfg.output_size,
-            **dict.fromkeys(STATE_OUTPUTS, batch * cfg.state_layers * cfg.hidden_size),
-        }
+        x = request.inputs[INPUT]  # batch-first
+        numbers = self.service.output_numbers(steps=x.shape[1], batch=x.shape[0])
         bound = 2048 + 6 * len(request.id)  # the JSON header, the id escaped at worst
         for name, binary in request.outputs:
             bound += numbers[name] * (4 if binary else JSON_NUMBER_BYTES)
