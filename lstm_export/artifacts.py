@@ -28,9 +28,23 @@ needs no libtorch), beside model.fused.onnx."""
 FUSED_ONNX_FILE = "model.fused.onnx"
 """model.onnx's signature, each LayerNorm layer one lstm_export.LayerNormLSTMLayer node (export
 --fused-kernel, where the op library could be built); runs only with ORT_KERNEL_LIBRARY."""
+PT2_FILE = "model.pt2"
+"""torch.export + AOTInductor package (export --pt2): one compiled model per PT2_MODELS entry,
+run by torch._inductor.aoti_load_package or libtorch's AOTIModelPackageLoader with
+KERNEL_LIBRARY loaded first."""
+PT2_MODELS = {
+    "model": (False, False),
+    "model_state": (True, False),
+    "model_lengths": (False, True),
+    "model_state_lengths": (True, True),
+}
+"""model.pt2's compiled models by name: (takes (h0, c0), takes lengths). A compiled model has
+fixed inputs, so forward(x, state=None, lengths=None)'s four forms are four models; "model",
+forward(x), is the one aoti_load_package loads by default."""
 EXPORT_FILES = (
     TORCHSCRIPT_FILE,
     FUSED_TORCHSCRIPT_FILE,
+    PT2_FILE,
     ONNX_FILE,
     FUSED_ONNX_FILE,
     KERNEL_LIBRARY,
@@ -43,11 +57,12 @@ PARITY_REPORT_FILE = "parity.json"
 TORCHSCRIPT_CONFIG_FILE = "config.json"
 """model.pt's extra file holding the config, for readers that cannot see its attributes."""
 CONFIG_KEY = "lstm_export.config"
-"""model.onnx metadata_props key: the config as JSON."""
+"""model.onnx metadata_props key (and model.pt2's metadata key): the config as JSON."""
 ROUTE_KEY = "lstm_export.route"
-"""model.onnx metadata_props key: how the graph computes the model (recorded, shown)."""
+"""model.onnx metadata_props key (and model.pt2's): how it computes the model (recorded, shown)."""
 OP_LIBRARY_KEY = "lstm_export.op_library"
-"""model.fused.onnx metadata_props key: the file name of the op library it needs."""
+"""model.fused.onnx metadata_props key (and model.pt2's metadata key): the file name of the op
+library it needs."""
 LAYOUT_KEY = "lstm_export.layout"
 """metadata_props key marking a derived graph's axis layout; absent means time-major."""
 TIME_MAJOR = "time_major"

@@ -240,6 +240,7 @@ class ExportConfig:
     checkpoint: Path | None = None
     out: Path | None = None
     fused_kernel: bool = False
+    pt2: bool = False
     atol: float | None = None
     factor: float | None = None
 
@@ -256,6 +257,7 @@ class ExportConfig:
         checkpoint: Path | None = None,
         out: Path | None = None,
         fused_kernel: bool | None = None,
+        pt2: bool | None = None,
         atol: float | None = None,
         factor: float | None = None,
     ) -> ExportConfig:
@@ -265,6 +267,7 @@ class ExportConfig:
             "checkpoint": checkpoint,
             "out": out,
             "fused_kernel": fused_kernel,
+            "pt2": pt2,
             "atol": atol,
             "factor": factor,
         }
@@ -336,7 +339,7 @@ class ExportConfig:
 
 
 def read_export_config(path: Path) -> ExportConfig:
-    """Read an export TOML file: top-level `name`, `checkpoint`, `out`, `fused_kernel`, a
+    """Read an export TOML file: top-level `name`, `checkpoint`, `out`, `fused_kernel`, `pt2`, a
     `[model]` table (any of LSTMConfig's keys, batch_first and bidirectional too) and a
     `[parity]` table (`atol`, `factor`).
 
@@ -351,7 +354,7 @@ def read_export_config(path: Path) -> ExportConfig:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
         raise UsageError(f"config file {path} nests arrays or tables too deeply") from None
-    allowed = {"name", "checkpoint", "out", "model", "fused_kernel", "parity"}
+    allowed = {"name", "checkpoint", "out", "model", "fused_kernel", "pt2", "parity"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(allowed)}")
@@ -361,11 +364,10 @@ def read_export_config(path: Path) -> ExportConfig:
     for key in ("name", "checkpoint", "out"):
         if key in data and not isinstance(data[key], str):
             raise UsageError(f"{path}: {key} must be a string, got {type(data[key]).__name__}")
-    fused_kernel = data.get("fused_kernel", False)
-    if not isinstance(fused_kernel, bool):
-        raise UsageError(
-            f"{path}: fused_kernel must be true or false, got {type(fused_kernel).__name__}"
-        )
+    switches = {key: data.get(key, False) for key in ("fused_kernel", "pt2")}
+    for key, value in switches.items():
+        if not isinstance(value, bool):
+            raise UsageError(f"{path}: {key} must be true or false, got {type(value).__name__}")
     parity = data.get("parity", {})
     if not isinstance(parity, dict):
         raise UsageError(f"{path}: [parity] must be a table, got {type(parity).__name__}")
@@ -385,7 +387,7 @@ def read_export_config(path: Path) -> ExportConfig:
         name=data.get("name"),
         checkpoint=base / data["checkpoint"] if "checkpoint" in data else None,
         out=base / data["out"] if "out" in data else None,
-        fused_kernel=fused_kernel,
+        **switches,
         **tolerance,
     )
 

@@ -94,6 +94,13 @@ def check_lengths(lengths: Tensor, seq: int, batch: int) -> None:
         raise ValueError(f"lengths must be an int64 tensor, got {_dtype_name(lengths.dtype)}")
     if lengths.dim() != 1 or lengths.size(0) != batch:
         raise ValueError(f"lengths must have shape [batch={batch}], got {list(lengths.shape)}")
+    if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then skips the block
+        if torch.compiler.is_exporting():
+            # torch.export: the values are known only when the compiled model runs, which
+            # asserts them there (an error naming the failed bound, not this message).
+            torch._check(lengths.min().item() >= 1)
+            torch._check(lengths.max().item() <= seq)
+            return
     shortest = int(lengths.min())
     longest = int(lengths.max())
     if shortest < 1 or longest > seq:

@@ -24,15 +24,16 @@ from lstm_export.artifacts import (
     OPSET,
     ORT_KERNEL_LIBRARY,
     PARITY_REPORT_FILE,
+    PT2_FILE,
     TORCHSCRIPT_FILE,
     check_model_name,
 )
 from lstm_export.config import DEFAULT_LIMITS, SizeLimits, check_size
 from lstm_export.errors import UsageError
-from lstm_export.exporters.kernel import build_kernel
 from lstm_export.exporters.manifest import build_manifest
 from lstm_export.exporters.onnx_fused import save_fused_onnx
 from lstm_export.exporters.onnx_graph import save_onnx
+from lstm_export.exporters.pt2 import save_pt2
 from lstm_export.exporters.torchscript import config_of, forward_signature, save_torchscript
 from lstm_export.files import (
     check_destination,
@@ -42,6 +43,7 @@ from lstm_export.files import (
 )
 from lstm_export.model import LSTM
 from lstm_export.native import ort_kernel
+from lstm_export.native.torch_kernel import build_kernel
 from lstm_export.staging import staged_folder
 from lstm_export.verification.folder import verify_artifacts
 from lstm_export.verification.parity import ParityReport, Tolerance
@@ -100,6 +102,7 @@ def export(
     atol: float = ATOL,
     factor: float = FACTOR,
     fused_kernel: bool = False,
+    pt2: bool = False,
     keep_failed: Path | str | None = None,
     limits: SizeLimits = DEFAULT_LIMITS,
     progress: Progress | None = None,
@@ -114,6 +117,8 @@ def export(
     onnxruntime, verified too. Where that op library cannot be built (no onnxruntime
     headers: `LSTM_EXPORT_ORT_INCLUDE`, or npm to fetch them), those two are left out and
     `ExportResult.warnings` says why; everything else is written and proven as usual.
+    `pt2` adds `model.pt2` (torch.export + AOTInductor, `lstm_export.exporters.pt2`; tens of
+    seconds of compiling) and the kernel library it calls, verified like the rest.
 
     Raises `UsageError` if `out_dir` exists and `force` is False (or it is not an
     export or empty, see `check_destination`), if another export writes there now, if
@@ -160,6 +165,13 @@ def export(
                 shutil.copyfile(library.path, staging / ORT_KERNEL_LIBRARY)
                 step(f"Building {FUSED_ONNX_FILE}")
                 fused_onnx = (save_fused_onnx(model, staging / FUSED_ONNX_FILE, opset), library)
+        pt2_path = None
+        if pt2:
+            if not (staging / KERNEL_LIBRARY).exists():
+                step("Building the kernel library model.pt2 calls")
+                shutil.copyfile(build_kernel(), staging / KERNEL_LIBRARY)
+            pt2_path = staging / PT2_FILE
+            save_pt2(model, pt2_path, step)
         step("Building model.onnx")
         onnx_model = save_onnx(model, staging / ONNX_FILE, opset)
         step("Verifying parity: eager vs TorchScript vs onnxruntime")
@@ -169,6 +181,7 @@ def export(
             tolerance,
             fused_path,
             None if fused_onnx is None else staging / FUSED_ONNX_FILE,
+            pt2_path,
         )
         if not report.passed:
             kept = ""

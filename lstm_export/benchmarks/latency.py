@@ -48,7 +48,7 @@ from lstm_export.benchmarks.anchors import (
 )
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
-from lstm_export.exporters.kernel import build_kernel
+from lstm_export.native.torch_kernel import build_kernel
 from lstm_export.exporters.torchscript import load_torchscript, script, takes_lengths
 from lstm_export.runtime.cpp import built_binary, time_forward
 from lstm_export.runtime.onnx import OnnxLSTM

@@ -55,7 +55,7 @@ def export(
     config: Annotated[
         Path | None,
         typer.Option(
-            "--config", help="TOML: name, checkpoint, out, fused_kernel, [model], [parity]."
+            "--config", help="TOML: name, checkpoint, out, fused_kernel, pt2, [model], [parity]."
         ),
     ] = None,
     checkpoint: Annotated[
@@ -99,6 +99,15 @@ def export(
             "model.fused.onnx needs onnxruntime's headers: LSTM_EXPORT_ORT_INCLUDE, or npm).",
         ),
     ] = None,
+    pt2: Annotated[
+        bool | None,
+        typer.Option(
+            "--pt2/--no-pt2",
+            help="Also write model.pt2 (torch.export + AOTInductor, for libtorch's "
+            "AOTIModelPackageLoader) and the kernel library it calls; compiling takes tens of "
+            "seconds and a C++ compiler.",
+        ),
+    ] = None,
     atol: Atol = None,
     factor: Factor = None,
     keep_failed: Annotated[
@@ -135,6 +144,7 @@ def export(
         checkpoint=checkpoint,
         out=out_dir,
         fused_kernel=fused_kernel,
+        pt2=pt2,
         atol=atol,
         factor=factor,
     )
@@ -176,6 +186,7 @@ def export(
                     name=settings.name,
                     force=force,
                     fused_kernel=settings.fused_kernel,
+                    pt2=settings.pt2,
                     keep_failed=keep_failed,
                     limits=limits,
                     progress=progress,

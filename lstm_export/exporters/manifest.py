@@ -19,10 +19,13 @@ from lstm_export.artifacts import (
     MANIFEST_VERSION,
     ONNX_FILE,
     ORT_KERNEL_LIBRARY,
+    PT2_FILE,
+    PT2_MODELS,
     TORCHSCRIPT_FILE,
 )
 from lstm_export.config import LSTMConfig
-from lstm_export.exporters import kernel, onnx_fused, onnx_graph, routes
+from lstm_export.exporters import onnx_fused, onnx_graph, pt2, routes
+from lstm_export.native import torch_kernel as kernel
 from lstm_export.exporters.onnx_graph import onnx_signature
 from lstm_export.files import file_entry
 from lstm_export.native import ort_kernel
@@ -39,6 +42,16 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def kernel_library_entry(folder: Path) -> dict:
+    """Manifest entry of the kernel library model.fused.pt and model.pt2 need."""
+    return {
+        **file_entry(folder / KERNEL_LIBRARY),
+        "route": f"{kernel.OP_NAME} and {kernel.PLAIN_OP_NAME}, built here with "
+        f"{' '.join(kernel.compile_flags())}",
+        "platform": f"{platform.system()} {platform.machine()}",
+    }
+
+
 def fused_kernel_entries(folder: Path, config: LSTMConfig, torchscript_schema: str) -> dict:
     """Manifest entries of `model.fused.pt` and the kernel library it needs."""
     return {
@@ -48,11 +61,26 @@ def fused_kernel_entries(folder: Path, config: LSTMConfig, torchscript_schema: s
             "route": routes.route_of(config, fused_kernel=True),
             "requires": KERNEL_LIBRARY,
         },
-        KERNEL_LIBRARY: {
-            **file_entry(folder / KERNEL_LIBRARY),
-            "route": f"{kernel.OP_NAME}, built here with {' '.join(kernel.compile_flags())}",
-            "platform": f"{platform.system()} {platform.machine()}",
+        KERNEL_LIBRARY: kernel_library_entry(folder),
+    }
+
+
+def pt2_entries(folder: Path, config: LSTMConfig) -> dict:
+    """Manifest entries of `model.pt2` and the kernel library it needs: the models it holds
+    (by name, what each takes), the torch it is tied to and the CPU instructions it was
+    compiled for."""
+    import torch
+
+    return {
+        PT2_FILE: {
+            **file_entry(folder / PT2_FILE),
+            "route": routes.pt2_route_of(config),
+            "models": {name: pt2.call_form(*form) for name, form in PT2_MODELS.items()},
+            "torch": torch.__version__,
+            "cpu_isa": pt2.compiled_isa(),
+            "requires": KERNEL_LIBRARY,
         },
+        KERNEL_LIBRARY: kernel_library_entry(folder),
     }
 
 
@@ -101,6 +129,8 @@ def build_manifest(
         fused = fused_kernel_entries(folder, config, torchscript_schema)
     if fused_onnx is not None:
         fused |= fused_onnx_entries(folder, *fused_onnx)
+    if (folder / PT2_FILE).is_file():
+        fused |= pt2_entries(folder, config)
     return {
         "manifest_version": MANIFEST_VERSION,
         "name": name,

@@ -1,4 +1,5 @@
-"""The TorchScript routes: faster modules over the same weights, for the deployed `model.pt`.
+"""The deployment routes: faster modules over the same weights, for `model.pt` (TorchScript)
+and `model.pt2` (torch.export + AOTInductor, `pt2_deployable`: `KernelLSTM` or `OpLSTM`).
 
 The scratch `LSTM` stays the reference in eager mode; what is scripted and
 saved is one of these modules, which share its parameters (so the state dict,
@@ -13,7 +14,7 @@ compute the same equations faster:
   over a [batch, 4, hidden] view per step.
 - `KernelLSTM`, layer_norm=True, opt-in (`model.fused.pt`, "the fused kernel"): the
   same hoisted projection, then the whole time loop of a layer in one custom op of
-  `lstm_export.exporters.kernel`; the saved module needs that op's library loaded
+  `lstm_export.native.torch_kernel`; the saved module needs that op's library loaded
   before it can be loaded.
 
 The LayerNorm routes are `LayerStack`s like the model: the same loop over layers,
@@ -56,21 +57,17 @@ def _aten_weights(w_ih: Tensor, w_hh: Tensor, bias: Tensor) -> List[Tensor]:
     return [w_ih, w_hh, torch.zeros_like(bias), bias]
 
 
-class AtenLSTM(_Route):
-    """layer_norm=False through `torch.lstm`, aten's plain kernel behind `nn.LSTM`; a ragged
-    batch goes in packed, as `pack_padded_sequence` packs it for nn.LSTM."""
-
-    route = "aten fused LSTM kernel (torch.lstm, as nn.LSTM), same weights"
+class _AtenParams(_Route):
+    """A plain stack whose weights go to aten's LSTM as one list."""
 
     def __init__(self, model: LSTM) -> None:
         super().__init__(model, model.cells, model.reverse_cells)
 
-    def forward(
-        self, x: Tensor, state: Optional[State] = None, lengths: Optional[Tensor] = None
-    ) -> Tuple[Tensor, State]:
-        x, (h0, c0) = self._checked(x, state, lengths)
+    def _params(self) -> List[Tensor]:
+        """torch.lstm's flat weights: per layer, forward direction then reverse (nn.LSTM's
+        order)."""
         weights: List[Tensor] = []
-        if self.bidirectional:  # per layer: forward direction, then reverse (nn.LSTM's order)
+        if self.bidirectional:
             for cell, reverse in zip(self.cells, self.reverse_cells):  # noqa: B905 (TorchScript has no strict=)
                 weights += _aten_weights(
                     cell.input_lin.weight, cell.hidden_lin.weight, cell.hidden_lin.bias
@@ -83,6 +80,20 @@ class AtenLSTM(_Route):
                 weights += _aten_weights(
                     layer.input_lin.weight, layer.hidden_lin.weight, layer.hidden_lin.bias
                 )
+        return weights
+
+
+class AtenLSTM(_AtenParams):
+    """layer_norm=False through `torch.lstm`, aten's plain kernel behind `nn.LSTM`; a ragged
+    batch goes in packed, as `pack_padded_sequence` packs it for nn.LSTM."""
+
+    route = "aten fused LSTM kernel (torch.lstm, as nn.LSTM), same weights"
+
+    def forward(
+        self, x: Tensor, state: Optional[State] = None, lengths: Optional[Tensor] = None
+    ) -> Tuple[Tensor, State]:
+        x, (h0, c0) = self._checked(x, state, lengths)
+        weights = self._params()
         layers, bidirectional = self.num_layers, self.bidirectional
         if lengths is None:
             y, h, c = torch.lstm(
@@ -102,6 +113,26 @@ class AtenLSTM(_Route):
         y, _ = torch._pad_packed_sequence(packed, batch_sizes, False, 0.0, x.size(0))
         y = y.index_select(1, unsort)
         return self._output(y), (h.index_select(1, unsort), c.index_select(1, unsort))
+
+
+class OpLSTM(_AtenParams):
+    """layer_norm=False for `model.pt2`: `AtenLSTM`'s computation (aten's LSTM, packed for a
+    ragged batch) inside the op `lstm_export::aten_lstm`, which torch.export keeps whole; the
+    saved package needs that op's library loaded before it runs."""
+
+    route = (
+        "aten fused LSTM kernel (at::lstm, as nn.LSTM) in the op lstm_export::aten_lstm "
+        "(needs lstm_export_kernels.so)"
+    )
+
+    def forward(
+        self, x: Tensor, state: Optional[State] = None, lengths: Optional[Tensor] = None
+    ) -> Tuple[Tensor, State]:
+        x, (h0, c0) = self._checked(x, state, lengths)
+        y, h, c = torch.ops.lstm_export.aten_lstm(
+            x, h0, c0, self._params(), self.num_layers, self.bidirectional, lengths
+        )
+        return self._output(y), (h, c)
 
 
 class _LayerNormLayer(nn.Module):
@@ -236,7 +267,7 @@ def deployable(model: LSTM, fused_kernel: bool = False) -> _Route:
     """The fastest module computing `model`'s equations on its own parameters.
 
     `fused_kernel` picks the custom-op route for LayerNorm models (the op must be
-    loaded: `lstm_export.exporters.kernel.build_kernel`); plain models have aten's kernel already.
+    loaded: `lstm_export.native.torch_kernel.build_kernel`); plain models have aten's kernel already.
     """
     return _route_class(model.layer_norm, fused_kernel)(model)
 
@@ -244,3 +275,20 @@ def deployable(model: LSTM, fused_kernel: bool = False) -> _Route:
 def route_of(config: LSTMConfig, fused_kernel: bool = False) -> str:
     """Name the TorchScript route a config gets; recorded in the manifest."""
     return _route_class(config.layer_norm, fused_kernel).route
+
+
+def _pt2_route_class(layer_norm: bool) -> type[_Route]:
+    return KernelLSTM if layer_norm else OpLSTM
+
+
+def pt2_deployable(model: LSTM) -> _Route:
+    """The module `model.pt2` compiles: each layer (LayerNorm) or the whole stack (plain) in
+    one op of our kernel library, which torch.export keeps opaque and AOTInductor calls, so
+    the package runs any length. The ops must be loaded
+    (`lstm_export.native.torch_kernel.build_kernel`)."""
+    return _pt2_route_class(model.layer_norm)(model)
+
+
+def pt2_route_of(config: LSTMConfig) -> str:
+    """Name `model.pt2`'s route; recorded in the manifest and the package's metadata."""
+    return _pt2_route_class(config.layer_norm).route

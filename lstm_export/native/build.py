@@ -8,7 +8,7 @@ sha256 of what the compiler wrote. A cached library whose bytes no longer match 
 process (SIGBUS) rather than raise. Loading a cached library takes no lock, so a read-only
 shared cache works.
 
-No torch here: the TorchScript kernel (`lstm_export.exporters.kernel`, which adds torch's
+No torch here: the TorchScript kernel (`lstm_export.native.torch_kernel`, which adds torch's
 headers and libraries to its command) and the onnxruntime op library (`ort_kernel`) are
 both built through `build_library`, and both get their SIMD flags (AVX-512, AVX2/FMA or
 none) from `simd_flags`.

@@ -40,6 +40,7 @@ __all__ = [
     "FUSED_CPP_BACKEND",
     "FUSED_ONNX_BACKEND",
     "ONNX_BACKEND",
+    "PT2_BACKEND",
     "TORCHSCRIPT_BACKEND",
     "batch_first_backend",
     "cpp_backend",
@@ -53,6 +54,7 @@ ONNX_BACKEND = "onnxruntime"
 FUSED_ONNX_BACKEND = "onnxruntime (fused kernel)"
 BATCH_FIRST_BACKEND = "onnxruntime batch-first"
 FUSED_BATCH_FIRST_BACKEND = f"{BATCH_FIRST_BACKEND} (fused kernel)"
+PT2_BACKEND = "aoti package (model.pt2)"
 CPP_BACKEND = "libtorch C++"
 FUSED_CPP_BACKEND = "libtorch C++ (fused kernel)"
 

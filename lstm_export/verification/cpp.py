@@ -142,7 +142,7 @@ def cpp_check(
     backends = [cpp_backend(CPP_BACKEND, binary, model_pt)]
     fused_pt = model_pt.parent / FUSED_TORCHSCRIPT_FILE
     if fused_pt.is_file():  # export --fused-kernel; run with our own build of its library
-        from lstm_export.exporters.kernel import build_kernel
+        from lstm_export.native.torch_kernel import build_kernel
 
         backends.append(cpp_backend(FUSED_CPP_BACKEND, binary, fused_pt, build_kernel()))
     with _one_torch_thread():

@@ -33,6 +33,7 @@ from lstm_export.artifacts import (
     MANIFEST_FILE,
     ONNX_FILE,
     ORT_KERNEL_LIBRARY,
+    PT2_FILE,
     TORCHSCRIPT_FILE,
     check_model_name,
 )
@@ -42,11 +43,13 @@ from lstm_export.exporters.batch_first import batch_first_onnx
 from lstm_export.files import check_export_folder, read_manifest, sha256
 from lstm_export.native.ort_kernel import INCLUDE_ENV
 from lstm_export.runtime.onnx import OnnxLSTM, load_onnx
+from lstm_export.runtime.pt2 import Pt2LSTM
 from lstm_export.verification.backends import (
     BATCH_FIRST_BACKEND,
     FUSED_BACKEND,
     FUSED_ONNX_BACKEND,
     ONNX_BACKEND,
+    PT2_BACKEND,
     TORCHSCRIPT_BACKEND,
     batch_first_backend,
     onnx_backend,
@@ -76,10 +79,13 @@ def verify_artifacts(
     tolerance: Tolerance | None = None,
     fused_path: Path | None = None,
     fused_onnx_path: Path | None = None,
+    pt2_path: Path | None = None,
 ) -> ParityReport:
     """Parity of saved `model.pt`, `model.onnx` (and `model.fused.pt`, `model.fused.onnx`,
-    if given) with the eager model on the .pt's weights, in float64."""
-    return _check_artifacts(torchscript_path, onnx_path, tolerance, fused_path, fused_onnx_path)[0]
+    `model.pt2`, if given) with the eager model on the .pt's weights, in float64."""
+    return _check_artifacts(
+        torchscript_path, onnx_path, tolerance, fused_path, fused_onnx_path, pt2_path
+    )[0]
 
 
 def _check_artifacts(
@@ -88,6 +94,7 @@ def _check_artifacts(
     tolerance: Tolerance | None,
     fused_path: Path | None,
     fused_onnx_path: Path | None = None,
+    pt2_path: Path | None = None,
 ) -> tuple[ParityReport, dict[str, LSTMConfig]]:
     """`verify_artifacts`'s report, and the config each artifact holds (for the manifest's
     claim to be checked against, without loading them twice)."""
@@ -135,6 +142,17 @@ def _check_artifacts(
                 )
                 return report, configs
             backends.append(onnx_backend(FUSED_ONNX_BACKEND, fused_onnx))
+    if pt2_path is not None:
+        try:  # with our own build of the op library, never the folder's copy
+            package = Pt2LSTM(pt2_path)
+        except UsageError as exc:  # e.g. another torch version: check the rest anyway
+            report.problems.append(f"{pt2_path.name} was not checked: {exc}")
+        else:
+            configs[pt2_path.name] = package.config
+            if package.config != config:
+                report.problems.append(f"{pt2_path.name} is not the model in {torchscript_path.name}")
+                return report, configs
+            backends.append(torch_backend(PT2_BACKEND, package))
     ragged = takes_lengths(scripted) and runtime.has_lengths  # False: exported before lengths
     cases = default_cases(config, lengths=ragged)
     reference = Reference.from_scripted(scripted, config)
@@ -164,12 +182,14 @@ def verify(out_dir: Path | str, *, atol: float = ATOL, factor: float = FACTOR) -
     else:
         problems = check_manifest(out_dir, manifest)
     fused, fused_onnx = out_dir / FUSED_TORCHSCRIPT_FILE, out_dir / FUSED_ONNX_FILE
+    pt2 = out_dir / PT2_FILE
     report, configs = _check_artifacts(
         out_dir / TORCHSCRIPT_FILE,
         out_dir / ONNX_FILE,
         tolerance,
         fused if fused.is_file() else None,
         fused_onnx if fused_onnx.is_file() else None,
+        pt2 if pt2.is_file() else None,
     )
     if manifest is not None:
         problems += check_claims(manifest, configs)
@@ -314,11 +334,13 @@ def check_manifest(out_dir: Path, manifest: dict) -> list[str]:
     required = [TORCHSCRIPT_FILE, ONNX_FILE]
     for model, library in (
         (FUSED_TORCHSCRIPT_FILE, KERNEL_LIBRARY),
+        (PT2_FILE, KERNEL_LIBRARY),
         (FUSED_ONNX_FILE, ORT_KERNEL_LIBRARY),
     ):
         if (out_dir / model).exists():
             required += [model, library]
         elif (out_dir / library).exists():
             required.append(library)
+    required = list(dict.fromkeys(required))  # model.fused.pt and model.pt2 share the library
     listed = list(recorded)
     return hash_problems(out_dir, recorded, [*[n for n in required if n not in listed], *listed])

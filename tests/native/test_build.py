@@ -108,7 +108,7 @@ def test_the_decision_is_torchs_own_on_this_machine(monkeypatch):
     """torch's AVX2 capability needs avx2 and fma, as ours does; both libraries get it."""
     import torch
 
-    from lstm_export.exporters import kernel
+    from lstm_export.native import torch_kernel as kernel
 
     monkeypatch.delenv(build.PORTABLE_ENV, raising=False)
     monkeypatch.delenv(build.ISA_ENV, raising=False)
@@ -144,7 +144,7 @@ def test_both_libraries_hold_fma_code_exactly_where_the_cpu_has_it(ort_library):
     """What the compiler emitted, not only what we asked it: the TorchScript kernel and the
     onnxruntime library both carry the AVX2/FMA route here, or neither does; and the 16-lane
     (zmm) code exactly where the route is AVX-512."""
-    from lstm_export.exporters import kernel
+    from lstm_export.native import torch_kernel as kernel
 
     require_objdump()
     fma = "-mfma" in build.simd_flags()

@@ -476,7 +476,7 @@ def test_missing_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.fixture(scope="session")
 def fused(tmp_path_factory: pytest.TempPathFactory) -> tuple[Exported, Path]:
     """model.fused.pt and the kernel library as an export writes them."""
-    from lstm_export.exporters.kernel import build_kernel
+    from lstm_export.native.torch_kernel import build_kernel
 
     exported = _export(True, tmp_path_factory.mktemp("fused"), seed=21)
     library = exported.model_pt.parent / KERNEL_LIBRARY
@@ -577,7 +577,7 @@ def test_lengths_in_every_layout_match_eager_float64(binary: Path, layout_export
 @pytest.fixture(scope="session")
 def fused_layouts(tmp_path_factory) -> tuple[list[Exported], Path]:
     """model.fused.pt for each LayerNorm layout, and our build of the kernel library."""
-    from lstm_export.exporters.kernel import build_kernel
+    from lstm_export.native.torch_kernel import build_kernel
 
     library = build_kernel()
     exports = []

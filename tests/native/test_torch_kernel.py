@@ -29,7 +29,7 @@ from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, TORCHSC
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
-from lstm_export.exporters import kernel as kernels
+from lstm_export.native import torch_kernel as kernels
 from lstm_export.exporters.routes import KernelLayer, KernelLSTM
 from lstm_export.exporters.torchscript import script
 from lstm_export.native import build
@@ -359,7 +359,7 @@ def test_a_missing_compiler_is_one_clear_line(tmp_path, fresh_cache, monkeypatch
 def test_a_failing_compiler_is_one_line_naming_its_error(tmp_path, fresh_cache, monkeypatch):
     broken = tmp_path / "broken.cpp"
     broken.write_text("int main( {\n")
-    monkeypatch.setattr(kernels, "SOURCE", broken)
+    monkeypatch.setattr(kernels, "SOURCES", (broken,))
     with pytest.raises(UsageError, match=r"compiling the fused kernel failed: .*error: ") as info:
         kernels.build_kernel()
     assert "\n" not in str(info.value)
@@ -379,7 +379,7 @@ def test_a_cache_that_is_a_file_is_one_clear_line(tmp_path, monkeypatch):
 
 def test_a_cached_kernel_needs_no_compiler():
     """Only the first build needs g++: a deployment host may have none."""
-    code = "from lstm_export.exporters import kernel as kernels; print(kernels.build_kernel())"
+    code = "from lstm_export.native import torch_kernel as kernels; print(kernels.build_kernel())"
     env = {k: v for k, v in os.environ.items() if k != "CXX"}
     env["PATH"] = os.path.dirname(sys.executable)  # no c++ there
     done = run_python(code, env=env)
@@ -437,7 +437,7 @@ def test_cli_verify_loads_the_kernel_from_source_in_a_fresh_process(fused_export
 _ROUTE = """
 import sys
 import torch
-from lstm_export.exporters import kernel as kernels
+from lstm_export.native import torch_kernel as kernels
 from lstm_export.native import build
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
@@ -514,7 +514,7 @@ def test_a_cached_library_loads_even_where_the_lock_cannot_be_taken():
     code = """
 import shutil, sys
 from pathlib import Path
-from lstm_export.exporters import kernel as kernels
+from lstm_export.native import torch_kernel as kernels
 from lstm_export.native import build
 cached = kernels.build_kernel.__globals__["_cache_dir"]()
 copy = Path(sys.argv[1]) / cached.name
@@ -555,7 +555,7 @@ def _compilers_of_our_source() -> list[str]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"cc1plus") and str(kernels.SOURCE).encode() in argv:
+        if argv and argv[0].endswith(b"cc1plus") and str(kernels.SOURCES[0]).encode() in argv:
             found.append(proc.name)
     return found
 

@@ -32,7 +32,10 @@ from lstm_export.errors import UsageError, first_line
 from lstm_export.native import build
 
 OP_NAME = "lstm_export::layer_norm_lstm_layer"
-SOURCE = build.CSRC / "layer_norm_lstm.cpp"
+PLAIN_OP_NAME = "lstm_export::aten_lstm"
+"""aten's LSTM behind a schema torch.export keeps opaque (`native/csrc/aten_lstm.cpp`): how
+a plain model's `model.pt2` runs; in the same library."""
+SOURCES = (build.CSRC / "layer_norm_lstm.cpp", build.CSRC / "aten_lstm.cpp")
 WHAT = "the fused kernel"
 
 
@@ -59,7 +62,7 @@ def _command(output: Path) -> list[str]:
         "-fPIC",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *(f"-I{path}" for path in include_paths()),
-        str(SOURCE),
+        *map(str, SOURCES),
         "-o",
         str(output),
         *(f"-L{path}" for path in library_paths()),
@@ -71,10 +74,10 @@ def _command(output: Path) -> list[str]:
 
 
 def _cache_dir() -> Path:
-    """One folder per source (the binding and the core), torch version and compile command
+    """One folder per source (the ops and the core), torch version and compile command
     (all but the output)."""
     key = build.cache_key(
-        (SOURCE, build.CORE_HEADER), WHAT, torch.__version__, "\0".join(_command(Path("OUT")))
+        (*SOURCES, build.CORE_HEADER), WHAT, torch.__version__, "\0".join(_command(Path("OUT")))
     )
     return build.cache_root() / key
 

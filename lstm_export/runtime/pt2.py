@@ -1,0 +1,128 @@
+"""Run an exported `model.pt2` (torch.export + AOTInductor) in Python, with the model's own
+signature: `Pt2LSTM(path)(x, state=None, lengths=None) -> (y, (h, c))`.
+
+The package holds one compiled model per form of that call (`PT2_MODELS`); this picks the one
+the arguments ask for, loading each on first use. Our own build of the op library the
+package calls is loaded first (`build_kernel`), never the copy beside it. A compiled model
+checks neither shapes nor dtypes (AOTInductor reads whatever memory it is given unless
+AOTI_RUNTIME_CHECK_INPUTS=1 is set), so the inputs are checked here, with the same messages
+as the eager model's, before the package sees them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lstm_export.artifacts import CONFIG_KEY, PT2_FILE, PT2_MODELS, ROUTE_KEY
+from lstm_export.config import LSTMConfig
+from lstm_export.errors import UsageError, first_line
+from lstm_export.files import artifact, check_regular_file
+from lstm_export.model import State, check_inputs, check_lengths
+from lstm_export.native.torch_kernel import build_kernel
+
+
+@contextlib.contextmanager
+def quiet_aoti() -> Iterator[None]:
+    """The package loader logs 'Loading outdated pt2 file' for every package made by
+    `package_aoti` (the documented way to put several models in one) and warns about its
+    own internals; neither is news to our users."""
+    logger = logging.getLogger("torch._inductor.package.package")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def model_name(with_state: bool, with_lengths: bool) -> str:
+    """The compiled model of `PT2_MODELS` for a call with or without (h0, c0) and lengths."""
+    return next(n for n, form in PT2_MODELS.items() if form == (with_state, with_lengths))
+
+
+class Pt2LSTM:
+    """A `model.pt2` (a folder's, or the file given) as a callable with `model.pt`'s forward.
+
+    Raises UsageError with one line when the file is not a package we wrote (its metadata
+    holds no config), or its models cannot be loaded (another torch version, another CPU).
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = artifact(path, PT2_FILE)
+        check_regular_file(self.path, "model.pt2 package")
+        if not zipfile.is_zipfile(self.path):
+            raise UsageError(f"{self.path} is not a .pt2 package (not a zip archive)")
+        build_kernel()  # the package calls our ops: our build, loaded before the package
+        self._models: dict[str, Any] = {}
+        meta = self.metadata()
+        try:
+            self.config = LSTMConfig.from_json(meta[CONFIG_KEY], source=f"{self.path} metadata")
+        except KeyError:
+            raise UsageError(
+                f"{self.path} is a .pt2 package but not an lstm-export one: its metadata has "
+                f"no {CONFIG_KEY}"
+            ) from None
+        self.route = meta.get(ROUTE_KEY, "")
+
+    def _model(self, name: str) -> Any:
+        if name not in self._models:
+            from torch._inductor.package import load_package
+
+            try:
+                with quiet_aoti():
+                    self._models[name] = load_package(str(self.path), name)
+            except Exception as exc:  # the loader raises RuntimeError, and worse, for junk
+                raise UsageError(
+                    f"cannot load {name} from {self.path}: {first_line(exc, type(exc).__name__)}"
+                ) from None
+        return self._models[name]
+
+    def metadata(self) -> dict[str, str]:
+        """The package's metadata: ours (config, route, op library) and AOTInductor's AOTI_*
+        keys (the CPU instructions it was compiled for, AOTI_CPU_ISA)."""
+        return dict(self._model(next(iter(PT2_MODELS))).get_metadata())
+
+    def __call__(
+        self, x: Tensor, state: State | None = None, lengths: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        config = self.config
+        check_inputs(
+            x,
+            state,
+            config.input_size,
+            config.hidden_size,
+            config.num_layers,
+            torch.float32,
+            config.batch_first,
+            config.num_directions,
+        )
+        if lengths is not None:
+            seq, batch = (x.size(1), x.size(0)) if config.batch_first else (x.size(0), x.size(1))
+            check_lengths(lengths, seq, batch)
+        # The compiled models read contiguous memory: a view (a transpose, a slice) is copied.
+        args: list[Any] = [x.contiguous()]
+        if state is not None or lengths is not None:
+            args.append(None if state is None else tuple(t.contiguous() for t in state))
+        if lengths is not None:
+            args.append(lengths.contiguous())
+        y, (h, c) = self._model(model_name(state is not None, lengths is not None))(*args)
+        return y, (h, c)
+
+    forward = __call__
+
+    def describe(self) -> str:
+        """One line: the route and the CPU instructions it was compiled for."""
+        isa = self.metadata().get("AOTI_CPU_ISA", "unknown")
+        return f"{self.route}; compiled for CPU instructions {isa} ({json.dumps(self.config.to_dict())})"
