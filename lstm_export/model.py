@@ -94,7 +94,8 @@ def check_lengths(lengths: Tensor, seq: int, batch: int) -> None:
         raise ValueError(f"lengths must be an int64 tensor, got {_dtype_name(lengths.dtype)}")
     if lengths.dim() != 1 or lengths.size(0) != batch:
         raise ValueError(f"lengths must have shape [batch={batch}], got {list(lengths.shape)}")
-    if not torch.jit.is_scripting():  # alone in its `if`: TorchScript then skips the block
+    # `not torch.jit.is_scripting()` alone in its `if`: only then does TorchScript skip the block.
+    if not torch.jit.is_scripting():  # noqa: SIM102
         if torch.compiler.is_exporting():
             # torch.export: the values are known only when the compiled model runs, which
             # asserts them there (an error naming the failed bound, not this message).

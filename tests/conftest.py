@@ -102,3 +102,32 @@ def _one_torch_thread() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def pt2_export(tmp_path_factory) -> Path:
+    """`lstm-export export --pt2` of the default model (LayerNorm 64/256/2), run as a user runs
+    it, in its own process; shared by the tests that only read it (about 40 s of compiling)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("pt2") / "default"
+    command = [sys.executable, "-m", "lstm_export.cli", "export", "--pt2", "--out", str(folder)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return folder
+
+
+@pytest.fixture(scope="session")
+def plain_pt2_export(tmp_path_factory) -> Path:
+    """`export(pt2=True)` of a plain, bidirectional, batch-first model (5/8/2, trained-like
+    weights), shared by the tests that only read it: the other branch of every pt2 route."""
+    from lstm_export.config import LSTMConfig
+    from lstm_export.pipeline import export
+    from parity_corpus import trained_like
+
+    model = trained_like(
+        LSTMConfig(5, 8, 2, layer_norm=False, batch_first=True, bidirectional=True), seed=3
+    )
+    folder = tmp_path_factory.mktemp("pt2-plain") / "plain"
+    return export(model, folder, pt2=True).out_dir

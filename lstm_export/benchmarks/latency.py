@@ -35,6 +35,7 @@ from lstm_export.artifacts import (
     LENGTHS_INPUT,
     ONNX_FILE,
     ORT_KERNEL_LIBRARY,
+    PT2_FILE,
     TORCHSCRIPT_FILE,
 )
 from lstm_export.benchmarks import DEFAULT_SHAPES
@@ -48,14 +49,16 @@ from lstm_export.benchmarks.anchors import (
 )
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
-from lstm_export.native.torch_kernel import build_kernel
 from lstm_export.exporters.torchscript import load_torchscript, script, takes_lengths
+from lstm_export.native.torch_kernel import build_kernel
 from lstm_export.runtime.cpp import built_binary, time_forward
 from lstm_export.runtime.onnx import OnnxLSTM
+from lstm_export.runtime.pt2 import Pt2LSTM
 from lstm_export.verification.backends import (
     FUSED_BACKEND,
     FUSED_ONNX_BACKEND,
     ONNX_BACKEND,
+    PT2_BACKEND,
     TORCHSCRIPT_BACKEND,
 )
 from lstm_export.verification.parity import EAGER_BACKEND, eager_from_scripted
@@ -63,15 +66,24 @@ from lstm_export.verification.parity import EAGER_BACKEND, eager_from_scripted
 RAGGED = ":ragged"
 LIBTORCH_CPP = "libtorch C++ (model.pt)"
 LIBTORCH_CPP_FUSED = "libtorch C++ (model.fused.pt)"
+LIBTORCH_CPP_PT2 = "libtorch C++ (model.pt2)"
 # backend -> (anchor it is held to, allowed ratio) for plain and LayerNorm models;
-# model.fused.onnx's is issue 15's: within 1.2x onnxruntime's own LSTM op.
+# model.fused.onnx's is issue 15's: within 1.2x onnxruntime's own LSTM op; model.pt2's issue
+# 16's: within 1.2x nn.LSTM of the same sizes (which has no LayerNorm), plain or not.
 TARGETS = {
-    False: {ONNX_BACKEND: (ORT_LSTM_OP, 1.05), TORCHSCRIPT_BACKEND: (NN_LSTM, 1.2)},
+    False: {
+        ONNX_BACKEND: (ORT_LSTM_OP, 1.05),
+        TORCHSCRIPT_BACKEND: (NN_LSTM, 1.2),
+        PT2_BACKEND: (NN_LSTM, 1.2),
+        LIBTORCH_CPP_PT2: (NN_LSTM, 1.2),
+    },
     True: {
         ONNX_BACKEND: (ORT_LSTM_OP, 1.5),
         TORCHSCRIPT_BACKEND: (NN_LSTM, 2.5),
         FUSED_BACKEND: (NN_LSTM, 2.5),
         FUSED_ONNX_BACKEND: (ORT_LSTM_OP, 1.2),
+        PT2_BACKEND: (NN_LSTM, 1.2),
+        LIBTORCH_CPP_PT2: (NN_LSTM, 1.2),
     },
 }
 
@@ -230,6 +242,11 @@ def _backends(
             f"{folder} has no {FUSED_ONNX_FILE}, so it was not timed against onnxruntime's "
             f"LSTM op (export --fused-kernel writes it where {ORT_KERNEL_LIBRARY} can be built)"
         )
+    if (folder / PT2_FILE).is_file():  # export --pt2; our own build of its op library
+        try:
+            backends[PT2_BACKEND] = torch_runner(Pt2LSTM(folder / PT2_FILE))
+        except UsageError as exc:  # another torch version, another CPU: time the rest
+            notes.append(f"{PT2_FILE} was not timed: {exc}")
     return config, backends, takes_lengths(scripted) and onnx_model.has_lengths
 
 
@@ -316,6 +333,8 @@ def bench(
     anchor of each shape. On a ragged shape every backend is given the lengths, nn.LSTM
     packs the batch (`pack_padded_sequence`) and onnxruntime's LSTM op gets `sequence_lens`.
 
+    A folder with `model.pt2` (export --pt2) has it timed in Python (`Pt2LSTM`) and, with
+    `cpp`, in C++, each held to 1.2x nn.LSTM of the same sizes.
     A folder with `model.fused.onnx` (export --fused-kernel) has it timed too, through
     `OnnxLSTM(fused=True)` (our own build of its op library), its target the ratio of its
     median to onnxruntime's LSTM op's in the same run; a LayerNorm folder without it is
@@ -348,6 +367,8 @@ def bench(
     cpp_models: list[tuple[str, str, Path | None]] = [(LIBTORCH_CPP, TORCHSCRIPT_FILE, None)]
     if cpp_binary is not None and FUSED_BACKEND in backends:  # our build, not the folder's
         cpp_models.append((LIBTORCH_CPP_FUSED, FUSED_TORCHSCRIPT_FILE, build_kernel()))
+    if cpp_binary is not None and PT2_BACKEND in backends:
+        cpp_models.append((LIBTORCH_CPP_PT2, PT2_FILE, build_kernel()))
     rng = np.random.default_rng(0)
     if not ragged_ok and any(shape.ragged for shape in shapes):
         report.notes.append(

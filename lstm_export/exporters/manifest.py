@@ -25,10 +25,10 @@ from lstm_export.artifacts import (
 )
 from lstm_export.config import LSTMConfig
 from lstm_export.exporters import onnx_fused, onnx_graph, pt2, routes
-from lstm_export.native import torch_kernel as kernel
 from lstm_export.exporters.onnx_graph import onnx_signature
 from lstm_export.files import file_entry
 from lstm_export.native import ort_kernel
+from lstm_export.native import torch_kernel as kernel
 from lstm_export.native.ort_kernel import OrtLibrary
 
 

@@ -39,10 +39,10 @@ from lstm_export.artifacts import (
     ROUTE_KEY,
 )
 from lstm_export.errors import UsageError, first_line
-from lstm_export.native.torch_kernel import build_kernel
 from lstm_export.exporters.routes import pt2_deployable, pt2_route_of
 from lstm_export.exporters.torchscript import config_of
 from lstm_export.model import LSTM
+from lstm_export.native.torch_kernel import build_kernel
 
 EXAMPLE_SEQ, EXAMPLE_BATCH = 3, 2
 """The example input's shape: neither is 1, so torch.export does not specialize on it; the
@@ -59,12 +59,12 @@ def register_fakes() -> None:
         return
 
     @torch.library.register_fake("lstm_export::layer_norm_lstm_layer")
-    def _layer(x_proj, h0, c0, w_h, gamma, beta, gamma_c, beta_c, eps, valid=None):  # noqa: ANN001, ANN202
+    def _layer(x_proj, h0, c0, w_h, gamma, beta, gamma_c, beta_c, eps, valid=None):
         seq, batch, gates = x_proj.shape
         return x_proj.new_empty(seq, batch, gates // 4), torch.empty_like(h0), torch.empty_like(c0)
 
     @torch.library.register_fake("lstm_export::aten_lstm")
-    def _stack(x, h0, c0, params, num_layers, bidirectional, lengths=None):  # noqa: ANN001, ANN202
+    def _stack(x, h0, c0, params, num_layers, bidirectional, lengths=None):
         directions = 2 if bidirectional else 1
         y = x.new_empty(x.shape[0], x.shape[1], directions * h0.shape[2])
         return y, torch.empty_like(h0), torch.empty_like(c0)

@@ -267,7 +267,8 @@ def deployable(model: LSTM, fused_kernel: bool = False) -> _Route:
     """The fastest module computing `model`'s equations on its own parameters.
 
     `fused_kernel` picks the custom-op route for LayerNorm models (the op must be
-    loaded: `lstm_export.native.torch_kernel.build_kernel`); plain models have aten's kernel already.
+    loaded: `lstm_export.native.torch_kernel.build_kernel`); plain models have aten's kernel
+    already.
     """
     return _route_class(model.layer_norm, fused_kernel)(model)
 

@@ -19,10 +19,10 @@ import torch
 from lstm_export.artifacts import LENGTHS_INPUT, TORCHSCRIPT_CONFIG_FILE
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError, first_line
-from lstm_export.native.torch_kernel import OP_NAME, build_kernel, kernel_loaded
 from lstm_export.exporters.routes import deployable
 from lstm_export.files import check_regular_file, write_file
 from lstm_export.model import LSTM
+from lstm_export.native.torch_kernel import OP_NAME, build_kernel, kernel_loaded
 
 
 @contextlib.contextmanager

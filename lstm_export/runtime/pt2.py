@@ -12,7 +12,6 @@ as the eager model's, before the package sees them.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import warnings
 import zipfile
@@ -121,8 +120,3 @@ class Pt2LSTM:
         return y, (h, c)
 
     forward = __call__
-
-    def describe(self) -> str:
-        """One line: the route and the CPU instructions it was compiled for."""
-        isa = self.metadata().get("AOTI_CPU_ISA", "unknown")
-        return f"{self.route}; compiled for CPU instructions {isa} ({json.dumps(self.config.to_dict())})"

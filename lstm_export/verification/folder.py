@@ -150,7 +150,9 @@ def _check_artifacts(
         else:
             configs[pt2_path.name] = package.config
             if package.config != config:
-                report.problems.append(f"{pt2_path.name} is not the model in {torchscript_path.name}")
+                report.problems.append(
+                    f"{pt2_path.name} is not the model in {torchscript_path.name}"
+                )
                 return report, configs
             backends.append(torch_backend(PT2_BACKEND, package))
     ragged = takes_lengths(scripted) and runtime.has_lengths  # False: exported before lengths

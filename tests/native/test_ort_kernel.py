@@ -39,8 +39,8 @@ from lstm_export.artifacts import OPSET, ORT_KERNEL_LIBRARY
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
-from lstm_export.native import torch_kernel as kernels
 from lstm_export.native import build, ort_kernel
+from lstm_export.native import torch_kernel as kernels
 from lstm_export.verification.cases import Case
 from lstm_export.verification.parity import (
     Backend,

@@ -29,10 +29,10 @@ from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, TORCHSC
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
-from lstm_export.native import torch_kernel as kernels
 from lstm_export.exporters.routes import KernelLayer, KernelLSTM
 from lstm_export.exporters.torchscript import script
 from lstm_export.native import build
+from lstm_export.native import torch_kernel as kernels
 from lstm_export.pipeline import export
 from lstm_export.verification.backends import FUSED_BACKEND, torch_backend
 from lstm_export.verification.cases import Case

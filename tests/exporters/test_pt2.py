@@ -1,0 +1,231 @@
+"""model.pt2 (export --pt2): torch.export + AOTInductor, proven against the float64 model.
+
+The packages are the session's two exports (conftest: `pt2_export`, the default LayerNorm
+model through the CLI; `plain_pt2_export`, a plain bidirectional batch-first one), compiled
+once; the tests only read them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import run_python
+from lstm_export.artifacts import (
+    CONFIG_KEY,
+    KERNEL_LIBRARY,
+    MANIFEST_FILE,
+    PT2_FILE,
+    PT2_MODELS,
+    TORCHSCRIPT_FILE,
+)
+from lstm_export.config import LSTMConfig, read_export_config
+from lstm_export.errors import UsageError
+from lstm_export.exporters.torchscript import load_torchscript
+from lstm_export.runtime.pt2 import Pt2LSTM
+from lstm_export.verification.backends import PT2_BACKEND
+from lstm_export.verification.cases import Case, case_lengths
+from lstm_export.verification.folder import verify
+from lstm_export.verification.parity import Reference, Tolerance, max_abs_errors
+
+pytestmark = pytest.mark.slow  # every test here reads a compiled package
+
+SHAPES = [(seq, batch) for seq in (1, 2, 17, 300) for batch in (1, 5)]
+"""The issue's shapes: seq 1, 2, 17, 300 by batch 1 and 5."""
+
+# A deployer's script: no lstm_export (its import is made to fail), only torch, the op
+# library beside the package, and aoti_load_package. It runs the four call forms on the
+# inputs in IN and writes every output to OUT.
+FRESH = """
+import sys
+sys.modules["lstm_export"] = None  # proof that nothing of ours is imported
+import numpy as np, torch
+from torch._inductor import aoti_load_package
+from torch._inductor.package import load_package
+folder, work = sys.argv[1], sys.argv[2]
+torch.ops.load_library(folder + "/lstm_export_kernels.so")
+package = folder + "/model.pt2"
+models = {"model": aoti_load_package(package)}
+for name in ("model_state", "model_lengths", "model_state_lengths"):
+    models[name] = load_package(package, name)
+cases = np.load(work + "/cases.npz")
+for key in sorted({k.split("/")[0] for k in cases.files}):
+    x = torch.from_numpy(cases[key + "/x"])
+    state = (torch.from_numpy(cases[key + "/h0"]), torch.from_numpy(cases[key + "/c0"]))
+    lengths = torch.from_numpy(cases[key + "/lengths"])
+    calls = {
+        "model": lambda: models["model"](x),
+        "model_state": lambda: models["model_state"](x, state),
+        "model_lengths": lambda: models["model_lengths"](x, None, lengths),
+        "model_state_lengths": lambda: models["model_state_lengths"](x, state, lengths),
+    }
+    for name, call in calls.items():
+        y, (h, c) = call()
+        np.save(f"{work}/{key}-{name}-h.npy", h.numpy())
+        np.save(f"{work}/{key}-{name}-c.npy", c.numpy())
+        np.save(f"{work}/{key}-{name}-y.npy", y.numpy())
+print("ran", len(calls) * len({k.split("/")[0] for k in cases.files}))
+"""
+
+
+def _inputs(config: LSTMConfig, seq: int, batch: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((seq, batch, config.input_size), dtype=np.float32)
+    if config.batch_first:
+        x = np.ascontiguousarray(x.transpose(1, 0, 2))
+    shape = (config.state_layers, batch, config.hidden_size)
+    lengths = case_lengths(Case(seq, batch, True, ragged=True))
+    return {
+        "x": x,
+        "h0": 0.5 * rng.standard_normal(shape, dtype=np.float32),
+        "c0": rng.standard_normal(shape, dtype=np.float32),
+        "lengths": lengths,
+    }
+
+
+@pytest.mark.parametrize("which", ["pt2_export", "plain_pt2_export"])
+def test_a_fresh_interpreter_without_lstm_export_runs_every_form_within_the_parity_rule(
+    which, request, tmp_path
+):
+    folder: Path = request.getfixturevalue(which)
+    scripted, config = load_torchscript(folder / TORCHSCRIPT_FILE)
+    reference = Reference.from_scripted(scripted, config)  # eager float64 on model.pt's weights
+    cases = {
+        f"{seq}x{batch}": _inputs(config, seq, batch, seq * 10 + batch) for seq, batch in SHAPES
+    }
+    np.savez(
+        tmp_path / "cases.npz", **{f"{k}/{n}": a for k, v in cases.items() for n, a in v.items()}
+    )
+    done = run_python(FRESH, folder, tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ran", str(4 * len(SHAPES))]
+    tolerance, checked = Tolerance(), 0
+    for key, inputs in cases.items():
+        for name, (with_state, with_lengths) in PT2_MODELS.items():
+            x = inputs["x"]
+            state = (inputs["h0"], inputs["c0"]) if with_state else None
+            lengths = inputs["lengths"] if with_lengths else None
+            expected = reference.expected(x, state, lengths)
+            floors = reference.floor(
+                x, state, expected, reference.eager.run(x, state, lengths), lengths
+            )
+            got = [np.load(tmp_path / f"{key}-{name}-{o}.npy") for o in ("y", "h", "c")]
+            errors = max_abs_errors(got, expected)
+            for output, error, floor in zip("yhc", errors, floors, strict=True):
+                allowed = tolerance.allowed(floor)
+                assert error <= allowed, (
+                    f"{which} {name} {key} {output}: {error:.2e} > {allowed:.2e}"
+                )
+                checked += 1
+    assert checked == 3 * 4 * len(SHAPES)
+
+
+def test_the_default_export_records_model_pt2_and_its_library(pt2_export):
+    manifest = json.loads((pt2_export / MANIFEST_FILE).read_text())
+    entry = manifest["artifacts"][PT2_FILE]
+    assert entry["requires"] == KERNEL_LIBRARY and KERNEL_LIBRARY in manifest["artifacts"]
+    assert entry["torch"] == torch.__version__
+    assert "layer_norm_lstm_layer" in entry["route"]
+    assert entry["models"] == {
+        "model": "forward(x)",
+        "model_state": "forward(x, (h0, c0))",
+        "model_lengths": "forward(x, None, lengths)",
+        "model_state_lengths": "forward(x, (h0, c0), lengths)",
+    }
+    assert entry["cpu_isa"]
+    rows = {r["backend"] for r in manifest["parity"]["results"]}
+    assert PT2_BACKEND in rows  # export proved it before writing the folder
+    package = Pt2LSTM(pt2_export)
+    assert package.config == LSTMConfig()  # the default model, read from the metadata
+    assert json.loads(package.metadata()[CONFIG_KEY]) == manifest["config"]
+
+
+def test_a_plain_package_runs_aten_lstm_and_verify_proves_it(plain_pt2_export):
+    manifest = json.loads((plain_pt2_export / MANIFEST_FILE).read_text())
+    assert "lstm_export::aten_lstm" in manifest["artifacts"][PT2_FILE]["route"]
+    report = verify(plain_pt2_export)
+    assert report.passed, report.summary()
+    pt2_rows = [r for r in report.results if r.backend == PT2_BACKEND]
+    assert any(r.inputs.get("lengths") for r in pt2_rows)  # the ragged cases ran through it
+    assert len(pt2_rows) == len([r for r in report.results if r.backend == "torchscript"])
+
+
+def test_verify_fails_a_package_whose_weights_were_nudged(plain_pt2_export, tmp_path):
+    """The other way round: one weight of the compiled model off by 1e-3 is caught."""
+    package = Pt2LSTM(plain_pt2_export)
+    scripted, config = load_torchscript(plain_pt2_export / TORCHSCRIPT_FILE)
+    reference = Reference.from_scripted(scripted, config)
+    inputs = _inputs(config, 17, 5, 0)
+    x = torch.from_numpy(inputs["x"])
+    y, (h, c) = package(x)
+    expected = reference.expected(inputs["x"], None)
+    floors = reference.floor(
+        inputs["x"], None, expected, reference.eager.run(inputs["x"], None, None)
+    )
+    errors = max_abs_errors((y.numpy(), h.numpy(), c.numpy()), expected)
+    assert all(e <= Tolerance().allowed(f) for e, f in zip(errors, floors, strict=True))
+    compiled = package._model("model")
+    fqn = next(n for n in compiled.get_constant_fqns() if n.endswith("cells.0.hidden_lin.weight"))
+    nudged = scripted.state_dict()["cells.0.hidden_lin.weight"].clone()
+    nudged[0, 0] += 1e-3
+    compiled.load_constants({fqn: nudged}, check_full_update=False)
+    y, (h, c) = package(x)
+    errors = max_abs_errors((y.numpy(), h.numpy(), c.numpy()), expected)
+    assert any(e > Tolerance().allowed(f) for e, f in zip(errors, floors, strict=True))
+
+
+def test_bad_inputs_are_refused_before_the_compiled_model_reads_them(pt2_export):
+    """AOTInductor checks no shape: Pt2LSTM does, with the model's own messages."""
+    package = Pt2LSTM(pt2_export)
+    config = package.config
+    with pytest.raises(ValueError, match=r"x must have shape \[seq>=1, batch>=1, input_size=64\]"):
+        package(torch.zeros(3, 2, 8))
+    with pytest.raises(ValueError, match="x must be a float32 tensor"):
+        package(torch.zeros(3, 2, config.input_size, dtype=torch.float64))
+    x = torch.zeros(3, 2, config.input_size)
+    bad_state = (torch.zeros(1, 2, config.hidden_size), torch.zeros(1, 2, config.hidden_size))
+    with pytest.raises(ValueError, match=r"h0 must have shape \[num_layers=2, batch=2"):
+        package(x, bad_state)
+    with pytest.raises(ValueError, match=r"lengths must each be in 1..seq=3, got 4"):
+        package(x, None, torch.tensor([4, 1]))
+    with pytest.raises(ValueError, match="lengths must be an int64 tensor, got int32"):
+        package(x, None, torch.tensor([3, 1], dtype=torch.int32))
+
+
+def test_a_file_that_is_not_our_package_is_one_line(tmp_path, pt2_export):
+    junk = tmp_path / "model.pt2"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(UsageError, match=r"is not a \.pt2 package"):
+        Pt2LSTM(junk)
+    other = tmp_path / "other" / PT2_FILE
+    other.parent.mkdir()
+    with zipfile.ZipFile(pt2_export / PT2_FILE) as source, zipfile.ZipFile(other, "w") as copy:
+        for item in source.infolist():  # the package without its "model" model
+            if "/aotinductor/model/" not in item.filename:
+                copy.writestr(item, source.read(item))
+    with pytest.raises(UsageError, match=r"cannot load model from .*model\.pt2"):
+        Pt2LSTM(other)
+
+
+def test_verify_requires_the_kernel_library_beside_model_pt2(pt2_export, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(pt2_export, copy)
+    (copy / KERNEL_LIBRARY).unlink()
+    report = verify(copy)
+    assert not report.passed
+    assert any(KERNEL_LIBRARY in p and "missing" in p for p in report.problems)
+
+
+def test_pt2_is_a_toml_switch(tmp_path):
+    toml = tmp_path / "export.toml"
+    toml.write_text("pt2 = true\n")
+    assert read_export_config(toml).pt2 is True
+    toml.write_text('pt2 = "yes"\n')
+    with pytest.raises(UsageError, match="pt2 must be true or false, got str"):
+        read_export_config(toml)
