@@ -44,9 +44,24 @@ def check_export_folder(folder: Path) -> None:
         raise UsageError(f"expected an export folder, but {folder} is not a directory")
     missing = [n for n in (TORCHSCRIPT_FILE, ONNX_FILE) if not (folder / n).exists()]
     if missing:
-        raise UsageError(f"export folder {folder} lacks {', '.join(missing)}")
+        raise UsageError(f"export folder {folder} lacks {', '.join(missing)}{_why_not(folder)}")
     for name in (TORCHSCRIPT_FILE, ONNX_FILE):  # a FIFO or a device there: said as such
         check_regular_file(folder / name, "artifact")
+
+
+def _why_not(folder: Path) -> str:
+    """What the folder's manifest says was not written (torch.jit.script refused model.pt),
+    escaped and clipped, to end a one-line error; "" when it says nothing readable."""
+    try:
+        manifest = read_manifest(folder)
+    except UsageError:
+        return ""
+    said = manifest.get("export_warnings") if isinstance(manifest, dict) else None
+    said = [w for w in said if isinstance(w, str)] if isinstance(said, list) else []
+    if not said:
+        return ""
+    text = repr(said[0])[1:-1]  # control characters escaped
+    return f" (its {MANIFEST_FILE} says: {text[:300]})"
 
 
 @contextlib.contextmanager

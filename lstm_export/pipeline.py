@@ -34,7 +34,12 @@ from lstm_export.exporters.manifest import build_manifest
 from lstm_export.exporters.onnx_fused import save_fused_onnx
 from lstm_export.exporters.onnx_graph import save_onnx
 from lstm_export.exporters.pt2 import save_pt2
-from lstm_export.exporters.torchscript import config_of, forward_signature, save_torchscript
+from lstm_export.exporters.torchscript import (
+    TorchScriptRefused,
+    config_of,
+    forward_signature,
+    save_torchscript,
+)
 from lstm_export.files import (
     check_destination,
     check_keep_failed,
@@ -69,6 +74,16 @@ def ort_library_warning(error: UsageError) -> str:
     return (
         f"{FUSED_ONNX_FILE} and {ORT_KERNEL_LIBRARY} were not written, the rest of the export "
         f"is complete and verified: {why}"
+    )
+
+
+def no_torchscript_warning(error: TorchScriptRefused, fused_kernel: bool) -> str:
+    """The one line an export says when torch would not script the model: what was left
+    out, why, and what C++ programs load instead."""
+    left_out = TORCHSCRIPT_FILE + (f" and {FUSED_TORCHSCRIPT_FILE}" if fused_kernel else "")
+    return (
+        f"{left_out} not written ({error}); the rest of the export is complete and verified "
+        f"against the eager model; for libtorch, export --pt2 writes {PT2_FILE}"
     )
 
 
@@ -148,14 +163,18 @@ def export(
         )
     with staged_folder(out_dir, replaceable_export if force else None) as staging:
         step("Scripting model.pt")
-        scripted = save_torchscript(model, staging / TORCHSCRIPT_FILE)
+        scripted, warnings = None, []
+        try:
+            scripted = save_torchscript(model, staging / TORCHSCRIPT_FILE)
+        except TorchScriptRefused as exc:  # deprecated upstream: the rest goes on
+            warnings.append(no_torchscript_warning(exc, fused_kernel))
         fused_path = fused_onnx = None
-        warnings = []
         if fused_kernel:
             step("Building the fused LayerNorm-LSTM kernel")
             shutil.copyfile(build_kernel(), staging / KERNEL_LIBRARY)
-            fused_path = staging / FUSED_TORCHSCRIPT_FILE
-            save_torchscript(model, fused_path, fused_kernel=True)
+            if scripted is not None:
+                fused_path = staging / FUSED_TORCHSCRIPT_FILE
+                save_torchscript(model, fused_path, fused_kernel=True)
             step("Building the fused kernel's onnxruntime op library")
             try:
                 library = ort_kernel.build_ort_library()
@@ -176,12 +195,13 @@ def export(
         onnx_model = save_onnx(model, staging / ONNX_FILE, opset)
         step("Verifying parity: eager vs TorchScript vs onnxruntime")
         report = verify_artifacts(
-            staging / TORCHSCRIPT_FILE,
+            None if scripted is None else staging / TORCHSCRIPT_FILE,
             staging / ONNX_FILE,
             tolerance,
             fused_path,
             None if fused_onnx is None else staging / FUSED_ONNX_FILE,
             pt2_path,
+            model=model,
         )
         if not report.passed:
             kept = ""
@@ -194,9 +214,9 @@ def export(
             report.raise_if_failed(
                 f"the export to {out_dir}", f"nothing written to {out_dir}{kept}"
             )
-        schema = forward_signature(scripted)
+        schema = None if scripted is None else forward_signature(scripted)
         manifest = build_manifest(
-            staging, config, onnx_model, schema, report.to_dict(), name, fused_onnx
+            staging, config, onnx_model, schema, report.to_dict(), name, fused_onnx, warnings
         )
         write_json(staging / MANIFEST_FILE, manifest)
         step(f"Writing {out_dir}")

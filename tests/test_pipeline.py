@@ -387,3 +387,39 @@ def test_force_replaces_a_fused_export_whole(fused_onnx_export, tmp_path):
     result = export(small_model(True, 1), out, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.pt"]
     assert result.report.passed and not result.warnings
+
+
+def test_when_torch_refuses_to_script_the_rest_is_exported_verified_and_one_warning_says_why(
+    tmp_path, monkeypatch, call_main
+):
+    """TorchScript's end, simulated: torch.jit.script raises as PyTorch #189705 would make it.
+    export writes and proves everything else, exit 0, one warning naming model.pt (and
+    model.fused.pt), torch's reason and model.pt2; verify then says why model.pt is missing."""
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError(
+            "torch.jit.script is deprecated and disabled; set TORCH_JIT_ALLOW=1 to use it\nmore"
+        )
+
+    monkeypatch.setattr(torch.jit, "script", refuse)
+    out = tmp_path / "m"
+    code, stdout, stderr = call_main(
+        "export", "--layer-norm", "--hidden-size", "8", "--fused-kernel", "--out", out
+    )
+    assert code == 0, stderr
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, stderr
+    assert "model.pt and model.fused.pt not written" in warnings[0]
+    assert "torch.jit.script raised RuntimeError: torch.jit.script is deprecated" in warnings[0]
+    assert "more" not in warnings[0] and "model.pt2" in warnings[0]
+    assert "Parity passed" in stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.pt" not in names and "model.fused.pt" not in names
+    assert {"model.onnx", "model.fused.onnx", "manifest.json"} <= set(names)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["export_warnings"] == [warnings[0].removeprefix("warning: ")]
+    rows = {r["backend"] for r in manifest["parity"]["results"]}
+    assert rows >= {"onnxruntime", "onnxruntime (fused kernel)", "onnxruntime batch-first"}
+    assert "torchscript" not in rows
+    code, _, stderr = call_main("verify", out)
+    assert code == 2 and "lacks model.pt (its manifest.json says: model.pt and" in stderr

@@ -116,16 +116,25 @@ def build_manifest(
     folder: Path,
     config: LSTMConfig,
     onnx_model: onnx.ModelProto,
-    torchscript_schema: str,
+    torchscript_schema: str | None,
     parity: dict,
     name: str,
     fused_onnx: tuple[onnx.ModelProto, OrtLibrary] | None = None,
+    warnings: list[str] | None = None,
 ) -> dict:
     """Everything a deployer needs to trust the folder without re-running the export;
     `parity` is the report of the proof (`ParityReport.to_dict()`), done before this step.
-    `fused_onnx`: model.fused.onnx as written and the op library copied beside it."""
-    fused = {}
-    if (folder / FUSED_TORCHSCRIPT_FILE).is_file():
+    `fused_onnx`: model.fused.onnx as written and the op library copied beside it.
+    `torchscript_schema` None: model.pt was not written (torch.jit.script refused); the
+    export's `warnings` say why and are recorded."""
+    scripted, fused = {}, {}
+    if torchscript_schema is not None:
+        scripted[TORCHSCRIPT_FILE] = {
+            **file_entry(folder / TORCHSCRIPT_FILE),
+            "forward": torchscript_schema,
+            "route": routes.route_of(config),
+        }
+    if torchscript_schema is not None and (folder / FUSED_TORCHSCRIPT_FILE).is_file():
         fused = fused_kernel_entries(folder, config, torchscript_schema)
     if fused_onnx is not None:
         fused |= fused_onnx_entries(folder, *fused_onnx)
@@ -136,14 +145,11 @@ def build_manifest(
         "name": name,
         "config": config.to_dict(),
         "artifacts": {
-            TORCHSCRIPT_FILE: {
-                **file_entry(folder / TORCHSCRIPT_FILE),
-                "forward": torchscript_schema,
-                "route": routes.route_of(config),
-            },
+            **scripted,
             ONNX_FILE: _onnx_entry(folder, ONNX_FILE, onnx_model, onnx_graph.route_of(config)),
             **fused,
         },
+        "export_warnings": list(warnings or []),
         "signature": onnx_signature(onnx_model),
         "versions": _versions(),
         "parity": parity,

@@ -58,10 +58,24 @@ def takes_lengths(module: torch.jit.ScriptModule) -> bool:
     return any(arg.name == LENGTHS_INPUT for arg in module.forward.schema.arguments)
 
 
+class TorchScriptRefused(UsageError):
+    """torch.jit.script raised: TorchScript is deprecated, and a torch may refuse it outright
+    (pytorch/pytorch#189705 would make it an error in 2.14). The export goes on without
+    model.pt and says why."""
+
+
 def script(model: torch.nn.Module) -> torch.jit.ScriptModule:
-    """`torch.jit.script` a model in eval mode (scripting, not tracing: shapes stay free)."""
+    """`torch.jit.script` a model in eval mode (scripting, not tracing: shapes stay free).
+
+    Raises TorchScriptRefused, one line quoting torch, when torch.jit.script raises.
+    """
     with quiet_torchscript():
-        return torch.jit.script(model.eval())
+        try:
+            return torch.jit.script(model.eval())
+        except Exception as exc:  # RuntimeError today; whatever a later torch raises
+            raise TorchScriptRefused(
+                f"torch.jit.script raised {type(exc).__name__}: {first_line(exc)}"
+            ) from None
 
 
 def save_torchscript(model: LSTM, path: Path, fused_kernel: bool = False) -> torch.jit.ScriptModule:

@@ -41,6 +41,7 @@ from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.exporters.batch_first import batch_first_onnx
 from lstm_export.files import check_export_folder, read_manifest, sha256
+from lstm_export.model import LSTM
 from lstm_export.native.ort_kernel import INCLUDE_ENV
 from lstm_export.runtime.onnx import OnnxLSTM, load_onnx
 from lstm_export.runtime.pt2 import Pt2LSTM
@@ -74,36 +75,53 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def verify_artifacts(
-    torchscript_path: Path,
+    torchscript_path: Path | None,
     onnx_path: Path,
     tolerance: Tolerance | None = None,
     fused_path: Path | None = None,
     fused_onnx_path: Path | None = None,
     pt2_path: Path | None = None,
+    *,
+    model: LSTM | None = None,
 ) -> ParityReport:
     """Parity of saved `model.pt`, `model.onnx` (and `model.fused.pt`, `model.fused.onnx`,
-    `model.pt2`, if given) with the eager model on the .pt's weights, in float64."""
+    `model.pt2`, if given) with the eager model on the .pt's weights, in float64.
+
+    `model`: the eager model to hold them to instead, for an export whose model.pt could
+    not be written (`torchscript_path` None: torch.jit.script refused).
+    """
     return _check_artifacts(
-        torchscript_path, onnx_path, tolerance, fused_path, fused_onnx_path, pt2_path
+        torchscript_path, onnx_path, tolerance, fused_path, fused_onnx_path, pt2_path, model
     )[0]
 
 
 def _check_artifacts(
-    torchscript_path: Path,
+    torchscript_path: Path | None,
     onnx_path: Path,
     tolerance: Tolerance | None,
     fused_path: Path | None,
     fused_onnx_path: Path | None = None,
     pt2_path: Path | None = None,
+    model: LSTM | None = None,
 ) -> tuple[ParityReport, dict[str, LSTMConfig]]:
     """`verify_artifacts`'s report, and the config each artifact holds (for the manifest's
     claim to be checked against, without loading them twice)."""
-    from lstm_export.exporters.torchscript import load_torchscript, takes_lengths
+    from lstm_export.exporters.torchscript import config_of, load_torchscript, takes_lengths
 
     tolerance = tolerance or Tolerance()
-    scripted, config = load_torchscript(torchscript_path)  # config.json, attributes, weights
     runtime = OnnxLSTM(onnx_path)  # metadata config against the graph's dims
-    configs = {torchscript_path.name: config, onnx_path.name: runtime.config}
+    configs = {onnx_path.name: runtime.config}
+    backends = []
+    if torchscript_path is not None:
+        scripted, config = load_torchscript(torchscript_path)  # config.json, attributes, weights
+        configs[torchscript_path.name] = config
+        reference = Reference.from_scripted(scripted, config)
+        backends.append(torch_backend(TORCHSCRIPT_BACKEND, scripted))
+        ragged = takes_lengths(scripted) and runtime.has_lengths  # False: exported before them
+    elif model is not None:
+        config, reference, ragged = config_of(model), Reference(model), runtime.has_lengths
+    else:
+        raise UsageError(f"no {TORCHSCRIPT_FILE} and no model to take the weights from")
     report = ParityReport(tolerance)
     if runtime.config != config:
         report.problems.append(
@@ -111,8 +129,7 @@ def _check_artifacts(
             f"{runtime.config.to_dict()}"
         )
         return report, configs
-    backends = [
-        torch_backend(TORCHSCRIPT_BACKEND, scripted),
+    backends += [
         onnx_backend(ONNX_BACKEND, runtime),
         # The batch-first variant Triton serves (lstm-export triton), derived from model.onnx.
         batch_first_backend(batch_first_onnx(load_onnx(onnx_path)), BATCH_FIRST_BACKEND),
@@ -123,10 +140,8 @@ def _check_artifacts(
         except UsageError as exc:  # e.g. no compiler for the kernel: check the rest anyway
             report.problems.append(f"{fused_path.name} was not checked: {exc}")
         else:
-            if fused_config != config or not _same_weights(fused, scripted):
-                report.problems.append(
-                    f"{fused_path.name} is not the model in {torchscript_path.name}"
-                )
+            if fused_config != config or not _same_weights(fused, reference.model):
+                report.problems.append(f"{fused_path.name} is not the model in {TORCHSCRIPT_FILE}")
                 return report, configs
             backends.append(torch_backend(FUSED_BACKEND, fused))
     if fused_onnx_path is not None:
@@ -138,7 +153,7 @@ def _check_artifacts(
             configs[fused_onnx_path.name] = fused_onnx.config
             if fused_onnx.config != config or not fused_onnx.has_lengths:
                 report.problems.append(
-                    f"{fused_onnx_path.name} is not the model in {torchscript_path.name}"
+                    f"{fused_onnx_path.name} is not the model in {TORCHSCRIPT_FILE}"
                 )
                 return report, configs
             backends.append(onnx_backend(FUSED_ONNX_BACKEND, fused_onnx))
@@ -150,14 +165,10 @@ def _check_artifacts(
         else:
             configs[pt2_path.name] = package.config
             if package.config != config:
-                report.problems.append(
-                    f"{pt2_path.name} is not the model in {torchscript_path.name}"
-                )
+                report.problems.append(f"{pt2_path.name} is not the model in {TORCHSCRIPT_FILE}")
                 return report, configs
             backends.append(torch_backend(PT2_BACKEND, package))
-    ragged = takes_lengths(scripted) and runtime.has_lengths  # False: exported before lengths
     cases = default_cases(config, lengths=ragged)
-    reference = Reference.from_scripted(scripted, config)
     checked = check_parity(reference, backends, cases, tolerance=tolerance)
     checked.problems[:0] = report.problems
     if not ragged:
