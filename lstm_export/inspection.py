@@ -1,4 +1,4 @@
-"""Describe a model.pt, a model.onnx or a whole export folder: config (batch_first and
+"""Describe a model.pt, a model.pt2, a model.onnx or a whole export folder: config (batch_first and
 bidirectional included), signature, whether it takes `lengths`, opset, sizes; for
 model.fused.onnx also the op library it needs (the graph is read with `onnx`, not run, so
 neither library is built or loaded).
@@ -21,6 +21,7 @@ from lstm_export.artifacts import (
     LENGTHS_INPUT,
     ONNX_FILE,
     OP_LIBRARY_KEY,
+    PT2_FILE,
     ROUTE_KEY,
     TORCHSCRIPT_FILE,
     check_model_name,
@@ -74,6 +75,28 @@ def inspect_onnx(path: Path) -> dict:
     }
 
 
+def inspect_pt2(path: Path) -> dict:
+    """model.pt2 from its archive's metadata files: nothing is loaded, nothing compiled."""
+    from lstm_export.runtime.pt2 import package_metadata
+
+    models = package_metadata(path)
+    if not models:
+        raise UsageError(f"{path} is a zip archive but holds no compiled model's metadata")
+    meta = next(iter(models.values()))
+    config = config_from_metadata(meta, str(path))
+    return {
+        "kind": "pt2",
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "config": config.to_dict(),
+        "route": meta.get(ROUTE_KEY, ""),
+        "op_library": meta.get(OP_LIBRARY_KEY, ""),
+        "models": sorted(models),
+        "cpu_isa": meta.get("AOTI_CPU_ISA", "not recorded"),
+        "takes_lengths": any("lengths" in name for name in models),
+    }
+
+
 def inspect_folder(path: Path) -> dict:
     manifest = read_manifest(path)  # bounded, depth-limited; None if there is none
     info: dict = {"kind": "export folder", "path": str(path), "files": {}}
@@ -82,6 +105,7 @@ def inspect_folder(path: Path) -> dict:
         (ONNX_FILE, inspect_onnx),
         (FUSED_TORCHSCRIPT_FILE, inspect_torchscript),
         (FUSED_ONNX_FILE, inspect_onnx),
+        (PT2_FILE, inspect_pt2),
     )
     for name, inspect_file in readers:
         if (path / name).exists() or (path / name).is_symlink():
@@ -137,4 +161,6 @@ def inspect(path: Path | str) -> dict:
         return inspect_onnx(path)
     if path.suffix in (".pt", ".pth", ".ts"):
         return inspect_torchscript(path)
-    raise UsageError(f"expected a .pt, a .onnx or an export folder, got {path.name}")
+    if path.suffix == ".pt2":
+        return inspect_pt2(path)
+    raise UsageError(f"expected a .pt, a .pt2, a .onnx or an export folder, got {path.name}")

@@ -12,6 +12,7 @@ as the eager model's, before the package sees them.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import warnings
 import zipfile
@@ -46,6 +47,33 @@ def quiet_aoti() -> Iterator[None]:
         logger.setLevel(level)
 
 
+METADATA_SUFFIX = ".wrapper_metadata.json"
+"""Beside each compiled model in the archive: its metadata as JSON, readable without loading
+any native code (what `inspect` shows)."""
+_MAX_METADATA_BYTES = 1 << 20
+
+
+def package_metadata(path: Path) -> dict[str, dict[str, str]]:
+    """Each compiled model's metadata, by model name, read from the archive's JSON files;
+    nothing is loaded or run. UsageError when the file is not such an archive."""
+    check_regular_file(path, "model.pt2 package")
+    found: dict[str, dict[str, str]] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for item in archive.infolist():
+                parts = item.filename.split("/")
+                if not item.filename.endswith(METADATA_SUFFIX) or len(parts) < 2:
+                    continue
+                if item.file_size > _MAX_METADATA_BYTES:
+                    raise UsageError(f"{path}: {item.filename} is larger than a metadata file")
+                meta = json.loads(archive.read(item))
+                if isinstance(meta, dict):
+                    found[parts[-2]] = {str(k): str(v) for k, v in meta.items()}
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise UsageError(f"{path} is not a .pt2 package: {first_line(exc)}") from None
+    return found
+
+
 def model_name(with_state: bool, with_lengths: bool) -> str:
     """The compiled model of `PT2_MODELS` for a call with or without (h0, c0) and lengths."""
     return next(n for n, form in PT2_MODELS.items() if form == (with_state, with_lengths))
@@ -60,20 +88,25 @@ class Pt2LSTM:
 
     def __init__(self, path: Path | str) -> None:
         self.path = artifact(path, PT2_FILE)
-        check_regular_file(self.path, "model.pt2 package")
-        if not zipfile.is_zipfile(self.path):
-            raise UsageError(f"{self.path} is not a .pt2 package (not a zip archive)")
-        build_kernel()  # the package calls our ops: our build, loaded before the package
-        self._models: dict[str, Any] = {}
-        meta = self.metadata()
-        try:
-            self.config = LSTMConfig.from_json(meta[CONFIG_KEY], source=f"{self.path} metadata")
-        except KeyError:
+        models = package_metadata(self.path)  # read from the archive: nothing loaded yet
+        lacking = [name for name in PT2_MODELS if name not in models]
+        if lacking:
+            raise UsageError(
+                f"{self.path} is not an lstm-export model.pt2: it lacks the compiled "
+                f"model(s) {', '.join(lacking)}"
+            )
+        self._metadata = models[next(iter(PT2_MODELS))]
+        if CONFIG_KEY not in self._metadata:
             raise UsageError(
                 f"{self.path} is a .pt2 package but not an lstm-export one: its metadata has "
                 f"no {CONFIG_KEY}"
-            ) from None
-        self.route = meta.get(ROUTE_KEY, "")
+            )
+        self.config = LSTMConfig.from_json(
+            self._metadata[CONFIG_KEY], source=f"{self.path} {CONFIG_KEY} metadata"
+        )
+        self.route = self._metadata.get(ROUTE_KEY, "")
+        build_kernel()  # the package calls our ops: our build, loaded before the package
+        self._models: dict[str, Any] = {}
 
     def _model(self, name: str) -> Any:
         if name not in self._models:
@@ -91,7 +124,7 @@ class Pt2LSTM:
     def metadata(self) -> dict[str, str]:
         """The package's metadata: ours (config, route, op library) and AOTInductor's AOTI_*
         keys (the CPU instructions it was compiled for, AOTI_CPU_ISA)."""
-        return dict(self._model(next(iter(PT2_MODELS))).get_metadata())
+        return dict(self._metadata)
 
     def __call__(
         self, x: Tensor, state: State | None = None, lengths: Tensor | None = None

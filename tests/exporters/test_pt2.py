@@ -209,7 +209,10 @@ def test_a_file_that_is_not_our_package_is_one_line(tmp_path, pt2_export):
         for item in source.infolist():  # the package without its "model" model
             if "/aotinductor/model/" not in item.filename:
                 copy.writestr(item, source.read(item))
-    with pytest.raises(UsageError, match=r"cannot load model from .*model\.pt2"):
+    with pytest.raises(
+        UsageError,
+        match=r"is not an lstm-export model\.pt2: it lacks the compiled model\(s\) model$",
+    ):
         Pt2LSTM(other)
 
 
@@ -229,3 +232,12 @@ def test_pt2_is_a_toml_switch(tmp_path):
     toml.write_text('pt2 = "yes"\n')
     with pytest.raises(UsageError, match="pt2 must be true or false, got str"):
         read_export_config(toml)
+
+
+def test_inspect_reads_the_package_without_loading_it(pt2_export):
+    from lstm_export.inspection import inspect
+
+    info = inspect(pt2_export)["files"][PT2_FILE]
+    assert info["models"] == sorted(PT2_MODELS) and info["takes_lengths"] is True
+    assert info["config"] == LSTMConfig().to_dict()
+    assert info["op_library"] == KERNEL_LIBRARY and info["cpu_isa"] != "not recorded"
