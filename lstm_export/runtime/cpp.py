@@ -1,12 +1,14 @@
 """Build and run the libtorch C++ example (`cpp/lstm_run`), as a C++ user would.
 
-The TorchScript export exists so that C++ programs can run the model. This module
-compiles `cpp/` against the libtorch inside the installed torch wheel (so there is no
-separate libtorch download to keep in sync), caches the build per torch version, and
-drives the binary through `.npy` files; `lstm_export.verification.cpp` proves with it
-that C++ computes the model (`cpp_check`), the benchmark times it.
+The TorchScript export (and `export --pt2`'s model.pt2) exist so that C++ programs can run
+the model. This module compiles `cpp/` against the libtorch inside the installed torch wheel
+(so there is no separate libtorch download to keep in sync), caches the build per torch
+version, and drives the binary through `.npy` files; `lstm_export.verification.cpp` proves
+with it that C++ computes the model (`cpp_check`), the benchmark times it. Every helper takes
+a model.pt, an export folder (meaning its model.pt) or a model.pt2 (`is_package`), which
+needs the op library: pass `kernels=` (our build: `native.torch_kernel.build_kernel()`).
 
-A little over 400 lines: the build's cache key and the run's arguments describe one program
+About 450 lines: the build's cache key and the run's arguments describe one program
 (its sources, flags and command line), and tests replace `find_toolchain` and `run` here.
 """
 
@@ -27,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from lstm_export.artifacts import TORCHSCRIPT_FILE
+from lstm_export.artifacts import PT2_FILE, TORCHSCRIPT_FILE
 from lstm_export.config import LSTMConfig, positive_int
 from lstm_export.errors import LSTMExportError, UsageError
 from lstm_export.files import artifact, locked_folder
@@ -283,10 +285,20 @@ def _invoke(binary: Path, args: Sequence[str | Path], timeout: float) -> str:
     return result.stdout
 
 
-def model_config(binary: Path, model_pt: Path, *, timeout: float = 120) -> LSTMConfig:
-    """The config as C++ reads it from the module's attributes (`lstm_run MODEL.pt`); a
-    module exported before batch_first/bidirectional reads as false for both."""
-    stdout = _invoke(binary, [artifact(model_pt, TORCHSCRIPT_FILE)], timeout)
+def is_package(path: Path | str) -> bool:
+    """Whether `lstm_run` reads `path` as an AOTInductor package (model.pt2): any path
+    ending in .pt2. A folder means its model.pt, anything else TorchScript."""
+    return Path(path).suffix == Path(PT2_FILE).suffix
+
+
+def model_config(
+    binary: Path, model_pt: Path, *, kernels: Path | None = None, timeout: float = 120
+) -> LSTMConfig:
+    """The config as C++ reads it (`lstm_run MODEL`): from model.pt's attributes, where a
+    module exported before batch_first/bidirectional reads as false for both, or from
+    model.pt2's metadata, parsed in C++ (that package loads only with `kernels`)."""
+    args = [artifact(model_pt, TORCHSCRIPT_FILE), *_kernel_args(kernels)]
+    stdout = _invoke(binary, args, timeout)
     line = next((ln for ln in stdout.splitlines() if ln.startswith("config:")), None)
     if line is None:
         raise CppRunError(f"no 'config:' line in {BINARY_NAME} output", 0, stdout)
@@ -315,12 +327,15 @@ def run(
     """Run `model_pt` in C++ on `x` in the model's layout ([seq, batch, input], or [batch,
     seq, input] when batch_first): returns y and (h, c) as float32 arrays.
 
+    `model_pt` is a model.pt, an export folder (its model.pt) or a model.pt2, which runs
+    the package's compiled model for the call's form (with or without state, lengths).
     `state` is (h0, c0) or None for zeros; `chunk` streams the sequence `chunk` steps
     per forward call; `lengths` (integers [batch]) is where each sequence of a padded batch
     ends, forward's third argument (not with `chunk`: a stream has no lengths); `kernels` is
-    an op library to load first (`model.fused.pt` needs `lstm_export_kernels.so`). x and
-    the state are converted to float32, lengths to int64, the dtypes the binary reads; the
-    model itself checks the lengths' shape and values.
+    an op library to load first (`model.fused.pt` and `model.pt2` need
+    `lstm_export_kernels.so`). x and the state are converted to float32, lengths to int64,
+    the dtypes the binary reads; the lengths' shape and values are checked in C++ (by
+    model.pt itself, by lstm_run before a model.pt2 runs), with the model's messages.
     """
     if chunk is not None:
         positive_int("chunk", chunk)
@@ -370,6 +385,7 @@ def time_forward(
     with std::chrono::steady_clock around one call. Process start and model loading
     are not included. `kernels`: an op library to load first, as for `run`; `lengths`
     (integers [batch], each in 1..seq): time a ragged batch, `forward(x, None, lengths)`.
+    `model_pt` may be a model.pt2 (with `kernels`): its "model" (or "model_lengths") runs.
     """
     for name, value, minimum in (
         ("seq", seq, 1),
@@ -418,7 +434,7 @@ def _save(path: Path, value: Any, name: str) -> Path:
 
 def _save_lengths(path: Path, value: Any) -> Path:
     """Integer lengths as the int64 .npy `lstm_run --lengths` reads; shape and range are
-    left to the model's own check, so C++ reports what Python would."""
+    left to the C++ side's check, which reports what Python would."""
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu().numpy()
     array = np.asarray(value)

@@ -1,9 +1,9 @@
 """cpp-check: prove the libtorch C++ program computes the model, with the parity engine.
 
 `lstm_export.runtime.cpp` builds and runs `lstm_run` as a C++ user would; here its
-outputs on the exported model.pt (and model.fused.pt, with our build of the kernel
-library) are held to the parity rule against the eager model in float64, whole, from a
-given state and streamed in chunks inside C++.
+outputs on the exported model.pt (and model.fused.pt and model.pt2, with our build of the
+kernel library) are held to the parity rule against the eager model in float64, whole, from
+a given state and streamed in chunks inside C++.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lstm_export.artifacts import ATOL, FACTOR, FUSED_TORCHSCRIPT_FILE, TORCHSCRIPT_FILE
+from lstm_export.artifacts import ATOL, FACTOR, FUSED_TORCHSCRIPT_FILE, PT2_FILE, TORCHSCRIPT_FILE
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.files import artifact
@@ -23,6 +23,10 @@ from lstm_export.runtime.cpp import build, model_config
 from lstm_export.verification.backends import CPP_BACKEND, FUSED_CPP_BACKEND, cpp_backend
 from lstm_export.verification.cases import Case, runnable
 from lstm_export.verification.parity import ParityReport, Reference, Tolerance, check_parity
+
+PT2_CPP_BACKEND = "libtorch C++ (model.pt2)"
+"""model.pt2 under lstm_run (AOTIModelPackageLoader); the name lives here, not in backends.py,
+only until the lead moves it there beside CPP_BACKEND."""
 
 # Whole from zeros, from a given state, streamed 4 steps per call, a single step and a
 # ragged padded batch (lstm_run --lengths): each is a separate lstm_run process, so the C++
@@ -53,6 +57,7 @@ class CppCheckReport:
     cpp_config: LSTMConfig
     build_seconds: float
     parity: ParityReport
+    pt2_config: LSTMConfig | None = None  # read in C++ from model.pt2's metadata, if any
 
     @property
     def passed(self) -> bool:
@@ -70,6 +75,11 @@ class CppCheckReport:
                 else f"  MISMATCH, expected {self.config.to_json()}"
             ),
         ]
+        if self.pt2_config is not None:
+            out.append(
+                f"config read in C++ from {PT2_FILE}: {self.pt2_config.to_json()}"
+                + ("" if self.pt2_config == self.config else "  MISMATCH")
+            )
         for result in self.parity.results:
             verdict = "ok" if result.passed else "FAIL"
             out.append(f"  {verdict:<4} {result.line()}")
@@ -87,6 +97,7 @@ class CppCheckReport:
             "build_seconds": self.build_seconds,
             "config": self.config.to_dict(),
             "cpp_config": self.cpp_config.to_dict(),
+            "pt2_config": None if self.pt2_config is None else self.pt2_config.to_dict(),
             "passed": self.passed,
             "parity": self.parity.to_dict(),
         }
@@ -118,8 +129,9 @@ def cpp_check(
     atol: float = ATOL,
     factor: float = FACTOR,
 ) -> CppCheckReport:
-    """Build `lstm_run`, run the exported model.pt (and model.fused.pt, if the folder has
-    one) in C++ and hold it to the parity rule against the eager model in float64.
+    """Build `lstm_run`, run the exported model.pt (and model.fused.pt and model.pt2, where
+    the folder has them) in C++ and hold it to the parity rule against the eager model in
+    float64. The config C++ reads from each of model.pt and model.pt2 must be the export's.
 
     The reference is `lstm_export.model.LSTM` rebuilt from the config with the scripted
     module's weights, so a pass means libtorch computes what the Python source says,
@@ -141,10 +153,17 @@ def cpp_check(
     cpp_config = model_config(binary, model_pt)
     backends = [cpp_backend(CPP_BACKEND, binary, model_pt)]
     fused_pt = model_pt.parent / FUSED_TORCHSCRIPT_FILE
-    if fused_pt.is_file():  # export --fused-kernel; run with our own build of its library
+    pt2 = model_pt.parent / PT2_FILE
+    pt2_config = None
+    if fused_pt.is_file() or pt2.is_file():  # both call our ops: our build, never the folder's
         from lstm_export.native.torch_kernel import build_kernel
 
-        backends.append(cpp_backend(FUSED_CPP_BACKEND, binary, fused_pt, build_kernel()))
+        library = build_kernel()
+        if fused_pt.is_file():  # export --fused-kernel
+            backends.append(cpp_backend(FUSED_CPP_BACKEND, binary, fused_pt, library))
+        if pt2.is_file():  # export --pt2: the package's four compiled models, one per form
+            pt2_config = model_config(binary, pt2, kernels=library)
+            backends.append(cpp_backend(PT2_CPP_BACKEND, binary, pt2, library))
     with _one_torch_thread():
         cases = cpp_cases(config, takes_lengths(scripted))
         parity = check_parity(reference, backends, cases, tolerance, seed=seed)
@@ -152,4 +171,8 @@ def cpp_check(
         parity.problems.append(
             f"C++ reads config {cpp_config.to_json()}, expected {config.to_json()}"
         )
-    return CppCheckReport(model_pt, binary, config, cpp_config, build_seconds, parity)
+    if pt2_config is not None and pt2_config != config:
+        parity.problems.append(
+            f"C++ reads config {pt2_config.to_json()} from {pt2}, expected {config.to_json()}"
+        )
+    return CppCheckReport(model_pt, binary, config, cpp_config, build_seconds, parity, pt2_config)
