@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, KERNEL_LIBRARY
+from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, KERNEL_LIBRARY, PT2_FILE
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
@@ -27,7 +27,7 @@ from lstm_export.exporters.torchscript import quiet_torchscript, save_torchscrip
 from lstm_export.model import LSTM
 from lstm_export.runtime import cpp
 from lstm_export.verification.backends import CPP_BACKEND, FUSED_CPP_BACKEND
-from lstm_export.verification.cpp import cpp_check
+from lstm_export.verification.cpp import PT2_CPP_BACKEND, cpp_check
 
 # Nearly every test here runs lstm_run, built from C++ (minutes where no cache holds it), in
 # child processes; `-m "not slow"` leaves the module out.
@@ -690,3 +690,274 @@ def test_cpp_check_of_a_bidirectional_batch_first_folder_and_of_one_from_before_
     assert old.passed, str(old)
     cases = [r.case for r in old.parity.results if r.backend == CPP_BACKEND]
     assert cases == ["9x3 zeros", "9x3 h0/c0", "9x3 h0/c0 chunks 4+4+1", "1x1 zeros"]
+
+
+# --- model.pt2 (export --pt2): AOTIModelPackageLoader ------------------------------------
+
+PT2_FOLDERS = ["pt2_export", "plain_pt2_export"]
+
+
+@pytest.fixture(scope="session")
+def kernels() -> Path:
+    """Our build of the op library model.pt2 calls, never an export folder's copy."""
+    from lstm_export.native.torch_kernel import build_kernel
+
+    return build_kernel()
+
+
+def _pt2_folder(request: pytest.FixtureRequest, name: str) -> Path:
+    return Path(request.getfixturevalue(name))
+
+
+def _eager_from_folder(folder: Path) -> LSTM:
+    """The independent reference: the eager model rebuilt from the config and model.pt's
+    weights (model.pt2 is compiled code, its weights are not read back from it)."""
+    from lstm_export.exporters.torchscript import load_torchscript
+
+    scripted, config = load_torchscript(folder / "model.pt")
+    eager = LSTM.from_config(config)
+    eager.load_state_dict(scripted.state_dict())
+    return eager.eval()
+
+
+def _pt2_inputs(config: LSTMConfig, lengths: list[int], seq: int = 9, seed: int = 0):
+    """x in the model's layout, a random (h0, c0) and int64 lengths, for any config."""
+    rng = np.random.default_rng(seed)
+    batch = len(lengths)
+    shape = (
+        (batch, seq, config.input_size) if config.batch_first else (seq, batch, config.input_size)
+    )
+    x = rng.standard_normal(shape, dtype=np.float32)
+    state_shape = (config.num_layers * config.num_directions, batch, config.hidden_size)
+    state = tuple(rng.standard_normal(state_shape, dtype=np.float32) for _ in "hc")
+    return x, state, np.array(lengths, dtype=np.int64)
+
+
+def test_is_package_and_the_config_read_from_pt2_metadata(
+    binary: Path, kernels: Path, request: pytest.FixtureRequest
+) -> None:
+    assert cpp.is_package("a/model.pt2") and cpp.is_package(Path("other.pt2"))
+    assert not cpp.is_package("a/model.pt") and not cpp.is_package("a/export")
+    for name in PT2_FOLDERS:
+        folder = _pt2_folder(request, name)
+        expected = _eager_from_folder(folder).config()
+        assert cpp.model_config(binary, folder / PT2_FILE, kernels=kernels) == expected
+        # The folder keeps meaning its model.pt, which reads the same config.
+        assert cpp.model_config(binary, folder) == expected
+
+
+@pytest.mark.parametrize("name", PT2_FOLDERS)
+def test_cpp_check_runs_model_pt2_as_its_own_row(
+    binary: Path, request: pytest.FixtureRequest, name: str
+) -> None:
+    folder = _pt2_folder(request, name)
+    report = cpp_check(folder)
+    assert report.passed, str(report)
+    assert report.pt2_config == report.config == report.cpp_config
+    rows = [r for r in report.parity.results if r.backend == PT2_CPP_BACKEND]
+    expected = ["9x3 zeros", "9x3 h0/c0", "9x3 h0/c0 chunks 4+4+1", "1x1 zeros", "9x3 h0/c0 ragged"]
+    if report.config.bidirectional:  # no stream for a bidirectional model
+        expected.remove("9x3 h0/c0 chunks 4+4+1")
+    assert [r.case for r in rows] == expected
+    assert [r.case for r in report.parity.results if r.backend == CPP_BACKEND] == expected
+    assert f"config read in C++ from {PT2_FILE}" in str(report)
+    assert report.to_dict()["pt2_config"] == report.config.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("with_state", "with_lengths"),
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["model", "model_state", "model_lengths", "model_state_lengths"],
+)
+@pytest.mark.parametrize("name", PT2_FOLDERS)
+def test_pt2_in_cpp_equals_python_pt2_and_eager_float64(
+    binary: Path,
+    kernels: Path,
+    request: pytest.FixtureRequest,
+    name: str,
+    with_state: bool,
+    with_lengths: bool,
+) -> None:
+    """Each of the package's four compiled models, picked by the call's form."""
+    from lstm_export.runtime.pt2 import Pt2LSTM
+
+    folder = _pt2_folder(request, name)
+    eager = _eager_from_folder(folder)
+    x, state, lengths = _pt2_inputs(eager.config(), RAGGED, seed=7)
+    state = state if with_state else None
+    lengths = lengths if with_lengths else None
+    y, (h, c) = cpp.run(binary, folder / PT2_FILE, x, state, kernels=kernels, lengths=lengths)
+    expected = _eager64(eager, x, state, lengths)
+    if with_lengths:  # the lengths must matter for this to test them
+        assert np.abs(expected[1] - _eager64(eager, x, state, None)[1]).max() > 1e-2
+    _assert_close((y, h, c), expected)
+    python = Pt2LSTM(folder)(
+        torch.from_numpy(x),
+        None if state is None else tuple(map(torch.from_numpy, state)),
+        None if lengths is None else torch.from_numpy(lengths),
+    )
+    # The same compiled code on the same input: the same numbers up to a rounding.
+    _assert_close((y, h, c), (python[0].numpy(), *(t.numpy() for t in python[1])), atol=1e-6)
+
+
+@pytest.mark.parametrize(("chunk", "with_state"), [(4, True), (1, False), (40, True)])
+def test_pt2_streams_in_chunks_carrying_the_state(
+    binary: Path, kernels: Path, pt2_export: Path, chunk: int, with_state: bool
+) -> None:
+    eager = _eager_from_folder(pt2_export)
+    x, state, _ = _pt2_inputs(eager.config(), [9, 9, 9], seq=9, seed=chunk)
+    state = state if with_state else None
+    model = pt2_export / PT2_FILE
+    whole = cpp.run(binary, model, x, state, kernels=kernels)
+    y, (h, c) = cpp.run(binary, model, x, state, chunk, kernels=kernels)
+    _assert_close((y, h, c), (whole[0], *whole[1]), atol=1e-5)
+    _assert_close((y, h, c), _eager64(eager, x, state, None))
+
+
+def _pt2_error(binary: Path, model: Path, *args: object, code: int = 1) -> str:
+    return _one_line_error(_lstm_run(binary, model, *args), expected_code=code)
+
+
+def test_pt2_bad_inputs_are_one_line_errors_before_the_compiled_model_runs(
+    binary: Path, kernels: Path, pt2_export: Path, tmp_path: Path
+) -> None:
+    """The compiled model checks nothing itself: every one of these would read garbage."""
+    model = pt2_export / PT2_FILE
+    cfg = _eager_from_folder(pt2_export).config()
+    x = _save(tmp_path / "x.npy", np.zeros((4, 3, cfg.input_size), np.float32))
+    k = ["--kernels", kernels]
+
+    def save(name: str, array: np.ndarray) -> Path:
+        return _save(tmp_path / f"{name}.npy", array)
+
+    wrong_x = save("wrong_x", np.zeros((4, 3, cfg.input_size + 1), np.float32))
+    for chunk in ([], ["--chunk", 2]):
+        line = _pt2_error(binary, model, *k, "--x", wrong_x, *chunk)
+        assert line == (
+            "lstm_run: error: ValueError: x must have shape [seq>=1, batch>=1, "
+            f"input_size={cfg.input_size}], got [4, 3, {cfg.input_size + 1}]"
+        )
+    line = _pt2_error(binary, model, *k, "--x", save("flat", np.zeros((4, cfg.input_size), "f4")))
+    assert line.endswith(f"got [4, {cfg.input_size}]")
+
+    good = save("good", np.zeros((cfg.num_layers, 3, cfg.hidden_size), np.float32))
+    bad = save("bad", np.zeros((cfg.num_layers, 2, cfg.hidden_size), np.float32))
+    for chunk in ([], ["--chunk", 2]):
+        line = _pt2_error(binary, model, *k, "--x", x, "--h0", good, "--c0", bad, *chunk)
+        assert line.endswith(
+            f"ValueError: c0 must have shape [num_layers={cfg.num_layers}, batch=3, "
+            f"hidden_size={cfg.hidden_size}], got [{cfg.num_layers}, 2, {cfg.hidden_size}]"
+        )
+
+    for lengths, message in [
+        (np.array([4, 1, 2], np.int32), "expected int64 data (descr '<i8'), got '<i4'"),
+        (np.array([4, 0, 2]), "ValueError: lengths must each be in 1..seq=4, got 0"),
+        (np.array([4, 5, 2]), "ValueError: lengths must each be in 1..seq=4, got 5"),
+        (np.array([4, 2]), "ValueError: lengths must have shape [batch=3], got [2]"),
+    ]:
+        line = _pt2_error(binary, model, *k, "--x", x, "--lengths", save("lengths", lengths))
+        assert message in line, line
+    # The same refusals through the Python helper, as a CppRunError with the exit code.
+    with pytest.raises(cpp.CppRunError, match=r"lengths must each be in 1\.\.seq=4, got 9") as e:
+        cpp.run(binary, model, np.zeros((4, 3, cfg.input_size)), lengths=[4, 9, 2], kernels=kernels)
+    assert e.value.returncode == 1
+
+
+def test_pt2_without_its_op_library_says_to_pass_kernels(
+    binary: Path, pt2_export: Path, plain_pt2_export: Path, tmp_path: Path
+) -> None:
+    for folder in (pt2_export, plain_pt2_export):
+        line = _pt2_error(binary, folder / PT2_FILE)
+        assert "Could not find schema for lstm_export::" in line, line
+        assert line.endswith("load its op library with --kernels lstm_export_kernels.so")
+    junk = tmp_path / "junk.pt2"
+    junk.write_text("not a package\n")
+    line = _pt2_error(binary, junk)
+    assert f"cannot load model 'model' of '{junk}' as an AOTInductor package" in line
+    line = _pt2_error(binary, tmp_path / "missing.pt2")
+    assert f"model file '{tmp_path / 'missing.pt2'}' does not exist" in line
+
+
+def _with_config(source: Path, target: Path, config: str | None) -> Path:
+    """A copy of `source` whose models' metadata hold `config` (None: no config at all)."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("_metadata.json"):
+                meta = json.loads(data)
+                meta.pop("lstm_export.config")
+                if config is not None:
+                    meta["lstm_export.config"] = config
+                data = json.dumps(meta).encode()
+            zout.writestr(info, data)
+    return target
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (None, "is an AOTInductor package but not an lstm_export one"),
+        ('{"input_size": 5}', '(no "hidden_size")'),
+        (
+            '{"input_size": 5, "hidden_size": 8, "num_layers": 2, "layer_norm": false, "x": 1}',
+            '(unknown key "x")',
+        ),
+        (
+            '{"input_size": 5, "hidden_size": 8, "num_layers": 0, "layer_norm": false}',
+            '("num_layers" must be a whole number >= 1)',
+        ),
+        (
+            '{"input_size": 5, "hidden_size": 8, "num_layers": 2, "layer_norm": "no"}',
+            '("layer_norm" is not a whole number, true or false)',
+        ),
+        (
+            '{"input_size": 5, "hidden_size": 8, "num_layers": 2, "layer_norm": 1}',
+            '("layer_norm" must be true or false)',
+        ),
+        ('{"input_size": 5, "input_size": 5}', '("input_size" given twice)'),
+        ('{"input_size": 5.5}', "(expected '}' at character 16)"),
+        ("[]", "(expected '{' at character 0)"),
+        ('{"input_size": 5} {}', "(text after the object)"),
+    ],
+    ids=[
+        "none",
+        "missing",
+        "unknown",
+        "zero",
+        "string",
+        "int-flag",
+        "twice",
+        "float",
+        "list",
+        "trailing",
+    ],
+)
+def test_pt2_config_metadata_is_read_strictly(
+    binary: Path, kernels: Path, plain_pt2_export: Path, tmp_path: Path, config, message: str
+) -> None:
+    bad = _with_config(plain_pt2_export / PT2_FILE, tmp_path / "bad.pt2", config)
+    line = _pt2_error(binary, bad, "--kernels", kernels)
+    assert message in line, line
+    if config is not None:
+        assert line.startswith(f"lstm_run: error: '{bad}' has an invalid lstm_export.config")
+
+
+def test_pt2_chunks_refused_for_a_bidirectional_model_and_timing(
+    binary: Path, kernels: Path, plain_pt2_export: Path, tmp_path: Path
+) -> None:
+    model = plain_pt2_export / PT2_FILE
+    x = _save(tmp_path / "x.npy", np.zeros((3, 4, INPUT), np.float32))  # batch-first
+    line = _pt2_error(binary, model, "--kernels", kernels, "--x", x, "--chunk", 2, code=2)
+    assert "this model is bidirectional" in line and "drop --chunk" in line
+    result = _lstm_run(binary, model, "--kernels", kernels, "--time-seq", 6, "--time-batch", 2)
+    assert result.returncode == 0, result.stderr
+    assert "timed forward(x [2, 6, 5], None): 3 warmup + 15 timed calls, 1 thread(s)" in (
+        result.stdout
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("timing_ms:")]
+    assert len(lines) == 1 and len(lines[0].split()) == 16
+    samples = cpp.time_forward(binary, model, 6, 2, repeats=3, kernels=kernels, lengths=[6, 1])
+    assert len(samples) == 3 and all(math.isfinite(ms) and ms > 0 for ms in samples)
