@@ -25,6 +25,7 @@ _EXPORTS = {
     "ParityReport": "lstm_export.verification.parity",
     "inspect": "lstm_export.inspection",
     "OnnxLSTM": "lstm_export.runtime.onnx",
+    "Pt2LSTM": "lstm_export.runtime.pt2",
     "bench": "lstm_export.benchmarks.latency",
     "cpp_check": "lstm_export.verification.cpp",
     "write_triton_repo": "lstm_export.serving.triton",
