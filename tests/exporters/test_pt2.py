@@ -32,7 +32,12 @@ from lstm_export.runtime.pt2 import Pt2LSTM
 from lstm_export.verification.backends import PT2_BACKEND
 from lstm_export.verification.cases import Case, case_lengths
 from lstm_export.verification.folder import verify
-from lstm_export.verification.parity import Reference, Tolerance, max_abs_errors
+from lstm_export.verification.parity import (
+    Reference,
+    Tolerance,
+    eager_from_scripted,
+    max_abs_errors,
+)
 
 pytestmark = pytest.mark.slow  # every test here reads a compiled package
 
@@ -95,7 +100,9 @@ def test_a_fresh_interpreter_without_lstm_export_runs_every_form_within_the_pari
 ):
     folder: Path = request.getfixturevalue(which)
     scripted, config = load_torchscript(folder / TORCHSCRIPT_FILE)
-    reference = Reference.from_scripted(scripted, config)  # eager float64 on model.pt's weights
+    # Eager float64 on model.pt's weights; the float32 floor from 4 realizations, not 16: a
+    # lower floor only makes the rule stricter, and the 32 seq-300 runs cost a minute less.
+    reference = Reference(eager_from_scripted(scripted, config), realizations=4)
     cases = {
         f"{seq}x{batch}": _inputs(config, seq, batch, seq * 10 + batch) for seq, batch in SHAPES
     }
