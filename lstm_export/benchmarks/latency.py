@@ -59,6 +59,7 @@ from lstm_export.verification.backends import (
     FUSED_ONNX_BACKEND,
     ONNX_BACKEND,
     PT2_BACKEND,
+    PT2_CPP_BACKEND,
     TORCHSCRIPT_BACKEND,
 )
 from lstm_export.verification.parity import EAGER_BACKEND, eager_from_scripted
@@ -66,7 +67,6 @@ from lstm_export.verification.parity import EAGER_BACKEND, eager_from_scripted
 RAGGED = ":ragged"
 LIBTORCH_CPP = "libtorch C++ (model.pt)"
 LIBTORCH_CPP_FUSED = "libtorch C++ (model.fused.pt)"
-LIBTORCH_CPP_PT2 = "libtorch C++ (model.pt2)"
 # backend -> (anchor it is held to, allowed ratio) for plain and LayerNorm models;
 # model.fused.onnx's is issue 15's: within 1.2x onnxruntime's own LSTM op; model.pt2's issue
 # 16's: within 1.2x nn.LSTM of the same sizes (which has no LayerNorm), plain or not.
@@ -75,7 +75,7 @@ TARGETS = {
         ONNX_BACKEND: (ORT_LSTM_OP, 1.05),
         TORCHSCRIPT_BACKEND: (NN_LSTM, 1.2),
         PT2_BACKEND: (NN_LSTM, 1.2),
-        LIBTORCH_CPP_PT2: (NN_LSTM, 1.2),
+        PT2_CPP_BACKEND: (NN_LSTM, 1.2),
     },
     True: {
         ONNX_BACKEND: (ORT_LSTM_OP, 1.5),
@@ -83,7 +83,7 @@ TARGETS = {
         FUSED_BACKEND: (NN_LSTM, 2.5),
         FUSED_ONNX_BACKEND: (ORT_LSTM_OP, 1.2),
         PT2_BACKEND: (NN_LSTM, 1.2),
-        LIBTORCH_CPP_PT2: (NN_LSTM, 1.2),
+        PT2_CPP_BACKEND: (NN_LSTM, 1.2),
     },
 }
 
@@ -368,7 +368,7 @@ def bench(
     if cpp_binary is not None and FUSED_BACKEND in backends:  # our build, not the folder's
         cpp_models.append((LIBTORCH_CPP_FUSED, FUSED_TORCHSCRIPT_FILE, build_kernel()))
     if cpp_binary is not None and PT2_BACKEND in backends:
-        cpp_models.append((LIBTORCH_CPP_PT2, PT2_FILE, build_kernel()))
+        cpp_models.append((PT2_CPP_BACKEND, PT2_FILE, build_kernel()))
     rng = np.random.default_rng(0)
     if not ragged_ok and any(shape.ragged for shape in shapes):
         report.notes.append(

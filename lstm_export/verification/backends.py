@@ -41,6 +41,7 @@ __all__ = [
     "FUSED_ONNX_BACKEND",
     "ONNX_BACKEND",
     "PT2_BACKEND",
+    "PT2_CPP_BACKEND",
     "TORCHSCRIPT_BACKEND",
     "batch_first_backend",
     "cpp_backend",
@@ -57,6 +58,7 @@ FUSED_BATCH_FIRST_BACKEND = f"{BATCH_FIRST_BACKEND} (fused kernel)"
 PT2_BACKEND = "aoti package (model.pt2)"
 CPP_BACKEND = "libtorch C++"
 FUSED_CPP_BACKEND = "libtorch C++ (fused kernel)"
+PT2_CPP_BACKEND = "libtorch C++ (model.pt2)"
 
 Array = np.ndarray
 

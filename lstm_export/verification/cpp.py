@@ -20,13 +20,14 @@ from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.files import artifact
 from lstm_export.runtime.cpp import build, model_config
-from lstm_export.verification.backends import CPP_BACKEND, FUSED_CPP_BACKEND, cpp_backend
+from lstm_export.verification.backends import (
+    CPP_BACKEND,
+    FUSED_CPP_BACKEND,
+    PT2_CPP_BACKEND,
+    cpp_backend,
+)
 from lstm_export.verification.cases import Case, runnable
 from lstm_export.verification.parity import ParityReport, Reference, Tolerance, check_parity
-
-PT2_CPP_BACKEND = "libtorch C++ (model.pt2)"
-"""model.pt2 under lstm_run (AOTIModelPackageLoader); the name lives here, not in backends.py,
-only until the lead moves it there beside CPP_BACKEND."""
 
 # Whole from zeros, from a given state, streamed 4 steps per call, a single step and a
 # ragged padded batch (lstm_run --lengths): each is a separate lstm_run process, so the C++

@@ -26,8 +26,8 @@ from lstm_export.errors import ParityError, UsageError
 from lstm_export.exporters.torchscript import quiet_torchscript, save_torchscript
 from lstm_export.model import LSTM
 from lstm_export.runtime import cpp
-from lstm_export.verification.backends import CPP_BACKEND, FUSED_CPP_BACKEND
-from lstm_export.verification.cpp import PT2_CPP_BACKEND, cpp_check
+from lstm_export.verification.backends import CPP_BACKEND, FUSED_CPP_BACKEND, PT2_CPP_BACKEND
+from lstm_export.verification.cpp import cpp_check
 
 # Nearly every test here runs lstm_run, built from C++ (minutes where no cache holds it), in
 # child processes; `-m "not slow"` leaves the module out.
