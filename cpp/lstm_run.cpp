@@ -335,10 +335,25 @@ std::unique_ptr<Model> load_torchscript(const fs::path& path) {
 //    "layer_norm": true, "num_layers": 2}
 // a flat JSON object of whole numbers and booleans: this reads exactly that and refuses
 // anything else (another key, a string, a missing size) with a message saying what.
+// Text from a file, for a one-line message: control characters (a newline, an escape
+// sequence) written as \xNN, so they can neither break the line nor drive the terminal.
+std::string escaped(const std::string& text) {
+  std::string out;
+  for (const unsigned char c : text) {
+    if (c < 0x20 || c == 0x7f) {
+      static const char* const kHex = "0123456789abcdef";
+      out += std::string("\\x") + kHex[c >> 4] + kHex[c & 15];
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
 Config parse_config_json(const std::string& text, const std::string& source) {
   const auto invalid = [&](const std::string& what) -> std::runtime_error {
-    return std::runtime_error("'" + source + "' has an invalid lstm_export.config (" + what +
-                              "): " + text.substr(0, 200));
+    return std::runtime_error("'" + source + "' has an invalid lstm_export.config (" +
+                              escaped(what) + "): " + escaped(text.substr(0, 200)));
   };
   std::map<std::string, std::string> values;  // key -> its literal: digits, true or false
   size_t i = 0;

@@ -961,3 +961,15 @@ def test_pt2_chunks_refused_for_a_bidirectional_model_and_timing(
     assert len(lines) == 1 and len(lines[0].split()) == 16
     samples = cpp.time_forward(binary, model, 6, 2, repeats=3, kernels=kernels, lengths=[6, 1])
     assert len(samples) == 3 and all(math.isfinite(ms) and ms > 0 for ms in samples)
+
+
+def test_pt2_config_metadata_with_control_characters_is_shown_escaped(
+    binary: Path, kernels: Path, plain_pt2_export: Path, tmp_path: Path
+) -> None:
+    """Text from the package reaches the terminal with its control characters escaped."""
+    config = '{"input_size": 5, "\x1b[31mred": 1,\n"x": 2}'
+    bad = _with_config(plain_pt2_export / PT2_FILE, tmp_path / "bad.pt2", config)
+    result = _lstm_run(binary, bad, "--kernels", kernels)
+    assert result.returncode == 1
+    assert "\x1b" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert '"\\x1b[31mred": 1,\\x0a"x": 2}' in result.stderr, result.stderr
