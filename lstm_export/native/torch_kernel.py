@@ -1,5 +1,7 @@
-"""The fused LayerNorm-LSTM kernel as a TorchScript op: build it from the packaged C++
-source, load it.
+"""Our torch op library (lstm_export_kernels.so): build it from the packaged C++ sources,
+load it. It registers two ops: the fused LayerNorm-LSTM kernel (model.fused.pt's, and each
+LayerNorm layer of model.pt2) and `lstm_export::aten_lstm` (`native/csrc/aten_lstm.cpp`:
+aten's LSTM behind a schema torch.export keeps opaque, a plain model.pt2's stack).
 
 Why a kernel: a LayerNorm-LSTM step in TorchScript is a dozen small ops, each paying
 the interpreter's dispatch, and MKL's small-batch matmul is slow on non-Intel CPUs;
