@@ -193,7 +193,7 @@ def export(
             save_pt2(model, pt2_path, step)
         step("Building model.onnx")
         onnx_model = save_onnx(model, staging / ONNX_FILE, opset)
-        step("Verifying parity: eager vs TorchScript vs onnxruntime")
+        step("Verifying parity: every artifact against the eager model in float64")
         report = verify_artifacts(
             None if scripted is None else staging / TORCHSCRIPT_FILE,
             staging / ONNX_FILE,

@@ -7,10 +7,11 @@ through the export's own cleanup.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +30,26 @@ from lstm_export.config import (
 from lstm_export.errors import ParityError
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children, their children, ...), from /proc; none where
+    /proc cannot be read."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+        if len(fields) > 1 and fields[1].isdigit():
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 @contextmanager
 def _sigterm_exits() -> Iterator[None]:
     """Turn SIGTERM into SystemExit(143) so an export cleans up its staging folder as on Ctrl-C.
@@ -41,6 +62,11 @@ def _sigterm_exits() -> Iterator[None]:
 
     def stop(signum: int, _frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut cleanup
+        # AOTInductor's compilers (model.pt2) are our children in our process group, which
+        # a SIGTERM to this process alone does not reach: they would run on, orphaned.
+        for child in descendants(os.getpid()):
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGTERM)
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, stop)

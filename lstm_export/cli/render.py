@@ -61,7 +61,8 @@ def print_inspection(console: Console, info: dict[str, Any]) -> None:
 
 
 def _artifact_table(entry: dict[str, Any]) -> Table:
-    table = Table(title=f"{entry['path']} ({entry['kind']})", show_header=False)
+    title = escape(printable(f"{entry['path']} ({entry['kind']})"))
+    table = Table(title=title, show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
     for key, value in entry.items():
@@ -78,7 +79,7 @@ def _artifact_table(entry: dict[str, Any]) -> Table:
         if key in ("config", "opset"):  # one key=value each: batch_first, a custom domain
             value = " ".join(f"{name}={setting}" for name, setting in value.items())
         text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
-        table.add_row(key, escape(str(text)))
+        table.add_row(key, escape(printable(str(text))))  # text from the file: escaped
     return table
 
 

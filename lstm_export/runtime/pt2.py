@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lstm_export.artifacts import CONFIG_KEY, PT2_FILE, PT2_MODELS, ROUTE_KEY
-from lstm_export.config import LSTMConfig
+from lstm_export.artifacts import CONFIG_KEY, MANIFEST_FILE, PT2_FILE, PT2_MODELS, ROUTE_KEY
+from lstm_export.config import DEFAULT_LIMITS, LSTMConfig, check_size
 from lstm_export.errors import UsageError, first_line
-from lstm_export.files import artifact, check_regular_file
+from lstm_export.files import artifact, check_regular_file, read_manifest, sha256
 from lstm_export.model import State, check_inputs, check_lengths
 from lstm_export.native.torch_kernel import build_kernel
 
@@ -74,6 +74,29 @@ def package_metadata(path: Path) -> dict[str, dict[str, str]]:
     return found
 
 
+def check_vouched_for(path: Path) -> None:
+    """Refuse a model.pt2 whose folder has a manifest that does not vouch for it (not listed,
+    or another sha256): a package is compiled code, and a damaged one can kill the process
+    (SIGBUS) as it loads, before any error can be raised. Without a manifest (a package
+    moved on its own), the caller's file is the caller's to trust."""
+    manifest = read_manifest(path.parent)
+    if manifest is None:
+        return
+    artifacts = manifest.get("artifacts")
+    entry = artifacts.get(path.name) if isinstance(artifacts, dict) else None
+    recorded = entry.get("sha256") if isinstance(entry, dict) else None
+    if recorded is None:
+        raise UsageError(
+            f"{path} is not listed with a sha256 in its folder's {MANIFEST_FILE}, so nothing "
+            "vouches for its compiled code; not loaded"
+        )
+    if sha256(path) != recorded:
+        raise UsageError(
+            f"{path} does not match the sha256 its folder's {MANIFEST_FILE} records (changed "
+            "since export); not loaded: a damaged package can crash the process"
+        )
+
+
 def model_name(with_state: bool, with_lengths: bool) -> str:
     """The compiled model of `PT2_MODELS` for a call with or without (h0, c0) and lengths."""
     return next(n for n, form in PT2_MODELS.items() if form == (with_state, with_lengths))
@@ -88,6 +111,7 @@ class Pt2LSTM:
 
     def __init__(self, path: Path | str) -> None:
         self.path = artifact(path, PT2_FILE)
+        check_vouched_for(self.path)  # compiled code: never load a damaged or unlisted copy
         models = package_metadata(self.path)  # read from the archive: nothing loaded yet
         lacking = [name for name in PT2_MODELS if name not in models]
         if lacking:
@@ -95,30 +119,45 @@ class Pt2LSTM:
                 f"{self.path} is not an lstm-export model.pt2: it lacks the compiled "
                 f"model(s) {', '.join(lacking)}"
             )
-        self._metadata = models[next(iter(PT2_MODELS))]
-        if CONFIG_KEY not in self._metadata:
-            raise UsageError(
-                f"{self.path} is a .pt2 package but not an lstm-export one: its metadata has "
-                f"no {CONFIG_KEY}"
-            )
-        self.config = LSTMConfig.from_json(
-            self._metadata[CONFIG_KEY], source=f"{self.path} {CONFIG_KEY} metadata"
-        )
-        self.route = self._metadata.get(ROUTE_KEY, "")
+        self.config = self._config(models[next(iter(PT2_MODELS))], "its metadata file")
         build_kernel()  # the package calls our ops: our build, loaded before the package
         self._models: dict[str, Any] = {}
+        # The metadata compiled into a model is what the loader, C++ and aoti_load_package
+        # go by; the archive's JSON copy is read only to fail fast. They must agree.
+        self._metadata = dict(self._model(next(iter(PT2_MODELS))).get_metadata())
+        self.route = self._metadata.get(ROUTE_KEY, "")
+
+    def _config(self, meta: dict[str, str], where: str) -> LSTMConfig:
+        """The config `meta` records, within the default size limits."""
+        if CONFIG_KEY not in meta:
+            raise UsageError(
+                f"{self.path} is a .pt2 package but not an lstm-export one: {where} has no "
+                f"{CONFIG_KEY}"
+            )
+        config = LSTMConfig.from_json(meta[CONFIG_KEY], source=f"{self.path} {CONFIG_KEY}")
+        check_size(config, DEFAULT_LIMITS, str(self.path))  # what the input checks rest on
+        return config
 
     def _model(self, name: str) -> Any:
+        """The compiled model `name`, loaded on first use; its compiled config must be the
+        package's: the input checks rest on it."""
         if name not in self._models:
             from torch._inductor.package import load_package
 
             try:
                 with quiet_aoti():
-                    self._models[name] = load_package(str(self.path), name)
+                    model = load_package(str(self.path), name)
             except Exception as exc:  # the loader raises RuntimeError, and worse, for junk
                 raise UsageError(
                     f"cannot load {name} from {self.path}: {first_line(exc, type(exc).__name__)}"
                 ) from None
+            compiled = self._config(dict(model.get_metadata()), f"its compiled model {name}")
+            if compiled != self.config:
+                raise UsageError(
+                    f"{self.path} is not one model: its compiled model {name} records "
+                    f"{compiled.to_dict()}, its metadata file {self.config.to_dict()}"
+                )
+            self._models[name] = model
         return self._models[name]
 
     def metadata(self) -> dict[str, str]:
@@ -130,6 +169,15 @@ class Pt2LSTM:
         self, x: Tensor, state: State | None = None, lengths: Tensor | None = None
     ) -> tuple[Tensor, State]:
         config = self.config
+        if state is not None and (
+            not isinstance(state, tuple | list)
+            or len(state) != 2
+            or not all(isinstance(t, Tensor) for t in state)
+        ):
+            shown = type(state).__name__ + (
+                f" of {len(state)}" if isinstance(state, tuple | list) else ""
+            )
+            raise ValueError(f"state must be a pair (h0, c0) of tensors or None, got {shown}")
         check_inputs(
             x,
             state,

@@ -163,6 +163,9 @@ def cpp_check(
         if fused_pt.is_file():  # export --fused-kernel
             backends.append(cpp_backend(FUSED_CPP_BACKEND, binary, fused_pt, library))
         if pt2.is_file():  # export --pt2: the package's four compiled models, one per form
+            from lstm_export.runtime.pt2 import check_vouched_for
+
+            check_vouched_for(pt2)  # compiled code: a damaged copy would crash lstm_run
             pt2_config = model_config(binary, pt2, kernels=library)
             backends.append(cpp_backend(PT2_CPP_BACKEND, binary, pt2, library))
     with _one_torch_thread():

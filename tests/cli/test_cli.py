@@ -1069,7 +1069,7 @@ def test_export_shows_its_steps_on_a_terminal_and_nothing_when_piped(
     assert code == 0
     shown = screen.getvalue()
     # A spinner redraws ~12 times a second, so only steps that last are sure to be drawn.
-    for step in ("Loading torch", "Verifying parity: eager vs TorchScript vs onnxruntime"):
+    for step in ("Loading torch", "Verifying parity: every artifact against the eager model"):
         assert step in shown, shown[-500:]
 
     piped = io.StringIO()

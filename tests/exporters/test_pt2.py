@@ -248,3 +248,102 @@ def test_inspect_reads_the_package_without_loading_it(pt2_export):
     assert info["models"] == sorted(PT2_MODELS) and info["takes_lengths"] is True
     assert info["config"] == LSTMConfig().to_dict()
     assert info["op_library"] == KERNEL_LIBRARY and info["cpu_isa"] != "not recorded"
+
+
+def _pt2_compilers() -> dict[int, str]:
+    """Live compiler processes working on a model.pt2 of ours (their files are in our
+    lstm-export-pt2-* work folder), by pid."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if "lstm-export-pt2-" in argv and state != "Z" and ("cc1plus" in argv or "g++" in argv):
+            found[int(proc.name)] = argv
+    return found
+
+
+def test_sigterm_during_the_pt2_compile_stops_its_compilers_and_leaves_nothing(tmp_path):
+    """AOTInductor's compilers are children in our process group: SIGTERM to the export
+    (as a service manager sends it) must stop them too, not leave them running orphaned."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    before = set(_pt2_compilers())
+    command = [sys.executable, "-m", "lstm_export.cli", "export", "--pt2", "--no-layer-norm"]
+    command += ["--input-size", "3", "--hidden-size", "5", "--num-layers", "1"]
+    log = tmp_path / "log"
+    with open(log, "w") as out:  # a file, as a terminal: no SIGPIPE to hide an orphan
+        proc = subprocess.Popen([*command, "--out", str(tmp_path / "m")], stdout=out, stderr=out)
+        try:
+            deadline = time.monotonic() + 300
+            while not set(_pt2_compilers()) - before:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "the pt2 compile never started"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 143, log.read_text()
+    assert "Traceback" not in log.read_text()
+    deadline = time.monotonic() + 5  # killed compilers being reaped; an orphan lives on
+    while set(_pt2_compilers()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(_pt2_compilers()) - before
+    assert not (tmp_path / "m").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.partial")]
+
+
+def _rewritten(source: Path, target: Path, edit) -> Path:
+    """A copy of the package `source` with `edit(name, data) -> data` applied to each member."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, edit(info.filename, zin.read(info)))
+    return target
+
+
+def test_a_damaged_package_is_never_loaded_so_verify_reports_it_instead_of_crashing(
+    plain_pt2_export, tmp_path
+):
+    """Half of each compiled library cut off: loading it would kill the process (SIGBUS)
+    before any error; its sha256 no longer matches the manifest, so it is not loaded."""
+    copy = tmp_path / "copy"
+    shutil.copytree(plain_pt2_export, copy)
+
+    def cut(name: str, data: bytes) -> bytes:
+        return data[: len(data) // 2] if name.endswith(".wrapper.so") else data
+
+    _rewritten(plain_pt2_export / PT2_FILE, copy / PT2_FILE, cut)
+    with pytest.raises(UsageError, match=r"does not match the sha256 .* not loaded"):
+        Pt2LSTM(copy)
+    report = verify(copy)  # in this process: it would not survive a load
+    assert not report.passed
+    assert any("model.pt2 was not checked" in p and "not loaded" in p for p in report.problems)
+    assert PT2_BACKEND not in {r.backend for r in report.results}
+
+
+def test_a_metadata_file_that_disagrees_with_the_compiled_model_is_refused(
+    plain_pt2_export, tmp_path
+):
+    """The archive's metadata file (what inspect reads) says input_size 1; the loaded model
+    says 5: the input checks would rest on the wrong one, so the package is refused."""
+
+    def shrink(name: str, data: bytes) -> bytes:
+        if "/aotinductor/model/" not in name or not name.endswith(".wrapper_metadata.json"):
+            return data
+        meta = json.loads(data)
+        config = json.loads(meta[CONFIG_KEY])
+        meta[CONFIG_KEY] = json.dumps({**config, "input_size": 1})
+        return json.dumps(meta).encode()
+
+    lone = _rewritten(plain_pt2_export / PT2_FILE, tmp_path / "lone" / PT2_FILE, shrink)
+    with pytest.raises(UsageError, match="is not one model: its compiled model model records"):
+        Pt2LSTM(lone)
