@@ -113,6 +113,14 @@ def _quiet() -> Iterator[None]:
                 logger.setLevel(level)
 
 
+def _why(exc: Exception) -> str:
+    """One line for a failed export or compile: the compiler's first `error:` line where
+    there is one (inductor's CppCompileError leads with "C++ compile error" and the whole
+    command), else the exception's first line."""
+    errors = [line.strip() for line in str(exc).splitlines() if "error:" in line]
+    return f"{type(exc).__name__}: {errors[0]}" if errors else first_line(exc, type(exc).__name__)
+
+
 def call_form(with_state: bool, with_lengths: bool) -> str:
     """How a `PT2_MODELS` model is called: `forward(x, None, lengths)`, ..."""
     state = "(h0, c0)" if with_state else "None" if with_lengths else ""
@@ -168,9 +176,7 @@ def save_pt2(model: LSTM, path: Path, progress: Callable[[str], None] | None = N
                         options={**options, "aot_inductor.output_path": f"{work}/{name}"},
                     )
             except Exception as exc:  # torch.export / inductor raise many types
-                raise UsageError(
-                    f"compiling {PT2_FILE} ({name}) failed: {first_line(exc, type(exc).__name__)}"
-                ) from None
+                raise UsageError(f"compiling {PT2_FILE} ({name}) failed: {_why(exc)}") from None
         partial = Path(work) / PT2_FILE
         from torch._inductor.package import package_aoti
 

@@ -347,3 +347,16 @@ def test_a_metadata_file_that_disagrees_with_the_compiled_model_is_refused(
     lone = _rewritten(plain_pt2_export / PT2_FILE, tmp_path / "lone" / PT2_FILE, shrink)
     with pytest.raises(UsageError, match="is not one model: its compiled model model records"):
         Pt2LSTM(lone)
+
+
+def test_a_compile_failure_is_named_by_the_compilers_first_error_line():
+    from lstm_export.exporters.pt2 import _why
+
+    inductor = RuntimeError(
+        "C++ compile error\n\nCommand:\ng++ /tmp/lstm-export-pt2-x/model/c.cpp -O3\n\nOutput:\n"
+        "/tmp/lstm-export-pt2-x/model/c.cpp:7:3: error: 'foo' was not declared\n  7 | foo();\n"
+    )
+    assert _why(inductor) == (
+        "RuntimeError: /tmp/lstm-export-pt2-x/model/c.cpp:7:3: error: 'foo' was not declared"
+    )
+    assert _why(ValueError("Constraints violated (seq)!\nmore")) == "Constraints violated (seq)!"
