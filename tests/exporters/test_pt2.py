@@ -223,9 +223,9 @@ def test_a_file_that_is_not_our_package_is_one_line(tmp_path, pt2_export):
         Pt2LSTM(other)
 
 
-def test_verify_requires_the_kernel_library_beside_model_pt2(pt2_export, tmp_path):
+def test_verify_requires_the_kernel_library_beside_model_pt2(plain_pt2_export, tmp_path):
     copy = tmp_path / "copy"
-    shutil.copytree(pt2_export, copy)
+    shutil.copytree(plain_pt2_export, copy)
     (copy / KERNEL_LIBRARY).unlink()
     report = verify(copy)
     assert not report.passed
