@@ -37,7 +37,10 @@ OP_NAME = "lstm_export::layer_norm_lstm_layer"
 PLAIN_OP_NAME = "lstm_export::aten_lstm"
 """aten's LSTM behind a schema torch.export keeps opaque (`native/csrc/aten_lstm.cpp`): how
 a plain model's `model.pt2` runs; in the same library."""
-SOURCES = (build.CSRC / "layer_norm_lstm.cpp", build.CSRC / "aten_lstm.cpp")
+SOURCE = build.CSRC / "torch_ops.cpp"
+"""What the compiler is given: both bindings in one translation unit."""
+SOURCES = (SOURCE, build.CSRC / "layer_norm_lstm.cpp", build.CSRC / "aten_lstm.cpp")
+"""Every file of the library (part of its cache key, with the core header)."""
 WHAT = "the fused kernel"
 
 
@@ -64,7 +67,7 @@ def _command(output: Path) -> list[str]:
         "-fPIC",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *(f"-I{path}" for path in include_paths()),
-        *map(str, SOURCES),
+        str(SOURCE),
         "-o",
         str(output),
         *(f"-L{path}" for path in library_paths()),

@@ -359,7 +359,7 @@ def test_a_missing_compiler_is_one_clear_line(tmp_path, fresh_cache, monkeypatch
 def test_a_failing_compiler_is_one_line_naming_its_error(tmp_path, fresh_cache, monkeypatch):
     broken = tmp_path / "broken.cpp"
     broken.write_text("int main( {\n")
-    monkeypatch.setattr(kernels, "SOURCES", (broken,))
+    monkeypatch.setattr(kernels, "SOURCE", broken)
     with pytest.raises(UsageError, match=r"compiling the fused kernel failed: .*error: ") as info:
         kernels.build_kernel()
     assert "\n" not in str(info.value)
@@ -555,7 +555,7 @@ def _compilers_of_our_source() -> list[str]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"cc1plus") and str(kernels.SOURCES[0]).encode() in argv:
+        if argv and argv[0].endswith(b"cc1plus") and str(kernels.SOURCE).encode() in argv:
             found.append(proc.name)
     return found
 

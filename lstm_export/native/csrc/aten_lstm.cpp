@@ -10,7 +10,11 @@
 // direction). lengths (int64 [batch], each in 1..seq), when given, runs a padded batch the
 // way nn.LSTM runs a packed sequence: sorted longest first, packed, run, padded back (y 0
 // past each length), and put back in the caller's order; aten checks the lengths.
-#include <ATen/ATen.h>
+// The few ATen headers it uses, not <ATen/ATen.h>: that one doubles the library's build time.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_pack_padded_sequence.h>
+#include <ATen/ops/_pad_packed_sequence.h>
+#include <ATen/ops/lstm.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
