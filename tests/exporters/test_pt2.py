@@ -43,6 +43,10 @@ pytestmark = pytest.mark.slow  # every test here reads a compiled package
 
 SHAPES = [(seq, batch) for seq in (1, 2, 17, 300) for batch in (1, 5)]
 """The issue's shapes: seq 1, 2, 17, 300 by batch 1 and 5."""
+LONG_SKIPPED = ("model_state", "model_lengths")
+"""At seq 300 only `model` and `model_state_lengths` (the default form and the one with every
+input) are held to the float64 reference, whose seq-300 runs are most of this test's time;
+the fresh interpreter still runs all four there, and every form runs at seq 1 to 17."""
 
 # A deployer's script: no lstm_export (its import is made to fail), only torch, the op
 # library beside the package, and aoti_load_package. It runs the four call forms on the
@@ -115,6 +119,8 @@ def test_a_fresh_interpreter_without_lstm_export_runs_every_form_within_the_pari
     tolerance, checked = Tolerance(), 0
     for key, inputs in cases.items():
         for name, (with_state, with_lengths) in PT2_MODELS.items():
+            if key.startswith("300x") and name in LONG_SKIPPED:
+                continue
             x = inputs["x"]
             state = (inputs["h0"], inputs["c0"]) if with_state else None
             lengths = inputs["lengths"] if with_lengths else None
@@ -130,7 +136,7 @@ def test_a_fresh_interpreter_without_lstm_export_runs_every_form_within_the_pari
                     f"{which} {name} {key} {output}: {error:.2e} > {allowed:.2e}"
                 )
                 checked += 1
-    assert checked == 3 * 4 * len(SHAPES)
+    assert checked == 3 * (4 * len(SHAPES) - 2 * len(LONG_SKIPPED))
 
 
 def test_the_default_export_records_model_pt2_and_its_library(pt2_export):
