@@ -7,8 +7,11 @@ puts tests/ on sys.path. Fixtures stay in conftest.py.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,40 @@ def not_regular_files(folder: Path, suffix: str = "") -> list[tuple[Path, str]]:
     zero = folder / f"zero{suffix}"
     zero.symlink_to("/dev/zero")
     return [(fifo, "a named pipe"), (zero, "a device"), (folder, "a folder")]
+
+
+def sigterm_once_started(
+    command: list[str],
+    log: Path,
+    started: Callable[[], bool],
+    what: str,
+    *,
+    env: dict[str, str] | None = None,
+    start_timeout: float = 300,
+) -> int:
+    """Run `command` (output to `log`: a file, as a terminal, so an orphaned compiler is
+    not killed by SIGPIPE, which would hide it), send SIGTERM as soon as `started()`, and
+    return its exit code; the process is killed if it outlives the test."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=out, env=env)
+        try:
+            deadline = time.monotonic() + start_timeout
+            while not started():
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"{what} never started"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc.returncode
+
+
+def wait_until_gone(alive: Callable[[], bool], seconds: float) -> bool:
+    """Poll `alive()` for up to `seconds` (processes being reaped); True if it went false."""
+    deadline = time.monotonic() + seconds
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not alive()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_python
+from helpers import run_python, sigterm_once_started, wait_until_gone
 from lstm_export.artifacts import (
     CONFIG_KEY,
     KERNEL_LIBRARY,
@@ -274,35 +274,22 @@ def _pt2_compilers() -> dict[int, str]:
 def test_sigterm_during_the_pt2_compile_stops_its_compilers_and_leaves_nothing(tmp_path):
     """AOTInductor's compilers are children in our process group: SIGTERM to the export
     (as a service manager sends it) must stop them too, not leave them running orphaned."""
-    import signal
-    import subprocess
     import sys
-    import time
 
     before = set(_pt2_compilers())
     command = [sys.executable, "-m", "lstm_export.cli", "export", "--pt2", "--no-layer-norm"]
     command += ["--input-size", "3", "--hidden-size", "5", "--num-layers", "1"]
     log = tmp_path / "log"
-    with open(log, "w") as out:  # a file, as a terminal: no SIGPIPE to hide an orphan
-        proc = subprocess.Popen([*command, "--out", str(tmp_path / "m")], stdout=out, stderr=out)
-        try:
-            deadline = time.monotonic() + 300
-            while not set(_pt2_compilers()) - before:
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "the pt2 compile never started"
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == 143, log.read_text()
+    returncode = sigterm_once_started(
+        [*command, "--out", str(tmp_path / "m")],
+        log,
+        lambda: bool(set(_pt2_compilers()) - before),
+        "the pt2 compile",
+    )
+    assert returncode == 143, log.read_text()
     assert "Traceback" not in log.read_text()
-    deadline = time.monotonic() + 5  # killed compilers being reaped; an orphan lives on
-    while set(_pt2_compilers()) - before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not set(_pt2_compilers()) - before
+    # Killed compilers are reaped at once; an orphan lives on.
+    assert wait_until_gone(lambda: bool(set(_pt2_compilers()) - before), 5)
     assert not (tmp_path / "m").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.partial")]
 

@@ -10,11 +10,9 @@ import copy
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import torch
 from torch import nn
 
 import helpers
-from helpers import run_cli, run_python, small_model
+from helpers import run_cli, run_python, sigterm_once_started, small_model, wait_until_gone
 from lstm_export.artifacts import ATOL as TOLERANCE
 from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, TORCHSCRIPT_FILE
 from lstm_export.checkpoints import build_model
@@ -564,30 +562,18 @@ def test_sigterm_during_the_kernel_build_stops_the_compiler_and_leaves_nothing(t
     cache = tmp_path / "cache"
     env = {**os.environ, build.CACHE_ENV: str(cache)}
     command = [sys.executable, "-m", "lstm_export.cli", "export", "--fused-kernel"]
-    # Output to a file, as on a terminal: an orphaned compiler writing to a closed pipe
-    # would die of SIGPIPE and hide the bug.
     log = tmp_path / "log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [*command, "--out", str(tmp_path / "m")], stdout=out, stderr=out, env=env
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while not _compilers_of_our_source():
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "the kernel build never started"
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == 143, log.read_text()
+    returncode = sigterm_once_started(
+        [*command, "--out", str(tmp_path / "m")],
+        log,
+        lambda: bool(_compilers_of_our_source()),
+        "the kernel build",
+        env=env,
+        start_timeout=120,
+    )
+    assert returncode == 143, log.read_text()
     assert "Traceback" not in log.read_text()
-    deadline = time.monotonic() + 0.5  # a killed compiler being reaped; an orphan lives on
-    while _compilers_of_our_source() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _compilers_of_our_source()
+    # A killed compiler is reaped at once; an orphan lives on.
+    assert wait_until_gone(lambda: bool(_compilers_of_our_source()), 0.5)
     assert not (tmp_path / "m").exists()
     assert not list(cache.rglob("*.so")) and not list(cache.rglob("*.partial"))
