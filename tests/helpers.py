@@ -188,3 +188,17 @@ def wait_until_gone(alive: Callable[[], bool], seconds: float) -> bool:
     while alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     return not alive()
+
+
+def compilers_working_in(marker: str) -> dict[int, str]:
+    """Live g++/cc1plus processes whose command line names `marker` (a work folder), by pid."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if marker in argv and state != "Z" and ("cc1plus" in argv or "g++" in argv):
+            found[int(proc.name)] = argv
+    return found

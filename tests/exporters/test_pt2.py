@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_python, sigterm_once_started, wait_until_gone
+from helpers import compilers_working_in, run_python, sigterm_once_started, wait_until_gone
 from lstm_export.artifacts import (
     CONFIG_KEY,
     KERNEL_LIBRARY,
@@ -257,18 +257,8 @@ def test_inspect_reads_the_package_without_loading_it(pt2_export):
 
 
 def _pt2_compilers() -> dict[int, str]:
-    """Live compiler processes working on a model.pt2 of ours (their files are in our
-    lstm-export-pt2-* work folder), by pid."""
-    found = {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if "lstm-export-pt2-" in argv and state != "Z" and ("cc1plus" in argv or "g++" in argv):
-            found[int(proc.name)] = argv
-    return found
+    """Live compilers working on a model.pt2 of ours (in an lstm-export-pt2-* work folder)."""
+    return compilers_working_in("lstm-export-pt2-")
 
 
 def test_sigterm_during_the_pt2_compile_stops_its_compilers_and_leaves_nothing(tmp_path):
