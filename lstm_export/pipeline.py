@@ -33,7 +33,7 @@ from lstm_export.errors import UsageError
 from lstm_export.exporters.manifest import build_manifest
 from lstm_export.exporters.onnx_fused import save_fused_onnx
 from lstm_export.exporters.onnx_graph import save_onnx
-from lstm_export.exporters.pt2 import save_pt2
+from lstm_export.exporters.pt2_package import save_pt2
 from lstm_export.exporters.torchscript import (
     TorchScriptRefused,
     config_of,

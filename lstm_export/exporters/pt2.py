@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,7 +37,6 @@ from lstm_export.artifacts import (
     ROUTE_KEY,
 )
 from lstm_export.errors import UsageError, first_line
-from lstm_export.exporters.pt2_helper import Helper
 from lstm_export.exporters.routes import pt2_deployable, pt2_route_of
 from lstm_export.exporters.torchscript import config_of
 from lstm_export.model import LSTM
@@ -189,53 +185,3 @@ def compile_models(
                 raise UsageError(f"compiling {PT2_FILE} ({name}) failed: {_why(exc)}") from None
             files[name] = [str(f) for f in compiled]
     return files
-
-
-def save_pt2(model: LSTM, path: Path, progress: Callable[[str], None] | None = None) -> None:
-    """Export and compile `model` (float32, eval) into the package `path` (`PT2_MODELS`).
-
-    Each model's compile is mostly one single-threaded g++ run, so the models are shared
-    between this process and helper processes (`pt2_helper`), one per further CPU: on 2
-    cores the package is ready in about 60% of the time.
-
-    Raises UsageError with one line when torch.export or AOTInductor fails (a compiler is
-    needed, as for the kernel library); nothing is left at `path` then.
-    """
-    step = progress or (lambda _message: None)
-    shares = _shares(list(PT2_MODELS), _cpus())
-    with tempfile.TemporaryDirectory(prefix="lstm-export-pt2-") as folder:
-        work = Path(folder)
-        helpers: list[Helper] = []
-        try:
-            for share in shares[1:]:
-                step(f"Compiling {PT2_FILE}: {', '.join(share)} in a helper process")
-                helpers.append(Helper.start(model, share, work))
-            files = compile_models(model, shares[0], work, step)
-            for helper in helpers:
-                if helper.running():
-                    step(f"Compiling {PT2_FILE}: waiting for the helper process")
-                files.update(helper.result())
-        finally:
-            for helper in helpers:
-                helper.stop()
-        partial = work / PT2_FILE
-        from torch._inductor.package import package_aoti
-
-        package_aoti(str(partial), {name: files[name] for name in PT2_MODELS})
-        shutil.move(partial, path)
-
-
-def _cpus() -> int:
-    """The CPUs this process may run on (a container's or taskset's share, not the host's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
-def _shares(names: list[str], cpus: int) -> list[list[str]]:
-    """`names` in contiguous runs, one per process (at most `cpus`): this process takes the
-    first, which also pays for inductor's first-compile warm-up; a helper pays for starting."""
-    count = max(1, min(cpus, len(names)))
-    size = -(-len(names) // count)
-    return [names[k : k + size] for k in range(0, len(names), size)]

@@ -13,8 +13,7 @@ import pytest
 from helpers import compilers_working_in, small_model, wait_until_gone
 from lstm_export.artifacts import PT2_MODELS
 from lstm_export.errors import UsageError
-from lstm_export.exporters.pt2 import _shares
-from lstm_export.exporters.pt2_helper import Helper
+from lstm_export.exporters.pt2_package import Helper, _shares
 from lstm_export.native.torch_kernel import build_kernel
 
 NAMES = list(PT2_MODELS)
