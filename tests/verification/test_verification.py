@@ -31,9 +31,15 @@ from lstm_export.verification.folder import verify
 DATA = Path(__file__).parent.parent / "data"
 
 
+@pytest.fixture(scope="module")
+def _good_export_once(tmp_path_factory):
+    return export(small_model(True, 2), tmp_path_factory.mktemp("good") / "m").out_dir
+
+
 @pytest.fixture
-def good_export(tmp_path):
-    return export(small_model(True, 2), tmp_path / "m").out_dir
+def good_export(_good_export_once, tmp_path):
+    """A copy of one export of this module's, for a test to change."""
+    return shutil.copytree(_good_export_once, tmp_path / "m", symlinks=True)
 
 
 def test_a_good_export_verifies(good_export):
@@ -125,10 +131,16 @@ def test_verify_reports_an_artifact_that_is_a_symlink(good_export, tmp_path):
 # (the state and batch-first breakages need more than one row of state), hidden 16.
 
 
-@pytest.fixture(params=[False, True], ids=["plain", "layer_norm"])
-def sound_export(request, tmp_path):
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "layer_norm"])
+def _sound_export_once(request, tmp_path_factory):
     model = corpus.trained_like(LSTMConfig(6, 16, 2, request.param), seed=3, norm_std=0.5)
-    return export(model, tmp_path / "m").out_dir
+    return export(model, tmp_path_factory.mktemp("sound") / "m").out_dir
+
+
+@pytest.fixture
+def sound_export(_sound_export_once, tmp_path):
+    """A copy of one of this module's two sound exports, for a test to break."""
+    return shutil.copytree(_sound_export_once, tmp_path / "m", symlinks=True)
 
 
 def _verify_fails(call_main, folder, *backends: str) -> None:
