@@ -153,7 +153,7 @@ def not_regular_files(folder: Path, suffix: str = "") -> list[tuple[Path, str]]:
     return [(fifo, "a named pipe"), (zero, "a device"), (folder, "a folder")]
 
 
-def sigterm_once_started(
+def interrupt_once_started(
     command: list[str],
     log: Path,
     started: Callable[[], bool],
@@ -161,19 +161,28 @@ def sigterm_once_started(
     *,
     env: dict[str, str] | None = None,
     start_timeout: float = 300,
+    ctrl_c: bool = False,
 ) -> int:
     """Run `command` (output to `log`: a file, as a terminal, so an orphaned compiler is
-    not killed by SIGPIPE, which would hide it), send SIGTERM as soon as `started()`, and
-    return its exit code; the process is killed if it outlives the test."""
+    not killed by SIGPIPE, which would hide it), interrupt it as soon as `started()`, and
+    return its exit code; the process is killed if it outlives the test.
+
+    The interruption is SIGTERM to the process (as a service manager sends it), or with
+    `ctrl_c` SIGINT to its process group, as a terminal sends Ctrl-C to its foreground job
+    (the command then runs in a session of its own, as that job would).
+    """
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=out, env=env)
+        proc = subprocess.Popen(command, stdout=out, stderr=out, env=env, start_new_session=ctrl_c)
         try:
             deadline = time.monotonic() + start_timeout
             while not started():
                 assert proc.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, f"{what} never started"
                 time.sleep(0.05)
-            proc.send_signal(signal.SIGTERM)
+            if ctrl_c:
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
         finally:
             if proc.poll() is None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import compilers_working_in, run_python, sigterm_once_started, wait_until_gone
+from helpers import compilers_working_in, interrupt_once_started, run_python, wait_until_gone
 from lstm_export.artifacts import (
     CONFIG_KEY,
     KERNEL_LIBRARY,
@@ -261,25 +261,49 @@ def _pt2_compilers() -> dict[int, str]:
     return compilers_working_in("lstm-export-pt2-")
 
 
-def test_sigterm_during_the_pt2_compile_stops_its_compilers_and_leaves_nothing(tmp_path):
-    """AOTInductor's compilers are children in our process group: SIGTERM to the export
-    (as a service manager sends it) must stop them too, not leave them running orphaned."""
+def _pt2_helpers() -> set[int]:
+    """Live helper processes compiling a share of a model.pt2 (`exporters.pt2_package`)."""
+    found = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if b"lstm_export.exporters.pt2_package" in argv and state != "Z":
+            found.add(int(proc.name))
+    return found
+
+
+@pytest.mark.parametrize("ctrl_c,exit_code", [(False, 143), (True, 130)], ids=["sigterm", "ctrl-c"])
+def test_an_interrupted_pt2_compile_stops_its_compilers_and_helper_and_leaves_nothing(
+    tmp_path, ctrl_c, exit_code
+):
+    """AOTInductor's compilers are children in our process group and the helper process
+    (and its compilers) in a session of its own: SIGTERM to the export (as a service manager
+    sends it) and Ctrl-C to its process group (as a terminal sends it) must stop them all,
+    not leave them running orphaned."""
     import sys
 
-    before = set(_pt2_compilers())
+    compilers, helpers = set(_pt2_compilers()), _pt2_helpers()
     command = [sys.executable, "-m", "lstm_export.cli", "export", "--pt2", "--no-layer-norm"]
     command += ["--input-size", "3", "--hidden-size", "5", "--num-layers", "1"]
     log = tmp_path / "log"
-    returncode = sigterm_once_started(
+
+    def ours_alive() -> tuple[bool, bool]:
+        return bool(set(_pt2_compilers()) - compilers), bool(_pt2_helpers() - helpers)
+
+    returncode = interrupt_once_started(
         [*command, "--out", str(tmp_path / "m")],
         log,
-        lambda: bool(set(_pt2_compilers()) - before),
+        lambda: all(ours_alive()),
         "the pt2 compile",
+        ctrl_c=ctrl_c,
     )
-    assert returncode == 143, log.read_text()
+    assert returncode == exit_code, log.read_text()
     assert "Traceback" not in log.read_text()
-    # Killed compilers are reaped at once; an orphan lives on.
-    assert wait_until_gone(lambda: bool(set(_pt2_compilers()) - before), 5)
+    # Killed processes are reaped at once; an orphan lives on.
+    assert wait_until_gone(lambda: any(ours_alive()), 5), ours_alive()
     assert not (tmp_path / "m").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.partial")]
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import helpers
-from helpers import run_cli, run_python, sigterm_once_started, small_model, wait_until_gone
+from helpers import interrupt_once_started, run_cli, run_python, small_model, wait_until_gone
 from lstm_export.artifacts import ATOL as TOLERANCE
 from lstm_export.artifacts import FUSED_TORCHSCRIPT_FILE, MANIFEST_FILE, TORCHSCRIPT_FILE
 from lstm_export.checkpoints import build_model
@@ -576,7 +576,7 @@ def test_sigterm_during_the_kernel_build_stops_the_compiler_and_leaves_nothing(t
     env = {**os.environ, build.CACHE_ENV: str(cache)}
     command = [sys.executable, "-m", "lstm_export.cli", "export", "--fused-kernel"]
     log = tmp_path / "log"
-    returncode = sigterm_once_started(
+    returncode = interrupt_once_started(
         [*command, "--out", str(tmp_path / "m")],
         log,
         lambda: bool(_compilers_of_our_source()),
