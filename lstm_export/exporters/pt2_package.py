@@ -16,9 +16,11 @@ import json
 import os
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -56,16 +58,16 @@ class Helper:
             (work / CONFIG).write_text(config_of(model).to_json())
         stem = f"helper-{names[0]}"
         log = work / f"{stem}.log"
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p
-            ),
-        }
+        env = dict(os.environ)
+        if _PACKAGE_ROOT not in site.getsitepackages():  # found on sys.path: pass it on
+            parts = (_PACKAGE_ROOT, os.environ.get("PYTHONPATH"))
+            env["PYTHONPATH"] = os.pathsep.join(p for p in parts if p)
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(work), stem, *names],
-                stdin=subprocess.DEVNULL,
+                # -P and cwd: no module of the user's folder shadows ours or the stdlib's.
+                [sys.executable, "-P", "-m", __name__, str(work), stem, *names],
+                cwd=work,
+                stdin=subprocess.PIPE,  # its lifeline: EOF when we die, however we die
                 stdout=out,
                 stderr=out,
                 env=env,
@@ -93,6 +95,8 @@ class Helper:
             with suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
+        if self.process.stdin is not None:
+            self.process.stdin.close()
 
 
 def save_pt2(model: LSTM, path: Path, progress: Callable[[str], None] | None = None) -> None:
@@ -145,8 +149,17 @@ def _shares(names: list[str], cpus: int) -> list[list[str]]:
     return [names[k : k + size] for k in range(0, len(names), size)]
 
 
+def _die_with_parent() -> None:
+    """In a helper: the parent holds our stdin open; EOF means it is gone (even killed with
+    SIGKILL or SIGHUP, which no handler of its sees), so kill this session, compilers too."""
+    while os.read(0, 4096):  # the raw fd: a buffered read would hold a lock at exit
+        pass
+    os.killpg(0, signal.SIGKILL)
+
+
 def main(argv: Sequence[str]) -> int:
     """A helper: `python -m lstm_export.exporters.pt2_package WORK STEM NAME...`"""
+    threading.Thread(target=_die_with_parent, daemon=True).start()
     work, stem, names = Path(argv[0]), argv[1], list(argv[2:])
     config = LSTMConfig.from_json((work / CONFIG).read_text())
     model = LSTM.from_config(config)
