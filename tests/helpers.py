@@ -199,8 +199,9 @@ def wait_until_gone(alive: Callable[[], bool], seconds: float) -> bool:
     return not alive()
 
 
-def compilers_working_in(marker: str) -> dict[int, str]:
-    """Live g++/cc1plus processes whose command line names `marker` (a work folder), by pid."""
+def live_processes(matches: Callable[[str], bool]) -> dict[int, str]:
+    """Live (not zombie) processes whose command line (arguments joined by spaces) `matches`,
+    by pid."""
     found = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -208,6 +209,11 @@ def compilers_working_in(marker: str) -> dict[int, str]:
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if marker in argv and state != "Z" and ("cc1plus" in argv or "g++" in argv):
+        if state != "Z" and matches(argv):
             found[int(proc.name)] = argv
     return found
+
+
+def compilers_working_in(marker: str) -> dict[int, str]:
+    """Live g++/cc1plus processes whose command line names `marker` (a work folder), by pid."""
+    return live_processes(lambda argv: marker in argv and ("cc1plus" in argv or "g++" in argv))

@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import compilers_working_in, interrupt_once_started, run_python, wait_until_gone
+from helpers import (
+    compilers_working_in,
+    interrupt_once_started,
+    live_processes,
+    run_python,
+    wait_until_gone,
+)
 from lstm_export.artifacts import (
     CONFIG_KEY,
     KERNEL_LIBRARY,
@@ -263,16 +269,7 @@ def _pt2_compilers() -> dict[int, str]:
 
 def _pt2_helpers() -> set[int]:
     """Live helper processes compiling a share of a model.pt2 (`exporters.pt2_package`)."""
-    found = set()
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if b"lstm_export.exporters.pt2_package" in argv and state != "Z":
-            found.add(int(proc.name))
-    return found
+    return set(live_processes(lambda argv: "lstm_export.exporters.pt2_package" in argv))
 
 
 @pytest.mark.parametrize("ctrl_c,exit_code", [(False, 143), (True, 130)], ids=["sigterm", "ctrl-c"])
