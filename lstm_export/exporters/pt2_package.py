@@ -2,12 +2,14 @@
 helper processes, then packaged.
 
 AOTInductor compiles a model with one g++ run at a time, so each further CPU takes a share
-of the models in a helper: a fresh interpreter (`python -m` this module), not a fork of one
-that holds torch's thread pools. It rebuilds the model from its config and weights (saved in
-the compile's private work folder, loaded with `weights_only=True`), compiles its share and
+of the models in a helper: a fresh interpreter (`python -P -m` this module, in the work
+folder, so no module of the user's folder shadows ours), not a fork of one that holds
+torch's thread pools. It rebuilds the model from its config and weights (saved in the
+compile's private work folder, loaded with `weights_only=True`), compiles its share and
 writes the compiled files' names beside them. It runs in its own session, so `Helper.stop`
 takes its compilers along (and a Ctrl-C reaches it through us, never half of the work);
-`lstm-export export` passes a SIGTERM on to it.
+`lstm-export export` passes a SIGTERM on to it, and where we die without a word (SIGKILL,
+SIGHUP) its stdin, our lifeline to it, ends and it kills its session itself.
 """
 
 from __future__ import annotations
