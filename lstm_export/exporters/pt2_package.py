@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import torch
 
 from lstm_export.artifacts import PT2_FILE, PT2_MODELS
 from lstm_export.config import LSTMConfig
-from lstm_export.errors import UsageError
+from lstm_export.errors import UsageError, first_line
 from lstm_export.exporters.pt2 import compile_models
 from lstm_export.exporters.torchscript import config_of
 from lstm_export.model import LSTM
@@ -55,26 +56,32 @@ class Helper:
     @classmethod
     def start(cls, model: LSTM, names: Sequence[str], work: Path) -> Helper:
         """Start compiling the `PT2_MODELS` named `names` of `model` into `work`."""
-        if not (work / CONFIG).exists():
-            torch.save(model.state_dict(), work / WEIGHTS)
-            (work / CONFIG).write_text(config_of(model).to_json())
         stem = f"helper-{names[0]}"
         log = work / f"{stem}.log"
         env = dict(os.environ)
         if _PACKAGE_ROOT not in site.getsitepackages():  # found on sys.path: pass it on
             parts = (_PACKAGE_ROOT, os.environ.get("PYTHONPATH"))
             env["PYTHONPATH"] = os.pathsep.join(p for p in parts if p)
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                # -P and cwd: no module of the user's folder shadows ours or the stdlib's.
-                [sys.executable, "-P", "-m", __name__, str(work), stem, *names],
-                cwd=work,
-                stdin=subprocess.PIPE,  # its lifeline: EOF when we die, however we die
-                stdout=out,
-                stderr=out,
-                env=env,
-                start_new_session=True,
-            )
+        try:
+            if not (work / CONFIG).exists():
+                torch.save(_weights(model), work / WEIGHTS)
+                (work / CONFIG).write_text(config_of(model).to_json())
+            with open(log, "wb") as out:
+                process = subprocess.Popen(
+                    # -P and cwd: no module of the user's folder shadows ours or the stdlib's.
+                    [sys.executable, "-P", "-m", __name__, str(work), stem, *names],
+                    cwd=work,
+                    stdin=subprocess.PIPE,  # its lifeline: EOF when we die, however we die
+                    stdout=out,
+                    stderr=out,
+                    env=env,
+                    start_new_session=True,
+                )
+        except (OSError, RuntimeError) as exc:  # a full disk (torch.save's is a RuntimeError)
+            raise UsageError(
+                f"could not start a helper process compiling {', '.join(names)} of "
+                f"{PT2_FILE} in {work}: {first_line(exc)}"
+            ) from None
         return cls(process, list(names), work / f"{stem}.json", log)
 
     def running(self) -> bool:
@@ -85,11 +92,16 @@ class Helper:
         returncode = self.process.wait()
         if returncode == 0 and self.result_file.exists():
             return json.loads(self.result_file.read_text())
-        lines = self.log.read_text(errors="replace").strip().splitlines()
-        why = lines[-1] if returncode == 1 and lines else f"it exited with {returncode}"
-        if why.startswith("error: "):
-            raise UsageError(why.removeprefix("error: "))
-        raise UsageError(f"the helper process compiling {', '.join(self.names)} failed: {why}")
+        log = self.log.read_text(errors="replace").strip()
+        # Its log goes with the work folder: chained, `--debug` shows it under the error.
+        cause = HelperLog(f"the helper process's output:\n{log}")
+        lines = log.splitlines()
+        if returncode == 1 and lines and lines[-1].startswith("error: "):
+            raise UsageError(lines[-1].removeprefix("error: ")) from cause
+        raise UsageError(
+            f"the helper process compiling {', '.join(self.names)} of {PT2_FILE} failed: "
+            f"it exited with {returncode}"
+        ) from cause
 
     def stop(self) -> None:
         """Kill the helper and its compilers (its session) if they still run; reap it."""
@@ -123,7 +135,8 @@ def save_pt2(model: LSTM, path: Path, progress: Callable[[str], None] | None = N
             files = compile_models(model, shares[0], work, step)
             for helper in helpers:
                 if helper.running():
-                    step(f"Compiling {PT2_FILE}: waiting for the helper process")
+                    names = ", ".join(helper.names)
+                    step(f"Compiling {PT2_FILE}: waiting for the helper process ({names})")
                 files.update(helper.result())
         finally:
             for helper in helpers:
@@ -133,6 +146,17 @@ def save_pt2(model: LSTM, path: Path, progress: Callable[[str], None] | None = N
 
         package_aoti(str(partial), {name: files[name] for name in PT2_MODELS})
         shutil.move(partial, path)
+
+
+class HelperLog(Exception):
+    """A failed helper's whole output, chained under the one-line error."""
+
+
+def _weights(model: LSTM) -> dict[str, torch.Tensor]:
+    """The weights the helper's `LSTM.from_config` takes: a subclass's extra parameters
+    and buffers stay here (the compiled route reads only these, here as there)."""
+    keys = LSTM.from_config(config_of(model)).state_dict().keys()
+    return {key: value for key, value in model.state_dict().items() if key in keys}
 
 
 def _cpus() -> int:
@@ -163,13 +187,20 @@ def main(argv: Sequence[str]) -> int:
     """A helper: `python -m lstm_export.exporters.pt2_package WORK STEM NAME...`"""
     threading.Thread(target=_die_with_parent, daemon=True).start()
     work, stem, names = Path(argv[0]), argv[1], list(argv[2:])
-    config = LSTMConfig.from_json((work / CONFIG).read_text())
-    model = LSTM.from_config(config)
-    model.load_state_dict(torch.load(work / WEIGHTS, weights_only=True))
     try:
+        model = LSTM.from_config(LSTMConfig.from_json((work / CONFIG).read_text()))
+        model.load_state_dict(torch.load(work / WEIGHTS, weights_only=True))
         files = compile_models(model, names, work)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug of ours: its trace in the log, one line for the user
+        traceback.print_exc()
+        print(
+            f"error: the helper process compiling {', '.join(names)} of {PT2_FILE} failed: "
+            f"{type(exc).__name__}: {first_line(exc)}",
+            file=sys.stderr,
+        )
         return 1
     (work / f"{stem}.json").write_text(json.dumps(files))
     return 0
