@@ -235,6 +235,8 @@ def export(
     for artifact, entry in result.manifest["artifacts"].items():
         line = f"  {result.out_dir / artifact}  {entry['bytes']:,} bytes  ({entry['route']})"
         out.print(line, markup=False, highlight=False)
-    out.print(f"[bold green]Parity passed[/]: {escape(result.report.summary())}")
+    out.print(
+        f"[bold green]Parity passed[/]: {escape(result.report.summary())}", soft_wrap=False
+    )  # prose: wrapped like the notes
     for note in result.report.notes():
         err.print(f"[bold yellow]note[/]: {escape(note)}", highlight=False, soft_wrap=True)

@@ -44,7 +44,9 @@ def verify(
         str(folder), f"run `lstm-export verify {folder}{given} --json` for the whole table"
     )
     if not as_json:
-        out.print(f"[bold green]Parity passed[/]: {escape(report.summary())}")
+        out.print(
+            f"[bold green]Parity passed[/]: {escape(report.summary())}", soft_wrap=False
+        )  # prose: wrapped like the notes
 
 
 @app.command()

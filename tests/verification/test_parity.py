@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from helpers import small_model
+from lstm_export.checkpoints import build_model
+from lstm_export.config import LSTMConfig
 from lstm_export.errors import ParityError, UsageError
 from lstm_export.exporters.torchscript import script
 from lstm_export.model import LSTM
@@ -100,6 +102,27 @@ def test_one_realization_only_is_the_plain_eager_error():
     expected = reference.expected(x, state)
     eager = reference.eager(x, state)
     assert reference.floor(x, state, expected, eager) == max_abs_errors(eager, expected)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_eager_and_its_floor_from_one_batched_run_are_the_eager_model_s_own(batch_first):
+    """check_parity runs the case beside its perturbed copies in one batch: the case's rows
+    must be what the eager model gives for the case alone, state and lengths included, up
+    to float32 rounding (another batch size takes other matmul kernels)."""
+    model = build_model(LSTMConfig(5, 8, 2, True, batch_first=batch_first), seed=2)
+    reference = Reference(model)
+    # Ragged rows of 4 (which divides the 16 copies' 64 rows): a split that mixes copies
+    # and rows up hands back other sequences, not the same ones one ulp away.
+    case = Case(9, 4, True, ragged=True)
+    x, state, lengths = case_inputs(reference.config, case, seed=4)
+    expected = reference.expected(x, state, lengths)
+    eager, floor = reference.eager_and_floor(x, state, expected, lengths)
+    alone = reference.eager(x, state, lengths=lengths)
+    for batched, single in zip(eager, alone, strict=True):
+        assert batched.shape == single.shape
+        np.testing.assert_allclose(batched, single, rtol=0, atol=1e-6)  # float32 rounding only
+    assert floor == pytest.approx(reference.floor(x, state, expected, alone, lengths), rel=0.5)
+    assert all(f >= e for f, e in zip(floor, max_abs_errors(eager, expected), strict=True))
 
 
 def test_allowed_is_atol_or_factor_times_the_floor():
