@@ -143,16 +143,17 @@ def sound_export(_sound_export_once, tmp_path):
     return shutil.copytree(_sound_export_once, tmp_path / "m", symlinks=True)
 
 
-def _verify_fails(call_main, folder, *backends: str) -> None:
-    """verify exits 1 with one line naming the first failing backend; `backends` fail."""
-    report = verify(folder)
-    assert not report.problems, report.problems  # the hashes match: only parity can tell
-    failed = {r.backend for r in report.failures}
-    assert failed == set(backends), report.summary()
-    code, out, err = call_main("verify", folder)
-    lines = err.strip().splitlines()
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: parity failed"), err
-    assert "FAIL" in out and "--json" in lines[0]
+def _verify_fails(call_main, folder, *backends: str) -> dict:
+    """verify exits 1 with one line saying parity failed; exactly `backends` fail. One run,
+    with --json: the rows are read from it (the table's FAIL marks: `test_a_layer_norm_...`)."""
+    code, out, err = call_main("verify", folder, "--json")
+    line = _one_line(code, err, expected_code=1)
+    assert line.startswith("error: parity failed") and "--json" in line, line
+    report = json.loads(out)
+    assert not report["problems"], report["problems"]  # the hashes match: only parity can tell
+    failed = {row["backend"] for row in report["results"] if not row["passed"]}
+    assert failed == set(backends), report["worst"]
+    return report
 
 
 ONNX_ROWS = ("onnxruntime", "onnxruntime batch-first")
@@ -163,6 +164,15 @@ def test_a_layer_norm_epsilon_of_1e_3_in_model_onnx_fails(tmp_path, call_main):
     folder = export(model, tmp_path / "m").out_dir
     corpus.set_layer_norm_epsilon(folder, 1e-3)
     _verify_fails(call_main, folder, *ONNX_ROWS)
+    code, out, err = call_main("verify", folder)  # the table, as a person reads it
+    assert code == 1 and err.startswith("error: parity failed")
+    verdicts = {line.strip().split("  ")[0]: line.split()[-1] for line in _table_rows(out)}
+    assert verdicts == {"eager": "ok", "torchscript": "ok"} | dict.fromkeys(ONNX_ROWS, "FAIL")
+
+
+def _table_rows(out: str) -> list[str]:
+    """The rows of verify's table: the lines that end in a result."""
+    return [line for line in out.splitlines() if line.split()[-1:] in (["ok"], ["FAIL"])]
 
 
 def test_one_weight_nudged_by_1e_3_in_model_onnx_fails(sound_export, call_main):
