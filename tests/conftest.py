@@ -100,6 +100,15 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _threads_given_back(_one_torch_thread) -> Iterator[None]:
+    """A test (or the library code it calls) that changes torch's process-wide thread count
+    must give it back: one that did not (bench failing on a bad path) left every later test
+    running on two threads, and the suite's exports 1.7x slower."""
+    yield
+    assert torch.get_num_threads() == 1, "torch's thread count was changed and not restored"
+
+
+@pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(1234)
 

@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "checkpoint_file": 1,
     "checkpoints": 1,
     "nn_lstm": 1,
+    "threads": 1,
     # writing artifacts | running them: siblings that never import each other
     "exporters": 2,
     "runtime": 2,

@@ -54,6 +54,7 @@ from lstm_export.native.torch_kernel import build_kernel
 from lstm_export.runtime.cpp import built_binary, time_forward
 from lstm_export.runtime.onnx import OnnxLSTM
 from lstm_export.runtime.pt2 import Pt2LSTM
+from lstm_export.threads import torch_threads
 from lstm_export.verification.backends import (
     FUSED_BACKEND,
     FUSED_ONNX_BACKEND,
@@ -345,84 +346,84 @@ def bench(
     """
     shapes = parse_shapes(DEFAULT_SHAPES) if shapes is None else shapes
     step = progress or (lambda _message: None)
-    torch.set_num_threads(threads)
-    folder = Path(folder)
-    notes: list[str] = []
-    config, backends, ragged_ok = _backends(folder, threads, notes)
-    cpp_binary = built_binary() if cpp else None
-    report = BenchReport(
-        notes=notes,
-        cpp=str(cpp_binary) if cpp_binary else "not built (run lstm-export cpp-check once)",
-        config=config.to_dict(),
-        threads=threads,
-        repeats=repeats,
-        machine={
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "onnxruntime": ort.__version__,
-            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        },
-    )
-    cpp_models: list[tuple[str, str, Path | None]] = [(LIBTORCH_CPP, TORCHSCRIPT_FILE, None)]
-    if cpp_binary is not None and FUSED_BACKEND in backends:  # our build, not the folder's
-        cpp_models.append((LIBTORCH_CPP_FUSED, FUSED_TORCHSCRIPT_FILE, build_kernel()))
-    if cpp_binary is not None and PT2_BACKEND in backends:
-        cpp_models.append((PT2_CPP_BACKEND, PT2_FILE, build_kernel()))
-    rng = np.random.default_rng(0)
-    if not ragged_ok and any(shape.ragged for shape in shapes):
-        report.notes.append(
-            f"{folder} was exported before lengths existed: its ragged shapes were not timed "
-            "(export it again to run padded batches)"
+    with torch_threads(threads):  # the caller's count is given back, even on an error
+        folder = Path(folder)
+        notes: list[str] = []
+        config, backends, ragged_ok = _backends(folder, threads, notes)
+        cpp_binary = built_binary() if cpp else None
+        report = BenchReport(
+            notes=notes,
+            cpp=str(cpp_binary) if cpp_binary else "not built (run lstm-export cpp-check once)",
+            config=config.to_dict(),
+            threads=threads,
+            repeats=repeats,
+            machine={
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "torch": torch.__version__,
+                "onnxruntime": ort.__version__,
+                "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            },
         )
-        shapes = [shape for shape in shapes if not shape.ragged]
-    for shape in shapes:
-        seq, batch = shape.seq, shape.batch
-        step(f"Timing seq={seq} batch={batch}{' ragged' if shape.ragged else ''}")
-        x = rng.standard_normal((seq, batch, config.input_size), dtype=np.float32)
-        if config.batch_first:
-            x = np.ascontiguousarray(x.transpose(1, 0, 2))
-        zeros = np.zeros((config.state_layers, batch, config.hidden_size), dtype=np.float32)
-        lengths = ragged_lengths(shape)
-        with torch.inference_mode():
-            runners = {name: bind(x, zeros, lengths) for name, bind in backends.items()}
-            samples = _time_in_rounds(runners, repeats, warmup, settle_seconds=settle_seconds)
-        # Its own process, timed after the others; it times full batches only.
-        if cpp_binary is not None and not shape.ragged:
-            for name, model_file, library in cpp_models:
-                samples[name] = time_forward(
-                    cpp_binary,
-                    folder / model_file,
+        cpp_models: list[tuple[str, str, Path | None]] = [(LIBTORCH_CPP, TORCHSCRIPT_FILE, None)]
+        if cpp_binary is not None and FUSED_BACKEND in backends:  # our build, not the folder's
+            cpp_models.append((LIBTORCH_CPP_FUSED, FUSED_TORCHSCRIPT_FILE, build_kernel()))
+        if cpp_binary is not None and PT2_BACKEND in backends:
+            cpp_models.append((PT2_CPP_BACKEND, PT2_FILE, build_kernel()))
+        rng = np.random.default_rng(0)
+        if not ragged_ok and any(shape.ragged for shape in shapes):
+            report.notes.append(
+                f"{folder} was exported before lengths existed: its ragged shapes were not timed "
+                "(export it again to run padded batches)"
+            )
+            shapes = [shape for shape in shapes if not shape.ragged]
+        for shape in shapes:
+            seq, batch = shape.seq, shape.batch
+            step(f"Timing seq={seq} batch={batch}{' ragged' if shape.ragged else ''}")
+            x = rng.standard_normal((seq, batch, config.input_size), dtype=np.float32)
+            if config.batch_first:
+                x = np.ascontiguousarray(x.transpose(1, 0, 2))
+            zeros = np.zeros((config.state_layers, batch, config.hidden_size), dtype=np.float32)
+            lengths = ragged_lengths(shape)
+            with torch.inference_mode():
+                runners = {name: bind(x, zeros, lengths) for name, bind in backends.items()}
+                samples = _time_in_rounds(runners, repeats, warmup, settle_seconds=settle_seconds)
+            # Its own process, timed after the others; it times full batches only.
+            if cpp_binary is not None and not shape.ragged:
+                for name, model_file, library in cpp_models:
+                    samples[name] = time_forward(
+                        cpp_binary,
+                        folder / model_file,
+                        seq,
+                        batch,
+                        repeats=repeats,
+                        warmup=warmup,
+                        threads=threads,
+                        kernels=library,
+                    )
+            medians = {name: float(np.median(s)) for name, s in samples.items()}
+            best_anchor = min(medians[a] for a in ANCHORS)
+            for name, s in samples.items():
+                timing = Timing(
+                    name,
                     seq,
                     batch,
-                    repeats=repeats,
-                    warmup=warmup,
-                    threads=threads,
-                    kernels=library,
+                    shape.ragged,
+                    medians[name],
+                    float(np.percentile(s, 10)),
+                    float(np.percentile(s, 90)),
+                    medians[name] / best_anchor,
                 )
-        medians = {name: float(np.median(s)) for name, s in samples.items()}
-        best_anchor = min(medians[a] for a in ANCHORS)
-        for name, s in samples.items():
-            timing = Timing(
-                name,
-                seq,
-                batch,
-                shape.ragged,
-                medians[name],
-                float(np.percentile(s, 10)),
-                float(np.percentile(s, 90)),
-                medians[name] / best_anchor,
-            )
-            if name in TARGETS[config.layer_norm]:
-                anchor, allowed = TARGETS[config.layer_norm][name]
-                timing.target = f"<= {allowed}x {anchor}"
-                timing.target_ratio = medians[name] / medians[anchor]
-                timing.meets_target = timing.target_ratio <= allowed
-            report.timings.append(timing)
-    if with_export:
-        step("Timing a full export")
-        report.export = measure_export(config)
-    return report
+                if name in TARGETS[config.layer_norm]:
+                    anchor, allowed = TARGETS[config.layer_norm][name]
+                    timing.target = f"<= {allowed}x {anchor}"
+                    timing.target_ratio = medians[name] / medians[anchor]
+                    timing.meets_target = timing.target_ratio <= allowed
+                report.timings.append(timing)
+        if with_export:
+            step("Timing a full export")
+            report.export = measure_export(config)
+        return report
 
 
 def save_json(report: BenchReport, path: Path) -> None:

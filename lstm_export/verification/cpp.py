@@ -8,9 +8,7 @@ a given state and streamed in chunks inside C++.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError
 from lstm_export.files import artifact
 from lstm_export.runtime.cpp import build, model_config
+from lstm_export.threads import torch_threads
 from lstm_export.verification.backends import (
     CPP_BACKEND,
     FUSED_CPP_BACKEND,
@@ -109,19 +108,6 @@ class CppCheckReport:
         return self
 
 
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny matmuls: one thread is fastest and immune to spin-waiting on a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def cpp_check(
     export_dir: Path,
     *,
@@ -168,7 +154,7 @@ def cpp_check(
             check_vouched_for(pt2)  # compiled code: a damaged copy would crash lstm_run
             pt2_config = model_config(binary, pt2, kernels=library)
             backends.append(cpp_backend(PT2_CPP_BACKEND, binary, pt2, library))
-    with _one_torch_thread():
+    with torch_threads(1):  # tiny matmuls: one thread is fastest, immune to a busy CPU
         cases = cpp_cases(config, takes_lengths(scripted))
         parity = check_parity(reference, backends, cases, tolerance, seed=seed)
     if cpp_config != config:

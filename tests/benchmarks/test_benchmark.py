@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import run_cli, small_model
 from lstm_export.artifacts import FUSED_ONNX_FILE, ORT_KERNEL_LIBRARY
@@ -136,6 +137,13 @@ def test_cli_bench_writes_json_with_export_time_and_memory(tmp_path):
     assert data["export"]["seconds"] > 0 and data["export"]["peak_rss_mib"] > 50
     assert isinstance(data["targets_met"], bool)
     assert "x best anchor" in done.stdout
+
+
+def test_bench_gives_the_callers_thread_count_back_even_when_it_fails(tmp_path):
+    before = torch.get_num_threads()
+    with pytest.raises(UsageError):
+        quick_bench(tmp_path / "missing", "3x2", threads=before + 1)
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.parametrize("text", ["100", "100x", "0x1", "ax2", "10x-1"])
