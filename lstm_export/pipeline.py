@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torch import nn
+
 from lstm_export.artifacts import (
     ATOL,
     FACTOR,
@@ -38,6 +40,7 @@ from lstm_export.exporters.torchscript import (
     TorchScriptRefused,
     config_of,
     forward_signature,
+    own_weights,
     save_torchscript,
 )
 from lstm_export.files import (
@@ -46,7 +49,7 @@ from lstm_export.files import (
     replaceable_export,
     write_json,
 )
-from lstm_export.model import LSTM
+from lstm_export.model import LSTM, LSTMCell
 from lstm_export.native import ort_kernel
 from lstm_export.native.torch_kernel import build_kernel
 from lstm_export.staging import staged_folder
@@ -92,10 +95,60 @@ def _check_float32(model: LSTM) -> None:
 
     Converting silently would export numbers other than the caller's model computes.
     """
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.state_dict().values()})
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in own_weights(model).values()})
     if dtypes != ["float32"]:
         got = ", ".join(d for d in dtypes if d != "float32")
         raise UsageError(f"export needs a float32 model, got {got}; call model.float()")
+
+
+_LAYER_NORM_EPS = nn.LayerNorm(1).eps
+"""The eps `LSTMCell` builds its LayerNorms with (torch's default), which every artifact uses."""
+_OWN_METHODS = {LSTM: ("forward", "_checked", "_output"), LSTMCell: ("forward", "scan")}
+"""The methods whose code is the equations: every artifact computes these, from the weights."""
+
+
+def _check_own_equations(model: LSTM) -> None:
+    """Refuse a model that computes something other than `LSTM`'s equations on its weights:
+    a subclass overriding them, a cell's module swapped or LayerNorm's eps changed. The
+    artifacts (and the reference `verify` rebuilds from model.pt) would compute the plain
+    model, so such an export would pass parity against the wrong model."""
+    for name, module, base in [("the model", model, LSTM)] + [
+        (f"{part}.{k}", cell, LSTMCell)
+        for part in ("cells", "reverse_cells")
+        for k, cell in enumerate(getattr(model, part))
+    ]:
+        kind = type(module).__name__
+        if not isinstance(module, base):
+            raise UsageError(f"cannot export: {name} is a {kind}, not an {base.__name__}")
+        for method in _OWN_METHODS[base]:
+            if getattr(type(module), method) is not getattr(base, method):
+                raise UsageError(
+                    f"cannot export: {name} ({kind}) overrides {base.__name__}.{method}, and "
+                    f"the artifacts compute {base.__name__}'s own equations from the weights"
+                )
+        if base is LSTMCell:
+            _check_cell_parts(name, module, model.layer_norm)
+
+
+def _check_cell_parts(name: str, cell: LSTMCell, layer_norm: bool) -> None:
+    """A cell's parts are the modules `LSTMCell` builds, LayerNorm with its default eps."""
+    norm = nn.LayerNorm if layer_norm else nn.Identity
+    parts = {"input_lin": nn.Linear, "hidden_lin": nn.Linear, "layer_norm_c": norm}
+    parts |= {f"layer_norm.{k}": norm for k in range(4)}
+    for part, expected in parts.items():
+        module = cell.get_submodule(part)
+        if type(module) is not expected:
+            got = type(module).__name__
+            raise UsageError(
+                f"cannot export: {name}.{part} is a {got}, where the artifacts compute an "
+                f"nn.{expected.__name__}"
+            )
+        eps = getattr(module, "eps", _LAYER_NORM_EPS)
+        if eps != _LAYER_NORM_EPS:
+            raise UsageError(
+                f"cannot export: {name}.{part} has eps {eps:g}, and the artifacts compute "
+                f"LayerNorm with eps {_LAYER_NORM_EPS:g}"
+            )
 
 
 def _keep(staging: Path, keep_failed: Path, report: ParityReport) -> None:
@@ -146,6 +199,7 @@ def export(
     out_dir = Path(out_dir)
     step = progress or (lambda _message: None)
     tolerance = Tolerance(atol, factor)
+    _check_own_equations(model)
     _check_float32(model)
     check_destination(out_dir, force)
     name = check_model_name(

@@ -19,6 +19,8 @@ from helpers import run_python, small_model
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig, SizeLimits
 from lstm_export.errors import ParityError, UsageError
+from lstm_export.exporters.torchscript import load_torchscript
+from lstm_export.model import LSTM
 from lstm_export.pipeline import export
 
 
@@ -423,3 +425,61 @@ def test_when_torch_refuses_to_script_the_rest_is_exported_verified_and_one_warn
     assert "torchscript" not in rows
     code, _, stderr = call_main("verify", out)
     assert code == 2 and "lacks model.pt (its manifest.json says: model.pt and" in stderr
+
+
+class _Scaled(LSTM):
+    """A user's subclass whose forward is not LSTM's: x is scaled first."""
+
+    def forward(self, x, state=None, lengths=None):
+        return super().forward(1.5 * x, state, lengths)
+
+
+class _Counted(LSTM):
+    """A user's subclass that only keeps a buffer of its own (an int64 counter)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+
+def _changed_eps(model: LSTM) -> LSTM:
+    for norm in model.cells[1].layer_norm:
+        norm.eps = 1e-2
+    return model
+
+
+def _swapped_norm(model: LSTM) -> LSTM:
+    model.reverse_cells[0].layer_norm_c = torch.nn.RMSNorm(model.hidden_size)
+    return model
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda: _Scaled(5, 8, 2, True), r"the model \(_Scaled\) overrides LSTM\.forward"),
+        (lambda: _changed_eps(small_model(True)), r"cells\.1\.layer_norm\.0 has eps 0\.01"),
+        (
+            lambda: _swapped_norm(LSTM(5, 8, 1, True, bidirectional=True)),
+            r"reverse_cells\.0\.layer_norm_c is a RMSNorm, where the artifacts compute an "
+            r"nn\.LayerNorm",
+        ),
+    ],
+    ids=["forward-overridden", "layer-norm-eps", "module-swapped"],
+)
+def test_a_model_computing_other_than_its_weights_say_is_refused(make, expected, tmp_path):
+    """Every artifact (and verify's reference) computes LSTM's equations from the weights:
+    such a model would be exported as the plain one and pass parity against it."""
+    with pytest.raises(UsageError, match=f"^cannot export: {expected}"):
+        export(make(), tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_subclass_with_buffers_of_its_own_exports_its_weights(tmp_path):
+    model = _Counted(5, 8, 2, True)
+    model.load_state_dict(small_model(True).state_dict(), strict=False)
+    result = export(model, tmp_path / "m")
+    assert result.report.passed
+    scripted, _ = load_torchscript(tmp_path / "m" / "model.pt")
+    x = torch.randn(4, 2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x)[0], model(x)[0], rtol=0, atol=1e-5)

@@ -235,8 +235,6 @@ def export(
     for artifact, entry in result.manifest["artifacts"].items():
         line = f"  {result.out_dir / artifact}  {entry['bytes']:,} bytes  ({entry['route']})"
         out.print(line, markup=False, highlight=False)
-    out.print(
-        f"[bold green]Parity passed[/]: {escape(result.report.summary())}", soft_wrap=False
-    )  # prose: wrapped like the notes
+    out.print(f"[bold green]Parity passed[/]: {escape(result.report.summary())}")  # one line
     for note in result.report.notes():
         err.print(f"[bold yellow]note[/]: {escape(note)}", highlight=False, soft_wrap=True)

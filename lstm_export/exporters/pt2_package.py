@@ -14,6 +14,7 @@ SIGHUP) its stdin, our lifeline to it, ends and it kills its session itself.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,7 +37,7 @@ from lstm_export.artifacts import PT2_FILE, PT2_MODELS
 from lstm_export.config import LSTMConfig
 from lstm_export.errors import UsageError, first_line
 from lstm_export.exporters.pt2 import compile_models
-from lstm_export.exporters.torchscript import config_of
+from lstm_export.exporters.torchscript import config_of, own_weights
 from lstm_export.model import LSTM
 
 WEIGHTS, CONFIG = "helper-weights.pt", "helper-config.json"
@@ -64,7 +66,9 @@ class Helper:
             env["PYTHONPATH"] = os.pathsep.join(p for p in parts if p)
         try:
             if not (work / CONFIG).exists():
-                torch.save(_weights(model), work / WEIGHTS)
+                weights = io.BytesIO()  # written by us: a full disk is an OSError saying so
+                torch.save(own_weights(model), weights)
+                (work / WEIGHTS).write_bytes(weights.getvalue())
                 (work / CONFIG).write_text(config_of(model).to_json())
             with open(log, "wb") as out:
                 process = subprocess.Popen(
@@ -77,10 +81,10 @@ class Helper:
                     env=env,
                     start_new_session=True,
                 )
-        except (OSError, RuntimeError) as exc:  # a full disk (torch.save's is a RuntimeError)
+        except OSError as exc:  # a full disk, a vanished folder
             raise UsageError(
                 f"could not start a helper process compiling {', '.join(names)} of "
-                f"{PT2_FILE} in {work}: {first_line(exc)}"
+                f"{PT2_FILE} in {work}: {exc.strerror or first_line(exc)}"
             ) from None
         return cls(process, list(names), work / f"{stem}.json", log)
 
@@ -88,17 +92,19 @@ class Helper:
         return self.process.poll() is None
 
     def result(self) -> dict[str, list[str]]:
-        """Wait for the helper: its models' files, or UsageError with its one-line reason."""
+        """Wait for the helper: its models' files, or its failure as one line (UsageError for
+        bad input, HelperFailed for a bug, as in this process)."""
         returncode = self.process.wait()
-        if returncode == 0 and self.result_file.exists():
-            return json.loads(self.result_file.read_text())
+        outcome = json.loads(self.result_file.read_text()) if self.result_file.exists() else {}
+        if returncode == 0 and "files" in outcome:
+            return outcome["files"]
+        # Its output goes with the work folder: chained, `--debug` shows it under the error.
         log = self.log.read_text(errors="replace").strip()
-        # Its log goes with the work folder: chained, `--debug` shows it under the error.
         cause = HelperLog(f"the helper process's output:\n{log}")
-        lines = log.splitlines()
-        if returncode == 1 and lines and lines[-1].startswith("error: "):
-            raise UsageError(lines[-1].removeprefix("error: ")) from cause
-        raise UsageError(
+        if "error" in outcome:
+            error = UsageError if outcome.get("usage") else HelperFailed
+            raise error(outcome["error"]) from cause
+        raise HelperFailed(
             f"the helper process compiling {', '.join(self.names)} of {PT2_FILE} failed: "
             f"it exited with {returncode}"
         ) from cause
@@ -152,11 +158,8 @@ class HelperLog(Exception):
     """A failed helper's whole output, chained under the one-line error."""
 
 
-def _weights(model: LSTM) -> dict[str, torch.Tensor]:
-    """The weights the helper's `LSTM.from_config` takes: a subclass's extra parameters
-    and buffers stay here (the compiled route reads only these, here as there)."""
-    keys = LSTM.from_config(config_of(model)).state_dict().keys()
-    return {key: value for key, value in model.state_dict().items() if key in keys}
+class HelperFailed(RuntimeError):
+    """A helper died or hit a bug of ours: an internal error, as it would be in this process."""
 
 
 def _cpus() -> int:
@@ -190,20 +193,18 @@ def main(argv: Sequence[str]) -> int:
     try:
         model = LSTM.from_config(LSTMConfig.from_json((work / CONFIG).read_text()))
         model.load_state_dict(torch.load(work / WEIGHTS, weights_only=True))
-        files = compile_models(model, names, work)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        outcome: dict[str, Any] = {"files": compile_models(model, names, work)}
+    except UsageError as exc:  # bad input, as in the parent: its one line as it is
+        outcome = {"error": str(exc), "usage": True}
     except Exception as exc:  # a bug of ours: its trace in the log, one line for the user
         traceback.print_exc()
-        print(
-            f"error: the helper process compiling {', '.join(names)} of {PT2_FILE} failed: "
-            f"{type(exc).__name__}: {first_line(exc)}",
-            file=sys.stderr,
-        )
-        return 1
-    (work / f"{stem}.json").write_text(json.dumps(files))
-    return 0
+        what = " ".join(str(exc).split())[:300] or "no message"
+        outcome = {
+            "error": f"the helper process compiling {', '.join(names)} of {PT2_FILE} failed: "
+            f"{type(exc).__name__}: {what}"
+        }
+    (work / f"{stem}.json").write_text(json.dumps(outcome))
+    return 1 if "error" in outcome else 0
 
 
 if __name__ == "__main__":

@@ -48,6 +48,14 @@ def config_of(model: LSTM | torch.jit.ScriptModule) -> LSTMConfig:
     )
 
 
+def own_weights(model: LSTM) -> dict[str, torch.Tensor]:
+    """The state-dict entries an `LSTM` of `model`'s config holds: the weights every artifact
+    is made of. A subclass's own parameters and buffers are left out (no artifact reads them)."""
+    with torch.device("meta"):  # the keys only: no memory, no draw from torch's RNG
+        keys = LSTM.from_config(config_of(model)).state_dict().keys()
+    return {key: value for key, value in model.state_dict().items() if key in keys}
+
+
 def forward_signature(module: torch.jit.ScriptModule) -> str:
     """The scripted forward's schema without `self` (whose class name torch may mangle)."""
     return re.sub(r"\(\S+ self, ", "(", str(module.forward.schema))
