@@ -45,6 +45,15 @@ def small_model(layer_norm: bool, num_layers: int = 2, seed: int = 0) -> LSTM:
     return build_model(LSTMConfig(5, 8, num_layers, layer_norm), seed=seed)
 
 
+class WithOwnBuffer(LSTM):
+    """A user's subclass that only keeps a buffer of its own (an int64 counter), which no
+    artifact reads."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+
 def nn_lstm_with_weights_of(model: LSTM, ih_share: float = 0.0) -> nn.LSTM:
     """An independent reference: torch.nn.LSTM holding a plain model's weights (its layout:
     batch_first, bidirectional, as the model's).

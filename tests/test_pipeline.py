@@ -15,7 +15,7 @@ import torch
 import lstm_export.exporters.onnx_graph as onnx_graph
 import lstm_export.pipeline as pipeline
 import parity_corpus as corpus
-from helpers import run_python, small_model
+from helpers import WithOwnBuffer, run_python, small_model
 from lstm_export.checkpoints import build_model
 from lstm_export.config import LSTMConfig, SizeLimits
 from lstm_export.errors import ParityError, UsageError
@@ -434,14 +434,6 @@ class _Scaled(LSTM):
         return super().forward(1.5 * x, state, lengths)
 
 
-class _Counted(LSTM):
-    """A user's subclass that only keeps a buffer of its own (an int64 counter)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
-
-
 def _changed_eps(model: LSTM) -> LSTM:
     for norm in model.cells[1].layer_norm:
         norm.eps = 1e-2
@@ -475,7 +467,7 @@ def test_a_model_computing_other_than_its_weights_say_is_refused(make, expected,
 
 
 def test_a_subclass_with_buffers_of_its_own_exports_its_weights(tmp_path):
-    model = _Counted(5, 8, 2, True)
+    model = WithOwnBuffer(5, 8, 2, True)
     model.load_state_dict(small_model(True).state_dict(), strict=False)
     result = export(model, tmp_path / "m")
     assert result.report.passed

@@ -27,7 +27,6 @@ from lstm_export.exporters.pt2_package import (
     _shares,
 )
 from lstm_export.exporters.torchscript import own_weights
-from lstm_export.model import LSTM
 from lstm_export.native.torch_kernel import build_kernel
 
 NAMES = list(PT2_MODELS)
@@ -92,25 +91,6 @@ def test_a_helper_that_cannot_be_started_is_one_line(tmp_path):
     gone = tmp_path / "gone"  # the work folder vanished (as a full disk fails a write)
     with pytest.raises(UsageError, match=r"^could not start a helper process compiling model "):
         Helper.start(small_model(False), ["model"], gone)
-
-
-class _WithExtras(LSTM):
-    """A user's subclass with a buffer of its own, which the compiled route never reads."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.register_buffer("calls", torch.zeros(()))
-
-
-def test_a_subclass_s_own_buffers_do_not_reach_the_helper():
-    model = _WithExtras.from_config(small_model(True).config())
-    model.load_state_dict(small_model(True).state_dict(), strict=False)
-    weights = own_weights(model)
-    assert "calls" not in weights
-    plain = LSTM.from_config(model.config())
-    plain.load_state_dict(weights)  # strict, as the helper loads them
-    for name, value in plain.state_dict().items():
-        assert torch.equal(value, model.state_dict()[name]), name
 
 
 @pytest.mark.slow

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import NOT_A_FILE, SizesWithoutLayerNorm, small_model
+from helpers import NOT_A_FILE, SizesWithoutLayerNorm, WithOwnBuffer, small_model
 from lstm_export.errors import UsageError
-from lstm_export.exporters.torchscript import load_torchscript, save_torchscript
+from lstm_export.exporters.torchscript import load_torchscript, own_weights, save_torchscript
+from lstm_export.model import LSTM
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning")
 
@@ -105,3 +106,15 @@ def test_what_is_not_a_file_is_refused_before_libtorch_opens_it(tmp_path, make, 
     with pytest.raises(UsageError) as error:
         load_torchscript(path)
     assert str(error.value) == f"TorchScript model {path} {reason}"
+
+
+def test_own_weights_leave_a_subclass_s_own_buffers_out():
+    """What the pt2 helper rebuilds the model from, and what export's float32 check reads."""
+    model = WithOwnBuffer.from_config(small_model(True).config())
+    model.load_state_dict(small_model(True).state_dict(), strict=False)
+    weights = own_weights(model)
+    assert "calls" not in weights
+    plain = LSTM.from_config(model.config())
+    plain.load_state_dict(weights)  # strict, as the helper loads them
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
